@@ -1,0 +1,54 @@
+"""The one entry point: ``python cli.py`` or ``rega``.
+
+``fit | validate | test | predict`` go to LightningCLI (model, data and trainer composed from YAML with repeated
+``--config``); the project's own commands are typed functions run through jsonargparse, so they take ``--config``
+files and explain every argument under ``--help``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+# command -> "module:function"; each function's signature and docstring define its arguments.
+COMMANDS = {
+    "corpus": "rega.data.corpus:corpus_command",
+    "distill": "rega.distill.runner:distill_command",
+    "evaluate": "rega.eval.runner:evaluate_command",
+    "merge": "rega.modules.export:merge_command",
+}
+
+
+def run_command(name: str, args: list[str]):
+    from jsonargparse import CLI
+
+    module, func = COMMANDS[name].split(":")
+    return CLI(getattr(importlib.import_module(module), func), args=args, as_positional=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] in COMMANDS:
+        from rega.data.prompts import ConfigError
+        from rega.data.records import RecordError
+
+        try:
+            run_command(argv[0], argv[1:])
+        except (ConfigError, RecordError, FileNotFoundError) as err:
+            # Bad input is the user's to fix: one clear line, no traceback.
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        return
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: rega {fit,validate,test,predict," + ",".join(COMMANDS) + "} [--config FILE ...] [--help]")
+        if not argv:
+            sys.exit(2)
+    from rega.lightning_cli import run_lightning_cli
+
+    run_lightning_cli(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data: record schema and loaders, role prompts, corpus strategies, chat rendering."""

@@ -1,0 +1,93 @@
+"""Role prompts: the central prompt p_c and one role prompt p_i per domain.
+
+p_c is the model's own instruction-tuning system prompt unless configured (see DESIGN.md §1), so it is resolved
+once a tokenizer is known. Built-in role prompts for English and Chinese live in ``rega/data/prompts/*.yaml``; a
+user file or inline ``roles`` override them. A domain without a prompt is a configuration error, raised before
+any data is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from rega.data.records import GENERAL
+from rega.paths import resolve_path
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "prompts"
+CENTRAL = "central"  # the prompt key of examples that carry p_c
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work, reported before any data is read or any model is loaded."""
+
+
+@dataclass
+class PromptConfig:
+    """Where the prompts come from.
+
+    Args:
+        lang: language of the built-in role prompts (``en`` or ``zh``).
+        file: a YAML file with ``central:`` and/or ``roles: {domain: prompt}``; overrides the built-ins.
+        central: the central prompt p_c; ``None`` uses the model's own default system prompt.
+        roles: inline role prompts per domain; override the file and the built-ins.
+    """
+
+    lang: str = "en"
+    file: str | None = None
+    central: str | None = None
+    roles: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RolePrompts:
+    """Resolved prompts: ``central`` (p_c) and ``roles`` (domain -> p_i)."""
+
+    central: str
+    roles: dict[str, str]
+
+    def text(self, key: str) -> str:
+        """The prompt text for ``central`` or a domain name."""
+        return self.central if key == CENTRAL else self.roles[key]
+
+    def to_dict(self) -> dict:
+        return {"central": self.central, "roles": dict(self.roles)}
+
+
+def _read_yaml(path: Path) -> dict:
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict) or not isinstance(data.get("roles", {}), dict):
+        raise ConfigError(f"{path}: expected a mapping with optional 'central' and 'roles: {{domain: prompt}}'")
+    return data
+
+
+def load_prompt_table(config: PromptConfig) -> tuple[str | None, dict[str, str]]:
+    """(central or None, roles) from the built-ins, then the user file, then inline values."""
+    builtin = BUILTIN_DIR / f"{config.lang}.yaml"
+    merged = _read_yaml(builtin) if builtin.exists() else {"roles": {}}
+    roles = dict(merged.get("roles", {}))
+    central = merged.get("central")
+    if config.file:
+        user = _read_yaml(resolve_path(config.file))
+        roles.update(user.get("roles", {}))
+        central = user.get("central", central)
+    roles.update(config.roles)
+    if config.central is not None:
+        central = config.central
+    return central, {d: p for d, p in roles.items() if str(p or "").strip()}
+
+
+def resolve_prompts(config: PromptConfig, domains: list[str], model_default: str | None) -> RolePrompts:
+    """Resolve p_c and the p_i of every domain; raise :class:`ConfigError` for a domain without a prompt."""
+    central, roles = load_prompt_table(config)
+    if central is None:
+        central = model_default if model_default is not None else ""
+    missing = sorted(d for d in set(domains) if d != GENERAL and d not in roles)
+    if missing:
+        raise ConfigError(
+            f"no role prompt for domain(s) {', '.join(missing)}: add them under 'roles:' in the prompt config "
+            f"(built-in prompts for lang={config.lang!r} cover: {', '.join(sorted(roles)) or 'none'})"
+        )
+    return RolePrompts(central=central, roles={d: roles[d] for d in sorted(set(domains)) if d != GENERAL})

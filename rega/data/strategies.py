@@ -1,0 +1,193 @@
+"""Corpus strategies: pure functions from records and prompts to the training corpus (DESIGN.md §1).
+
+| strategy  | training corpus                                   | prompt at inference |
+|-----------|---------------------------------------------------|---------------------|
+| zero_shot | none                                              | p_c                 |
+| ft        | ∪ D_i under p_c                                   | p_c                 |
+| ftsd      | D_g ∪ (∪ D_i), all under p_c                      | p_c                 |
+| ftrp      | ∪ (p_i ⊕ D_i)                                     | p_i                 |
+| rega      | (p_c ⊕ D_g) ∪ (p_c ⊕ ∪ D'_i) ∪ (p_i ⊕ ∪ D_i)       | p_c (REGA_c), p_i (REGA_r) |
+
+A new strategy is one function registered with :func:`register_strategy` (see the README for a worked example).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+from rega.data.prompts import CENTRAL, ConfigError, RolePrompts
+from rega.data.records import Record
+
+# Example kinds: where a training example comes from.
+DOMAIN, GENERAL_KIND, INTEGRATED = "domain", "general", "integrated"
+ROLE = "role"  # inference rule: answer each input under its own domain's role prompt
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """One training example with its provenance: which prompt it carries and where it came from."""
+
+    id: str
+    prompt: str  # "central" or the domain whose role prompt it carries
+    system: str  # the prompt text
+    instruction: str
+    input: str
+    output: str
+    domain: str
+    task: str
+    lang: str
+    kind: str  # "domain" (D_i), "general" (D_g) or "integrated" (D'_i)
+    source_id: str
+
+    @property
+    def user_text(self) -> str:
+        return f"{self.instruction}\n\n{self.input}" if self.input else self.instruction
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CorpusInputs:
+    domain_records: list[Record]  # ∪ D_i
+    general_records: list[Record] | None  # D_g (self-distilled), if any
+    prompts: RolePrompts
+    mix_ratio: float = 0.1
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    build: Callable[[CorpusInputs], list[Example]]
+    needs_general: bool
+    inference: tuple[str, ...]  # prompt rules at inference, first is the headline: "central" and/or "role"
+    description: str
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_strategy(
+    name: str, *, needs_general: bool = False, inference: tuple[str, ...] = (CENTRAL,), description: str = ""
+) -> Callable[[Callable[[CorpusInputs], list[Example]]], Callable[[CorpusInputs], list[Example]]]:
+    """Register ``build(inputs) -> examples`` under ``name``."""
+
+    def decorate(build: Callable[[CorpusInputs], list[Example]]) -> Callable[[CorpusInputs], list[Example]]:
+        if name in STRATEGIES:
+            raise ValueError(f"strategy {name!r} is already registered")
+        STRATEGIES[name] = Strategy(name, build, needs_general, inference, description or (build.__doc__ or "").strip())
+        return build
+
+    return decorate
+
+
+def get_strategy(name: str) -> Strategy:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ConfigError(f"unknown strategy {name!r}; registered: {', '.join(sorted(STRATEGIES))}") from None
+
+
+def as_examples(records: Iterable[Record], prompt: str, prompts: RolePrompts, kind: str) -> list[Example]:
+    """Tag records with a prompt: ``central`` for p_c, ``role`` for each record's own domain prompt p_i."""
+    out = []
+    for rec in records:
+        key = rec.domain if prompt == ROLE else CENTRAL
+        out.append(
+            Example(
+                id=rec.id if kind != INTEGRATED else f"{rec.id}#integrated",
+                prompt=key,
+                system=prompts.text(key),
+                instruction=rec.instruction,
+                input=rec.input,
+                output=rec.output,
+                domain=rec.domain,
+                task=rec.task,
+                lang=rec.lang,
+                kind=kind,
+                source_id=rec.id,
+            )
+        )
+    return out
+
+
+def round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def sample_integration(records: list[Record], ratio: float, seed: int) -> list[Record]:
+    """D'_i: round(r·n) records drawn from each (domain, task) so every task keeps its share; input order kept.
+
+    Each task draws from its own generator seeded by (seed, domain, task), so adding a task does not change what
+    the others draw.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ConfigError(f"mix_ratio must be within [0, 1], got {ratio}")
+    groups: dict[tuple[str, str], list[Record]] = {}
+    for rec in records:
+        groups.setdefault((rec.domain, rec.task), []).append(rec)
+    chosen: set[str] = set()
+    for (domain, task), group in groups.items():
+        k = round_half_up(ratio * len(group))
+        rng = random.Random(f"{seed}/{domain}/{task}")
+        chosen.update(group[i].id for i in rng.sample(range(len(group)), k))
+    return [rec for rec in records if rec.id in chosen]
+
+
+def _require_general(inputs: CorpusInputs, name: str) -> list[Record]:
+    if not inputs.general_records:
+        raise ConfigError(f"strategy {name!r} needs self-distilled general data D_g: set 'general' or 'distill'")
+    return inputs.general_records
+
+
+@register_strategy("zero_shot", description="no training: the base model answered under p_c")
+def zero_shot(inputs: CorpusInputs) -> list[Example]:
+    return []
+
+
+@register_strategy("ft", description="standard fine-tuning: ∪ D_i under p_c")
+def ft(inputs: CorpusInputs) -> list[Example]:
+    return as_examples(inputs.domain_records, CENTRAL, inputs.prompts, DOMAIN)
+
+
+@register_strategy("ftsd", needs_general=True, description="FT with self-distillation: D_g ∪ (∪ D_i) under p_c")
+def ftsd(inputs: CorpusInputs) -> list[Example]:
+    general = _require_general(inputs, "ftsd")
+    return as_examples(general, CENTRAL, inputs.prompts, GENERAL_KIND) + as_examples(
+        inputs.domain_records, CENTRAL, inputs.prompts, DOMAIN
+    )
+
+
+@register_strategy("ftrp", inference=(ROLE,), description="FT with role prompting: ∪ (p_i ⊕ D_i)")
+def ftrp(inputs: CorpusInputs) -> list[Example]:
+    return as_examples(inputs.domain_records, ROLE, inputs.prompts, DOMAIN)
+
+
+@register_strategy(
+    "rega",
+    needs_general=True,
+    inference=(CENTRAL, ROLE),
+    description="REGA: (p_c ⊕ D_g) ∪ (p_c ⊕ ∪ D'_i) ∪ (p_i ⊕ ∪ D_i)",
+)
+def rega(inputs: CorpusInputs) -> list[Example]:
+    general = _require_general(inputs, "rega")
+    integrated = sample_integration(inputs.domain_records, inputs.mix_ratio, inputs.seed)
+    return (
+        as_examples(general, CENTRAL, inputs.prompts, GENERAL_KIND)
+        + as_examples(integrated, CENTRAL, inputs.prompts, INTEGRATED)
+        + as_examples(inputs.domain_records, ROLE, inputs.prompts, DOMAIN)
+    )
+
+
+def build_examples(strategy: str, inputs: CorpusInputs) -> list[Example]:
+    """Validate the configuration against the strategy, then build its corpus."""
+    spec = get_strategy(strategy)
+    if not 0.0 <= inputs.mix_ratio <= 1.0:
+        raise ConfigError(f"mix_ratio must be within [0, 1], got {inputs.mix_ratio}")
+    if spec.needs_general and not inputs.general_records:
+        raise ConfigError(f"strategy {strategy!r} needs self-distilled general data D_g: set 'general' or 'distill'")
+    return spec.build(inputs)

@@ -1,0 +1,1 @@
+"""Model loading, the LoRA LightningModule, and batched generation."""
