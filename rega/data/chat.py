@@ -120,28 +120,42 @@ class ChatFormat:
     def encode(
         self, system: str, user: str, response: str, max_length: int, min_response_tokens: int = 8
     ) -> Encoded | None:
-        """Token ids with labels = -100 on every prompt token.
+        """Token ids with labels = -100 on every prompt token (see :meth:`encode_many`)."""
+        return self.encode_many([(system, user, response)], max_length, min_response_tokens)[0]
+
+    def encode_many(
+        self, items: list[tuple[str, str, str]], max_length: int, min_response_tokens: int = 8
+    ) -> list[Encoded | None]:
+        """Encode (system, user, response) triples; texts are tokenized in batched calls.
 
         Truncation policy: the prompt is kept whole (it carries the role prompt and the answer marker); the
         response is cut at its end to fit ``max_length``. When fewer than ``min_response_tokens`` answer tokens
-        would remain, the example is dropped (``None``). Both cases are counted by the caller.
+        would remain, the example is dropped (``None``). The caller counts both cases.
         """
-        prompt = self.prompt_text(system, user)
-        prompt_ids = self._ids(prompt, bos=True)
-        response_ids = self._ids(self.response_text(system, user, response, prompt), bos=False)
-        room = max_length - len(prompt_ids)
-        if room < min(min_response_tokens, len(response_ids)):
-            return None
-        truncated = len(response_ids) > room
-        response_ids = response_ids[:room]
-        return Encoded(prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids, truncated)
+        prompts = [self.prompt_text(system, user) for system, user, _ in items]
+        responses = [self.response_text(s, u, r, p) for (s, u, r), p in zip(items, prompts)]
+        prompt_ids = self._ids_many(prompts, bos=True)
+        response_ids = self._ids_many(responses, bos=False)
+        out: list[Encoded | None] = []
+        for p_ids, r_ids in zip(prompt_ids, response_ids):
+            room = max_length - len(p_ids)
+            if room < min(min_response_tokens, len(r_ids)):
+                out.append(None)
+                continue
+            out.append(Encoded(p_ids + r_ids[:room], [IGNORE_INDEX] * len(p_ids) + r_ids[:room], len(r_ids) > room))
+        return out
 
     def encode_prompt(self, system: str, user: str) -> list[int]:
         return self._ids(self.prompt_text(system, user), bos=True)
 
     def _ids(self, text: str, bos: bool) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._ids_many([text], bos)[0]
+
+    def _ids_many(self, texts: list[str], bos: bool) -> list[list[int]]:
+        if not texts:
+            return []
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         # Named templates are plain text: add BOS the way the model saw it (LLaMA tokenizers).
         if bos and self.named and self.tokenizer.bos_token_id is not None and getattr(self.tokenizer, "add_bos_token", True):
-            ids = [self.tokenizer.bos_token_id, *ids]
+            ids = [[self.tokenizer.bos_token_id, *row] for row in ids]
         return ids

@@ -133,8 +133,8 @@ def build_corpus(config: CorpusConfig, model_default_prompt: str | None = None) 
             "domains": _input_fingerprint(config.domains),
             "general": _input_fingerprint(config.general),
         },
-        "build_seconds": round(time.perf_counter() - start, 3),
     }
+    log.info("built %d %s examples in %.2f s", len(examples), spec.name, time.perf_counter() - start)
     return Corpus(examples=examples, prompts=prompts, manifest=manifest)
 
 

@@ -7,7 +7,9 @@ dropped. ``fields`` maps schema names to other column names, e.g. ``{instruction
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import logging
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rega.data.prompts import ConfigError
 from rega.data.records import Record, RecordError, check_unique_ids, record_from_dict
 from rega.paths import resolve_path
 
@@ -75,11 +78,19 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 yield where, RecordError(where, None, f"malformed JSON: {err.msg} at column {err.colno}")
 
 
+def _read_text(path: Path) -> str:
+    """A whole file as text (a UTF-8 byte-order mark, as Excel writes, is accepted); bad bytes name their line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise RecordError(f"{path}:{line}", None, f"undecodable bytes (not UTF-8) at byte {err.start}") from None
+
+
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise RecordError(str(path), None, f"undecodable bytes (not UTF-8) at byte {err.start}") from None
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as err:
         raise RecordError(f"{path}:{err.lineno}", None, f"malformed JSON: {err.msg} at column {err.colno}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -91,23 +102,17 @@ def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    try:
-        with open(path, encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            for row in reader:
-                yield f"{path}:{reader.line_num}", _parse_list_cells(row)
-    except UnicodeDecodeError as err:
-        raise RecordError(str(path), None, f"undecodable bytes (not UTF-8) at byte {err.start}") from None
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    for row in reader:
+        yield f"{path}:{reader.line_num}", _parse_list_cells(row)
 
 
 def _parse_list_cells(row: dict[str, Any]) -> dict[str, Any]:
     """CSV has no lists: a ``choices`` cell holds a JSON list; empty cells mean absent."""
     out = {k: v for k, v in row.items() if v not in ("", None)}
     if isinstance(out.get("choices"), str):
-        try:
+        with contextlib.suppress(json.JSONDecodeError):  # validation reports it as a wrongly typed field
             out["choices"] = json.loads(out["choices"])
-        except json.JSONDecodeError:
-            pass  # validation reports it as a wrongly typed field
     return out
 
 
@@ -143,7 +148,7 @@ def _iter_rows(source: DataSource) -> Iterator[tuple[str, Any]]:
         import pyarrow.parquet as pq
 
         return _iter_table(pq.read_table(path).to_pylist(), str(path))
-    raise ValueError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .csv, .parquet or a datasets folder)")
+    raise ConfigError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .csv, .parquet or a datasets folder)")
 
 
 def _apply_fields(row: Any, fields: dict[str, str]) -> Any:
@@ -164,8 +169,9 @@ def load_records(
     """Load and validate one source. Raises :class:`RecordError` on the first bad row unless ``skip_invalid``."""
     for name in source.fields:
         if name not in SCHEMA_FIELDS:
-            raise ValueError(f"source {source.path!r}: 'fields' maps unknown schema field {name!r}")
-    stem = Path(source.path).parent.name if source.path.endswith(("train.jsonl", "dev.jsonl")) else Path(source.path).stem
+            raise ConfigError(f"source {source.path!r}: 'fields' maps unknown schema field {name!r}")
+    resolved = resolve_path(source.path)
+    stem = resolved.parent.name if resolved.name in ("train.jsonl", "dev.jsonl") else resolved.stem
     report = LoadReport(records=[])
     first_seen: dict[str, str] = {}
     for index, (where, row) in enumerate(_iter_rows(source)):

@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from fractions import Fraction
 
 from rega.data.prompts import CENTRAL, ConfigError, RolePrompts
 from rega.data.records import Record
@@ -47,7 +48,8 @@ class Example:
         return f"{self.instruction}\n\n{self.input}" if self.input else self.instruction
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # Every field is a string: a plain mapping, without asdict's deep copies (half the corpus write time).
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,9 @@ def as_examples(records: Iterable[Record], prompt: str, prompts: RolePrompts, ki
     return out
 
 
-def round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
+def integration_size(ratio: float, n: int) -> int:
+    """round(r·n), halves up, computed on the decimal r as written (0.29·50 = 14.5 -> 15, not float's 14.499…)."""
+    return math.floor(Fraction(repr(ratio)) * n + Fraction(1, 2))
 
 
 def sample_integration(records: list[Record], ratio: float, seed: int) -> list[Record]:
@@ -132,7 +135,7 @@ def sample_integration(records: list[Record], ratio: float, seed: int) -> list[R
         groups.setdefault((rec.domain, rec.task), []).append(rec)
     chosen: set[str] = set()
     for (domain, task), group in groups.items():
-        k = round_half_up(ratio * len(group))
+        k = integration_size(ratio, len(group))
         rng = random.Random(f"{seed}/{domain}/{task}")
         chosen.update(group[i].id for i in rng.sample(range(len(group)), k))
     return [rec for rec in records if rec.id in chosen]
