@@ -1,0 +1,1 @@
+"""Evaluation: domain metrics, LLM judge, MT-Bench, Chinese/English general evaluation, judge-free retention."""
