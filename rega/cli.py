@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 # command -> "module:function"; each function's signature and docstring define its arguments.
@@ -17,6 +18,8 @@ COMMANDS = {
     "distill": "rega.distill.runner:distill_command",
     "evaluate": "rega.eval.runner:evaluate_command",
     "merge": "rega.modules.export:merge_command",
+    "grid": "rega.experiments.grid:grid_command",
+    "report": "rega.experiments.report:report_command",
 }
 
 
@@ -27,9 +30,27 @@ def run_command(name: str, args: list[str]):
     return CLI(getattr(importlib.import_module(module), func), args=args, as_positional=False)
 
 
+def configure_logging() -> None:
+    # Our own loggers only: Lightning and transformers bring their handlers, and a root handler would repeat them.
+    logger = logging.getLogger("rega")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def load_plugins() -> None:
+    """Import the modules named in ``$REGA_PLUGINS`` (comma-separated), e.g. ones that register strategies."""
+    for name in filter(None, (n.strip() for n in os.environ.get("REGA_PLUGINS", "").split(","))):
+        importlib.import_module(name)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
+    load_plugins()
     if argv and argv[0] in COMMANDS:
         from rega.data.prompts import ConfigError
         from rega.data.records import RecordError
@@ -42,12 +63,15 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         return
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: rega {fit,validate,test,predict," + ",".join(COMMANDS) + "} [--config FILE ...] [--help]")
+        print(
+            "usage: rega {fit,validate,test,predict," + ",".join(COMMANDS) + "} [--config FILE ...] [--help]"
+        )
         if not argv:
             sys.exit(2)
     from rega.lightning_cli import run_lightning_cli
 
-    run_lightning_cli(argv)
+    # LightningCLI warns when given args that equal the command line; let it read sys.argv itself then.
+    run_lightning_cli(None if argv == sys.argv[1:] else argv)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,10 @@ NAMED_TEMPLATES = {
     ),
     # BELLE: "Human: <msg>\n\nAssistant: <reply></s>", no system prompt.
     "belle": NamedTemplate(
-        default_system=None, prompt="Human: {user}\n\nAssistant:", response=" {response}{eos}", has_system=False
+        default_system=None,
+        prompt="Human: {user}\n\nAssistant:",
+        response=" {response}{eos}",
+        has_system=False,
     ),
 }
 
@@ -58,11 +61,14 @@ class ChatFormat:
         self.named = None
         if template is not None:
             if template not in NAMED_TEMPLATES:
-                raise ConfigError(f"unknown chat template {template!r}; named templates: {', '.join(NAMED_TEMPLATES)}")
+                raise ConfigError(
+                    f"unknown chat template {template!r}; named templates: {', '.join(NAMED_TEMPLATES)}"
+                )
             self.named = NAMED_TEMPLATES[template]
         elif not getattr(tokenizer, "chat_template", None):
             raise ConfigError(
-                "the tokenizer has no chat template: set model.chat_template to one of " + ", ".join(NAMED_TEMPLATES)
+                "the tokenizer has no chat template: set model.chat_template to one of "
+                + ", ".join(NAMED_TEMPLATES)
             )
         has_slot = self.named.has_system if self.named else self._template_has_system_slot()
         if system_placement == "system" and not has_slot:
@@ -75,7 +81,9 @@ class ChatFormat:
 
     def _template_has_system_slot(self) -> bool:
         try:
-            text = self._render_hf([{"role": "system", "content": _SENTINEL}, {"role": "user", "content": "x"}], True)
+            text = self._render_hf(
+                [{"role": "system", "content": _SENTINEL}, {"role": "user", "content": "x"}], True
+            )
         except Exception:  # templates without a system role raise
             return False
         return _SENTINEL in text
@@ -84,7 +92,9 @@ class ChatFormat:
         """The system text a template inserts when none is given (SmolLM2, Qwen, ...), found by comparison."""
         if not self._template_has_system_slot():
             return None
-        with_sys = self._render_hf([{"role": "system", "content": _SENTINEL}, {"role": "user", "content": "x"}], True)
+        with_sys = self._render_hf(
+            [{"role": "system", "content": _SENTINEL}, {"role": "user", "content": "x"}], True
+        )
         without = self._render_hf([{"role": "user", "content": "x"}], True)
         head, tail = with_sys.split(_SENTINEL, 1)
         if without.startswith(head) and without.endswith(tail) and len(without) > len(head) + len(tail):
@@ -109,12 +119,19 @@ class ChatFormat:
         if self.named:
             return self.named.response.format(response=response, eos=self.tokenizer.eos_token or "")
         prompt = prompt if prompt is not None else self.prompt_text(system, user)
-        messages = [{"role": "user", "content": f"{system}\n\n{user}" if (system and not self.use_system_slot) else user}]
+        messages = [
+            {
+                "role": "user",
+                "content": f"{system}\n\n{user}" if (system and not self.use_system_slot) else user,
+            }
+        ]
         if self.use_system_slot:
             messages.insert(0, {"role": "system", "content": system})
         full = self._render_hf([*messages, {"role": "assistant", "content": response}], generation=False)
         if not full.startswith(prompt):
-            raise ConfigError("chat template renders the prompt differently with and without the answer; set model.chat_template")
+            raise ConfigError(
+                "chat template renders the prompt differently with and without the answer; set model.chat_template"
+            )
         return full[len(prompt) :]
 
     def encode(
@@ -142,7 +159,9 @@ class ChatFormat:
             if room < min(min_response_tokens, len(r_ids)):
                 out.append(None)
                 continue
-            out.append(Encoded(p_ids + r_ids[:room], [IGNORE_INDEX] * len(p_ids) + r_ids[:room], len(r_ids) > room))
+            out.append(
+                Encoded(p_ids + r_ids[:room], [IGNORE_INDEX] * len(p_ids) + r_ids[:room], len(r_ids) > room)
+            )
         return out
 
     def encode_prompt(self, system: str, user: str) -> list[int]:
@@ -156,6 +175,11 @@ class ChatFormat:
             return []
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         # Named templates are plain text: add BOS the way the model saw it (LLaMA tokenizers).
-        if bos and self.named and self.tokenizer.bos_token_id is not None and getattr(self.tokenizer, "add_bos_token", True):
+        if (
+            bos
+            and self.named
+            and self.tokenizer.bos_token_id is not None
+            and getattr(self.tokenizer, "add_bos_token", True)
+        ):
             ids = [[self.tokenizer.bos_token_id, *row] for row in ids]
         return ids

@@ -60,7 +60,9 @@ def check_config(config: CorpusConfig) -> None:
     if not 0.0 <= config.mix_ratio <= 1.0:
         raise ConfigError(f"mix_ratio must be within [0, 1], got {config.mix_ratio}")
     if spec.needs_general and not config.general:
-        raise ConfigError(f"strategy {config.strategy!r} needs self-distilled general data D_g: set 'general'")
+        raise ConfigError(
+            f"strategy {config.strategy!r} needs self-distilled general data D_g: set 'general'"
+        )
     if spec.name != "zero_shot" and not config.domains:
         raise ConfigError(f"strategy {config.strategy!r} needs at least one domain source under 'domains'")
     _, roles = load_prompt_table(config.prompts)
@@ -115,7 +117,9 @@ def build_corpus(config: CorpusConfig, model_default_prompt: str | None = None) 
     ids = Counter(e.id for e in examples)
     clash = [i for i, n in ids.items() if n > 1]
     if clash:
-        raise ConfigError(f"example id {clash[0]!r} occurs {ids[clash[0]]} times: D_g and D_i ids must not overlap")
+        raise ConfigError(
+            f"example id {clash[0]!r} occurs {ids[clash[0]]} times: D_g and D_i ids must not overlap"
+        )
     manifest = {
         "strategy": spec.name,
         "inference": list(spec.inference),
@@ -145,7 +149,8 @@ def corpus_counts(examples: list[Example]) -> dict:
         "by_prompt": dict(Counter(e.prompt for e in examples)),
         "by_domain": dict(Counter(e.domain for e in examples)),
         "rows": [
-            {"kind": k, "prompt": p, "domain": d, "task": t, "count": n} for (k, p, d, t), n in sorted(by.items())
+            {"kind": k, "prompt": p, "domain": d, "task": t, "count": n}
+            for (k, p, d, t), n in sorted(by.items())
         ],
     }
 
@@ -178,7 +183,9 @@ def summary_table(manifest: dict) -> str:
     widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
     lines = [f"strategy={manifest['strategy']}  r={manifest['mix_ratio']}  seed={manifest['seed']}"]
     for n, row in enumerate(cells):
-        lines.append("  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        lines.append(
+            "  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        )
         if n == 0 or n == len(cells) - 2:
             lines.append("  ".join("-" * w for w in widths))
     if manifest["skipped_rows"]:
@@ -186,7 +193,9 @@ def summary_table(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def corpus_command(corpus: CorpusConfig, output: str = "runs/corpus", format: str = "jsonl", model: str = "embedded"):
+def corpus_command(
+    corpus: CorpusConfig, output: str = "runs/corpus", format: str = "jsonl", model: str = "embedded"
+):
     """Build the training corpus of a strategy and write it with manifest.json.
 
     Args:

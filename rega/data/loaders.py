@@ -23,7 +23,19 @@ from rega.paths import resolve_path
 
 log = logging.getLogger(__name__)
 
-SCHEMA_FIELDS = ("id", "instruction", "input", "output", "domain", "task", "lang", "choices", "answer", "category", "meta")
+SCHEMA_FIELDS = (
+    "id",
+    "instruction",
+    "input",
+    "output",
+    "domain",
+    "task",
+    "lang",
+    "choices",
+    "answer",
+    "category",
+    "meta",
+)
 
 
 @dataclass
@@ -85,18 +97,22 @@ def _read_text(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
-        raise RecordError(f"{path}:{line}", None, f"undecodable bytes (not UTF-8) at byte {err.start}") from None
+        raise RecordError(
+            f"{path}:{line}", None, f"undecodable bytes (not UTF-8) at byte {err.start}"
+        ) from None
 
 
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as err:
-        raise RecordError(f"{path}:{err.lineno}", None, f"malformed JSON: {err.msg} at column {err.colno}") from None
+        raise RecordError(
+            f"{path}:{err.lineno}", None, f"malformed JSON: {err.msg} at column {err.colno}"
+        ) from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise RecordError(str(path), None, "expected a JSON list of objects (or {\"data\": [...]})")
+        raise RecordError(str(path), None, 'expected a JSON list of objects (or {"data": [...]})')
     for index, row in enumerate(data):
         yield f"{path}:item {index}", row
 
@@ -148,7 +164,9 @@ def _iter_rows(source: DataSource) -> Iterator[tuple[str, Any]]:
         import pyarrow.parquet as pq
 
         return _iter_table(pq.read_table(path).to_pylist(), str(path))
-    raise ConfigError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .csv, .parquet or a datasets folder)")
+    raise ConfigError(
+        f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .csv, .parquet or a datasets folder)"
+    )
 
 
 def _apply_fields(row: Any, fields: dict[str, str]) -> Any:
@@ -189,7 +207,9 @@ def load_records(
                 allowed_domains=allowed_domains,
             )
             if record.id in first_seen:
-                raise RecordError(where, "id", f"duplicate id {record.id!r} (first seen at {first_seen[record.id]})")
+                raise RecordError(
+                    where, "id", f"duplicate id {record.id!r} (first seen at {first_seen[record.id]})"
+                )
         except RecordError as err:
             if not skip_invalid:
                 raise
@@ -200,7 +220,9 @@ def load_records(
         if source.limit is not None and len(report.records) >= source.limit:
             break
     if report.skipped:
-        log.warning("%s: skipped %d invalid rows, first: %s", source.path, len(report.skipped), report.skipped[0])
+        log.warning(
+            "%s: skipped %d invalid rows, first: %s", source.path, len(report.skipped), report.skipped[0]
+        )
     return report
 
 

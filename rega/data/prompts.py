@@ -59,7 +59,9 @@ class RolePrompts:
 def _read_yaml(path: Path) -> dict:
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict) or not isinstance(data.get("roles", {}), dict):
-        raise ConfigError(f"{path}: expected a mapping with optional 'central' and 'roles: {{domain: prompt}}'")
+        raise ConfigError(
+            f"{path}: expected a mapping with optional 'central' and 'roles: {{domain: prompt}}'"
+        )
     return data
 
 

@@ -120,7 +120,9 @@ def record_from_dict(
 
     row_domain = _text(obj, "domain", where, required=False) or None
     if row_domain and domain and row_domain != domain:
-        raise RecordError(where, "domain", f"is {row_domain!r} but this source is declared as domain {domain!r}")
+        raise RecordError(
+            where, "domain", f"is {row_domain!r} but this source is declared as domain {domain!r}"
+        )
     final_domain = row_domain or domain
     if not final_domain:
         raise RecordError(where, "domain", "missing (set it in the row or as the source's domain)")
@@ -132,7 +134,11 @@ def record_from_dict(
 
     choices = obj.get("choices")
     if choices is not None:
-        if not isinstance(choices, list | tuple) or not all(isinstance(c, str) for c in choices) or not choices:
+        if (
+            not isinstance(choices, list | tuple)
+            or not all(isinstance(c, str) for c in choices)
+            or not choices
+        ):
             raise RecordError(where, "choices", "expected a non-empty list of strings")
         choices = tuple(choices)
     answer = obj.get("answer")
@@ -142,7 +148,9 @@ def record_from_dict(
         if choices is not None and answer not in choices:
             letters = LETTERS[: len(choices)]
             if not (len(answer) == 1 and answer in letters):
-                raise RecordError(where, "answer", f"{answer!r} is neither one of the choices nor a letter A-{letters[-1]}")
+                raise RecordError(
+                    where, "answer", f"{answer!r} is neither one of the choices nor a letter A-{letters[-1]}"
+                )
     meta = obj.get("meta")
     if meta is not None and not isinstance(meta, Mapping):
         raise RecordError(where, "meta", "expected an object")

@@ -81,7 +81,9 @@ def register_strategy(
     def decorate(build: Callable[[CorpusInputs], list[Example]]) -> Callable[[CorpusInputs], list[Example]]:
         if name in STRATEGIES:
             raise ValueError(f"strategy {name!r} is already registered")
-        STRATEGIES[name] = Strategy(name, build, needs_general, inference, description or (build.__doc__ or "").strip())
+        STRATEGIES[name] = Strategy(
+            name, build, needs_general, inference, description or (build.__doc__ or "").strip()
+        )
         return build
 
     return decorate
@@ -143,7 +145,9 @@ def sample_integration(records: list[Record], ratio: float, seed: int) -> list[R
 
 def _require_general(inputs: CorpusInputs, name: str) -> list[Record]:
     if not inputs.general_records:
-        raise ConfigError(f"strategy {name!r} needs self-distilled general data D_g: set 'general' or 'distill'")
+        raise ConfigError(
+            f"strategy {name!r} needs self-distilled general data D_g: set 'general' or 'distill'"
+        )
     return inputs.general_records
 
 
@@ -157,7 +161,9 @@ def ft(inputs: CorpusInputs) -> list[Example]:
     return as_examples(inputs.domain_records, CENTRAL, inputs.prompts, DOMAIN)
 
 
-@register_strategy("ftsd", needs_general=True, description="FT with self-distillation: D_g ∪ (∪ D_i) under p_c")
+@register_strategy(
+    "ftsd", needs_general=True, description="FT with self-distillation: D_g ∪ (∪ D_i) under p_c"
+)
 def ftsd(inputs: CorpusInputs) -> list[Example]:
     general = _require_general(inputs, "ftsd")
     return as_examples(general, CENTRAL, inputs.prompts, GENERAL_KIND) + as_examples(
@@ -192,5 +198,7 @@ def build_examples(strategy: str, inputs: CorpusInputs) -> list[Example]:
     if not 0.0 <= inputs.mix_ratio <= 1.0:
         raise ConfigError(f"mix_ratio must be within [0, 1], got {inputs.mix_ratio}")
     if spec.needs_general and not inputs.general_records:
-        raise ConfigError(f"strategy {strategy!r} needs self-distilled general data D_g: set 'general' or 'distill'")
+        raise ConfigError(
+            f"strategy {strategy!r} needs self-distilled general data D_g: set 'general' or 'distill'"
+        )
     return spec.build(inputs)

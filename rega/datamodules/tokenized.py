@@ -1,0 +1,174 @@
+"""Tokenized examples stored flat (one int32 token array plus offsets), cached on disk, and batched without
+wasting compute on padding.
+
+Labels are not stored: every example is ``prompt + response`` and its labels are -100 over the first
+``prompt_len`` tokens, so ``prompt_len`` is enough.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from rega.data.chat import IGNORE_INDEX
+from rega.io import atomic_write
+
+
+@dataclass
+class TokenizedExamples:
+    tokens: np.ndarray  # int32, all examples concatenated
+    offsets: np.ndarray  # int64, len n+1
+    prompt_lens: np.ndarray  # int32, tokens of each example that carry no loss
+    domain_ids: np.ndarray  # int16, index into `domains`
+    domains: list[str]
+    truncated: int = 0  # responses cut to fit max_length
+    dropped: int = 0  # examples whose prompt left no room for an answer
+
+    def __len__(self) -> int:
+        return len(self.prompt_lens)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def ids(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+    def save(self, path: Path) -> None:
+        with atomic_write(path, "wb") as handle:
+            np.savez(
+                handle,
+                tokens=self.tokens,
+                offsets=self.offsets,
+                prompt_lens=self.prompt_lens,
+                domain_ids=self.domain_ids,
+                domains=np.array(self.domains, dtype=object),
+                stats=np.array([self.truncated, self.dropped]),
+            )
+
+    @classmethod
+    def load(cls, path: Path) -> TokenizedExamples:
+        with np.load(path, allow_pickle=True) as data:
+            truncated, dropped = (int(x) for x in data["stats"])
+            return cls(
+                tokens=data["tokens"],
+                offsets=data["offsets"],
+                prompt_lens=data["prompt_lens"],
+                domain_ids=data["domain_ids"],
+                domains=[str(d) for d in data["domains"]],
+                truncated=truncated,
+                dropped=dropped,
+            )
+
+
+def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing of examples into rows of at most ``row_tokens`` tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = lengths[i]
+        # Rows fill in order, so scanning from the newest keeps this near-linear for similar lengths.
+        for r in range(len(rows) - 1, max(-1, len(rows) - 64), -1):
+            if room[r] >= n:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(row_tokens - n)
+    return rows
+
+
+def plan_batches(
+    lengths: Sequence[int], mode: str, batch_size: int, max_length: int, seed: int
+) -> list[list[list[int]]]:
+    """Group example indices into batches; each batch is a list of rows, each row a list of example indices.
+
+    * ``packed``: examples packed into rows of ``max_length`` tokens, ``batch_size`` rows per batch; rows hold
+      several examples that cannot attend to each other (position ids restart), so almost nothing is padding.
+    * ``grouped``: one example per row, examples of similar length batched together (sorted within shuffled
+      mega-batches, like HF's ``group_by_length``).
+    * ``padded``: one example per row in random order (the plain baseline).
+    """
+    rng = np.random.default_rng(seed)
+    if mode == "packed":
+        rows = pack_rows(list(lengths), max_length)
+        rows = [rows[i] for i in rng.permutation(len(rows))]
+    elif mode in ("grouped", "padded"):
+        order = rng.permutation(len(lengths)).tolist()
+        if mode == "grouped":
+            mega = batch_size * 50
+            order = [
+                i
+                for start in range(0, len(order), mega)
+                for i in sorted(order[start : start + mega], key=lambda i: -lengths[i])
+            ]
+        rows = [[i] for i in order]
+    else:
+        raise ValueError(f"unknown batching mode {mode!r} (packed, grouped or padded)")
+    return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+class BatchDataset(Dataset):
+    """A map-style dataset whose items are whole batches, so a (Distributed)Sampler shards and shuffles batches."""
+
+    def __init__(self, data: TokenizedExamples, batches: list[list[list[int]]], pad_id: int):
+        self.data, self.batches, self.pad_id = data, batches, pad_id
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return collate_rows(self.data, self.batches[index], self.pad_id)
+
+
+def collate_rows(data: TokenizedExamples, rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Build one batch. Position ids restart at every example, which is what isolates packed examples.
+
+    Rows with one example each also get an attention mask (padding); packed rows get none, since the mask
+    transformers builds from restarting position ids is the block-diagonal one (needs ``use_cache=False``).
+    """
+    widths = [int(sum(data.lengths[i] for i in row)) for row in rows]
+    width = max(widths)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    seq_domain = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        pos = 0
+        for i in row:
+            ids = torch.from_numpy(data.ids(i).astype(np.int64))
+            n, p = len(ids), int(data.prompt_lens[i])
+            input_ids[r, pos : pos + n] = ids
+            labels[r, pos + p : pos + n] = ids[p:]
+            position_ids[r, pos : pos + n] = torch.arange(n)
+            seq_domain[r, pos : pos + n] = int(data.domain_ids[i])
+            pos += n
+        if pos < width:  # padding continues the last example's positions: never the start of a new sequence
+            last = int(data.lengths[row[-1]])
+            position_ids[r, pos:] = torch.arange(last, last + width - pos)
+    batch = {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "token_domain": seq_domain,
+    }
+    if all(len(row) == 1 for row in rows):
+        batch["attention_mask"] = (seq_domain >= 0).long()
+    return batch
+
+
+def padding_fraction(batch: dict[str, torch.Tensor]) -> float:
+    real = int((batch["token_domain"] >= 0).sum())
+    return 1.0 - real / max(1, batch["input_ids"].numel())
+
+
+def cache_file(cache_root: str | os.PathLike, key: str) -> Path:
+    return Path(cache_root) / "tokenized" / f"{key}.npz"

@@ -1,0 +1,49 @@
+"""LightningCLI for fit / validate / test / predict with the REGA model and data module."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from rega.datamodules import REGADataModule
+from rega.modules.lit_module import REGAModule
+
+
+class REGACLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # One model config drives both the network and the chat rendering of the data.
+        parser.link_arguments("model.model", "data.model")
+
+    def after_fit(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        path = Path(self.trainer.log_dir or ".") / "summary.json"
+        if not path.exists():
+            return
+        summary = json.loads(path.read_text())
+        metrics = summary.get("metrics", {})
+        lines = [
+            "",
+            f"REGA run finished: strategy={summary['strategy']} model={summary['model']}",
+            f"  corpus: {summary.get('corpus')}",
+            f"  tokens: {summary.get('tokenized')}",
+            f"  {summary['optimizer_steps']} optimizer steps in {summary['seconds']} s;"
+            f" train/loss={metrics.get('train/loss', float('nan')):.4f}"
+            f" val/loss={metrics.get('val/loss', float('nan')):.4f}",
+            f"  adapter: {summary['adapter']}",
+            f"  TensorBoard: tensorboard --logdir {Path(summary['log_dir']).parent}",
+        ]
+        print("\n".join(lines))
+
+
+def run_lightning_cli(argv: list[str] | None) -> REGACLI:
+    return REGACLI(
+        REGAModule,
+        REGADataModule,
+        args=argv,
+        seed_everything_default=1234,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_env": False},
+    )

@@ -1,0 +1,260 @@
+"""Training: label masking, padding-free batches, LoRA-only updates, exact resume, DDP, adapter export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rega.data.chat import IGNORE_INDEX, ChatFormat
+from rega.data.corpus import CorpusConfig
+from rega.data.loaders import DataSource
+from rega.datamodules import REGADataModule
+from rega.datamodules.tokenized import collate_rows, pack_rows, plan_batches
+from rega.modules.lit_module import REGAModule
+from rega.modules.model import LoraSettings, ModelConfig, load_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_DOMAINS = [
+    DataSource("demo:medical.jsonl"),
+    DataSource("demo:legal.jsonl"),
+    DataSource("demo:finance.jsonl"),
+]
+
+
+def demo_corpus(strategy: str = "rega") -> CorpusConfig:
+    return CorpusConfig(
+        strategy=strategy, domains=DEMO_DOMAINS, general=[DataSource("demo:general.jsonl", limit=20)]
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(ModelConfig())
+
+
+@pytest.mark.parametrize("placement", ["system", "prefix"])
+def test_labels_mask_everything_but_the_response(tokenizer, placement):
+    chat = ChatFormat(tokenizer, system_placement=placement)
+    system, user, response = (
+        "You are a legal expert.",
+        "Is a verbal contract binding?",
+        "Often yes, with exceptions.",
+    )
+    enc = chat.encode(system, user, response, max_length=512)
+    prompt_ids = chat.encode_prompt(system, user)
+    assert enc.input_ids[: len(prompt_ids)] == prompt_ids
+    assert enc.labels[: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
+    answer = enc.labels[len(prompt_ids) :]
+    assert IGNORE_INDEX not in answer and answer == enc.input_ids[len(prompt_ids) :]
+    assert tokenizer.decode(answer).startswith(response)
+    rendered = tokenizer.decode(prompt_ids)
+    if placement == "system":
+        assert "<|im_start|>system\nYou are a legal expert.<|im_end|>" in rendered
+    else:  # prefixed to the user turn, and the template's own default system prompt stays
+        assert "<|im_start|>user\nYou are a legal expert.\n\nIs a verbal contract binding?" in rendered
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1.1", "belle"])
+def test_named_templates_render_their_exact_format(tokenizer, template):
+    chat = ChatFormat(tokenizer, template=template)
+    if template == "vicuna_v1.1":
+        assert chat.prompt_text(chat.default_system, "Hi").endswith("questions. USER: Hi ASSISTANT:")
+    else:
+        assert chat.default_system is None
+        assert chat.prompt_text("", "你好") == "Human: 你好\n\nAssistant:"
+    enc = chat.encode(chat.default_system or "", "Hi", "Hello there.", max_length=128)
+    answer = [t for t in enc.labels if t != IGNORE_INDEX]
+    assert tokenizer.decode(answer).strip().startswith("Hello there.")
+    assert answer[-1] == tokenizer.eos_token_id
+
+
+def test_truncation_keeps_the_prompt_and_cuts_the_response(tokenizer):
+    chat = ChatFormat(tokenizer)
+    prompt_len = len(chat.encode_prompt("sys", "question"))
+    enc = chat.encode("sys", "question", "word " * 200, max_length=prompt_len + 10)
+    assert enc.truncated and len(enc.input_ids) == prompt_len + 10
+    assert chat.encode("sys", "question " * 300, "answer " * 20, max_length=64) is None  # no room: dropped
+
+
+def test_pack_rows_respects_capacity_and_keeps_every_example():
+    lengths = [5, 9, 3, 7, 7, 2, 10, 1]
+    rows = pack_rows(lengths, 10)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 10 for row in rows)
+
+
+@pytest.fixture(scope="module")
+def datamodule(tiny_model_config, tmp_path_factory):
+    dm = REGADataModule(
+        corpus=demo_corpus(),
+        val=[DataSource("demo:medical.jsonl", limit=8), DataSource("demo:legal.jsonl", limit=8)],
+        model=tiny_model_config,
+        max_length=256,
+        batch_size=4,
+        cache=str(tmp_path_factory.mktemp("cache")),
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_cache_is_keyed_by_everything_that_changes_tokens(datamodule, tiny_model_config):
+    corpus = datamodule.build_corpus()
+    key = datamodule._cache_key(corpus.examples)
+    same = REGADataModule(
+        corpus=demo_corpus(), model=tiny_model_config, max_length=256, cache=str(datamodule.cache_root)
+    )
+    assert same._cache_key(corpus.examples) == key
+    longer = REGADataModule(
+        corpus=demo_corpus(), model=tiny_model_config, max_length=300, cache=str(datamodule.cache_root)
+    )
+    assert longer._cache_key(corpus.examples) != key
+    vicuna = ModelConfig(name_or_path=tiny_model_config.name_or_path, chat_template="vicuna_v1.1")
+    other = REGADataModule(
+        corpus=demo_corpus(), model=vicuna, max_length=256, cache=str(datamodule.cache_root)
+    )
+    assert other._cache_key(other.build_corpus().examples) != key
+    corpus_b = REGADataModule(
+        corpus=CorpusConfig(strategy="ftrp", domains=DEMO_DOMAINS), model=tiny_model_config, max_length=256
+    )
+    assert corpus_b._cache_key(corpus_b.build_corpus().examples) != key
+
+
+@pytest.mark.parametrize("mode", ["packed", "grouped"])
+def test_batched_loss_equals_examples_one_at_a_time(datamodule, tiny_model_config, mode):
+    module = REGAModule(model=tiny_model_config, lora=LoraSettings(dropout=0.0))
+    module.configure_model()
+    module.eval()
+    data = datamodule.train_data
+    rows = plan_batches(data.lengths.tolist(), mode, 4, 256, seed=0)[0]
+    batch = collate_rows(data, rows, pad_id=0)
+    with torch.no_grad():
+        losses, mask, positions = module.token_losses(batch)
+        for r, row in enumerate(rows):
+            start = 0
+            for i in row:
+                n = int(data.lengths[i])
+                sel = (positions >= start) & (positions < start + n - 1) & mask[r]
+                in_batch = losses[r][sel].mean()
+                single_losses, single_mask, _ = module.token_losses(collate_rows(data, [[i]], pad_id=0))
+                torch.testing.assert_close(in_batch, single_losses[single_mask].mean(), rtol=1e-4, atol=1e-5)
+                start += n
+    assert mode != "packed" or any(len(row) > 1 for row in rows)  # the packed case really packs
+
+
+def test_training_changes_lora_weights_only(datamodule, tiny_model_config, tmp_path):
+    import lightning as L
+
+    module = REGAModule(model=tiny_model_config, learning_rate=1e-2, adapter_dir=str(tmp_path / "adapter"))
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=2,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    changed = {n for n, p in module.named_parameters() if not torch.equal(before[n], p.detach())}
+    lora = {n for n, p in module.named_parameters() if "lora_" in n}
+    assert changed and changed <= lora
+    assert {n for n in lora if "lora_B" in n} <= changed
+    assert all(p.requires_grad == ("lora_" in n) for n, p in module.named_parameters())
+
+    from peft import PeftModel
+
+    from rega.modules.model import load_model
+
+    base = load_model(tiny_model_config)
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        adapted = PeftModel.from_pretrained(load_model(tiny_model_config), tmp_path / "adapter")(
+            input_ids=ids
+        ).logits
+    assert not torch.allclose(plain, adapted)
+
+
+def read_scalars(log_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
+
+
+def fit_args(tiny_model_dir: Path, root: Path, epochs: int) -> list[str]:
+    return [
+        sys.executable, str(REPO / "cli.py"), "fit",
+        "--config", str(REPO / "configs/trainer/cpu.yaml"),
+        "--config", str(REPO / "tests/configs/tiny_fit.yaml"),
+        "--model.model.name_or_path", str(tiny_model_dir),
+        "--trainer.max_epochs", str(epochs),
+        "--trainer.default_root_dir", str(root),
+        "--trainer.logger.init_args.save_dir", str(root),
+        "--data.cache", str(root / "cache"),
+        "--model.adapter_dir", str(root / "adapter"),
+    ]  # fmt: skip
+
+
+def run_env() -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def test_killed_run_resumes_like_an_uninterrupted_one(tiny_model_dir, tmp_path):
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    subprocess.run(fit_args(tiny_model_dir, full, 3), check=True, env=run_env(), capture_output=True)
+    reference = read_scalars(full, "train/loss")
+
+    proc = subprocess.Popen(fit_args(tiny_model_dir, broken, 3), env=run_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list(broken.rglob("epoch=0-*.ckpt")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    checkpoint = next(broken.rglob("epoch=0-*.ckpt"))
+    state = torch.load(checkpoint, weights_only=False, map_location="cpu")
+    assert state["state_dict"] and all("lora_" in k for k in state["state_dict"])  # only trainable weights
+
+    resumed = subprocess.run(
+        [*fit_args(tiny_model_dir, broken, 3), "--ckpt_path", str(checkpoint)],
+        env=run_env(),
+        capture_output=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    after = read_scalars(broken, "train/loss")
+    later_steps = [s for s in reference if s >= state["global_step"]]
+    assert later_steps
+    for step in later_steps:
+        assert after[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-5), step
+    for tag in ("val/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/padding_fraction"):
+        assert read_scalars(full, tag), tag
+    assert any(read_scalars(full, f"val/loss_{d}") for d in ("medical", "legal"))
+    assert (full / "adapter" / "adapter_config.json").exists()
+    summary = json.loads(next(full.rglob("summary.json")).read_text())
+    assert summary["strategy"] == "rega" and summary["optimizer_steps"] > 0
+
+
+def test_ddp_with_two_cpu_processes_trains(tiny_model_dir, tmp_path):
+    args = [*fit_args(tiny_model_dir, tmp_path, 1), "--config", str(REPO / "configs/trainer/ddp_cpu.yaml"),
+            "--trainer.max_steps", "3"]  # fmt: skip
+    done = subprocess.run(args, env=run_env(), capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert read_scalars(tmp_path, "train/loss")
