@@ -200,7 +200,8 @@ class REGADataModule(L.LightningDataModule):
         if self._needs_distillation() and self.distill_config is not None:
             from rega.distill.runner import run_distillation
 
-            run_distillation(self._distill_config())
+            # In this process: a multi-device distill config must not relaunch the training command per rank.
+            run_distillation(self._distill_config(), in_process=True)
         self._load(create=True)
 
     def setup(self, stage: str | None = None) -> None:
