@@ -1,0 +1,295 @@
+"""Domain evaluation: greedy batched answers to each task's test (or dev) records under a prompt rule, scored by
+accuracy (closed tasks, after answer extraction) or unigram F1 (free-form tasks); see :mod:`rega.eval.metrics`.
+
+Prompt rules (a strategy's ``inference`` tuple): ``central`` answers every input under p_c, ``role`` under the
+input's domain prompt p_i (FTRP, REGA_r). Scores: per task, per domain (mean of its task scores) and ``overall``
+(mean of the domain scores; ``task_mean`` is the plain mean over tasks).
+
+Optionally closed tasks are also scored by log-likelihood (``ll_acc``): every option is written the way the
+record's own answer is written (``D. Full set of teeth present`` → ``A. …``, ``B. …``; a bare letter → letters; an
+option text or a label → texts), scored as the assistant's answer given the prompt (``mean`` or ``sum`` of its
+token log-probabilities), and the best one is the prediction.
+
+Under DDP every rank calls :func:`evaluate_domains`: the (rule, record) items are sharded across ranks, metrics sync
+their sums in ``compute()`` and the per-example rows are gathered on every rank (rank 0 writes them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rega.data.chat import ChatFormat
+from rega.data.loaders import DataSource, load_records
+from rega.data.prompts import CENTRAL, ConfigError, RolePrompts
+from rega.data.records import GENERAL, LETTERS, Record
+from rega.data.strategies import ROLE
+from rega.eval.metrics import (
+    LABEL,
+    ClosedAccuracy,
+    ClosedSpec,
+    UnigramF1,
+    WeightedMean,
+    closed_spec,
+    dist_info,
+    extract_answer,
+    gather_rows,
+    grade_closed,
+    metric_value,
+    shard,
+    task_label_sets,
+    unigram_f1,
+)
+from rega.eval.retention import continuation_logprobs, continuation_text
+from rega.modules.generation import SamplingConfig, generate
+
+log = logging.getLogger(__name__)
+RULES = (CENTRAL, ROLE)
+FIXED_ROLE = "role:"
+LOGLIK_NORMS = ("mean", "sum")
+
+
+@dataclass
+class TaskData:
+    """Evaluation records (after the per-task limit) and the label sets of label tasks without ``choices``."""
+
+    records: list[Record]
+    labels: dict[tuple[str, str], tuple[str, ...]]
+
+
+def load_task_records(sources: Sequence[DataSource], limit_per_task: int | None = None) -> TaskData:
+    """Load evaluation sources; keep the first ``limit_per_task`` records of each (domain, task).
+
+    Label sets are collected before the limit, so a small limit does not shrink the set of labels a response may
+    name. Rows that fail validation are skipped and counted in the log.
+    """
+    records: list[Record] = []
+    seen: set[str] = set()
+    for source in sources:
+        for rec in load_records(source, skip_invalid=True).records:
+            if rec.id in seen:
+                raise ConfigError(f"evaluation record id {rec.id!r} appears in two sources ({source.path})")
+            seen.add(rec.id)
+            records.append(rec)
+    labels = task_label_sets(records)
+    if limit_per_task is not None:
+        kept: dict[tuple[str, str], int] = defaultdict(int)
+        limited = []
+        for rec in records:
+            key = (rec.domain, rec.task)
+            if kept[key] < limit_per_task:
+                kept[key] += 1
+                limited.append(rec)
+        records = limited
+    return TaskData(records, labels)
+
+
+def check_rule(rule: str) -> None:
+    """``central``, ``role``, or ``role:<domain>`` (every record under that domain's p_i: the prompt matrix)."""
+    if rule not in RULES and not (rule.startswith(FIXED_ROLE) and rule[len(FIXED_ROLE) :]):
+        raise ConfigError(f"unknown prompt rule {rule!r}; use central, role or role:<domain>")
+
+
+def prompt_key(rule: str, record: Record) -> str:
+    """Which prompt answers ``record`` under ``rule``: ``central`` or a domain name."""
+    check_rule(rule)
+    if rule == CENTRAL or record.domain == GENERAL:
+        return CENTRAL
+    return record.domain if rule == ROLE else rule[len(FIXED_ROLE) :]
+
+
+def system_prompt(rule: str, record: Record, prompts: RolePrompts) -> str:
+    """p_c for ``central`` (and for general records), the record's domain prompt p_i for ``role``, a fixed
+    domain's prompt for ``role:<domain>``."""
+    key = prompt_key(rule, record)
+    if key == CENTRAL:
+        return prompts.central
+    try:
+        return prompts.roles[key]
+    except KeyError:
+        raise ConfigError(
+            f"prompt rule {rule!r} needs a role prompt for domain {key!r} (have: {', '.join(prompts.roles) or 'none'})"
+        ) from None
+
+
+def choice_candidates(record: Record, spec: ClosedSpec) -> tuple[list[str], int]:
+    """(every option written like the record's own answer, index of the gold one) for log-likelihood scoring."""
+    if spec.kind == LABEL:
+        return list(spec.options), list(spec.options).index(spec.gold)
+    letters = LETTERS[: len(spec.options)]
+    gold = letters.index(spec.gold)
+    gold_text, output = spec.options[gold], record.output.strip()
+    if output == gold_text:
+        return list(spec.options), gold
+    if output.startswith(spec.gold) and output.endswith(gold_text) and len(output) > len(gold_text):
+        sep = output[len(spec.gold) : len(output) - len(gold_text)]
+        if not any(ch.isalnum() for ch in sep):
+            return [f"{letter}{sep}{text}" for letter, text in zip(letters, spec.options)], gold
+    return list(letters), gold
+
+
+def _task_metrics(device) -> dict[str, WeightedMean]:
+    return {
+        "acc": ClosedAccuracy().to(device),
+        "f1": UnigramF1().to(device),
+        "no_answer": WeightedMean().to(device),
+        "ll_acc": WeightedMean().to(device),
+    }
+
+
+def evaluate_domains(
+    model,
+    tokenizer,
+    chat: ChatFormat,
+    prompts: RolePrompts,
+    rules: Sequence[str],
+    data: TaskData,
+    *,
+    max_new_tokens: int = 128,
+    closed_max_new_tokens: int | None = 32,
+    batch_size: int = 8,
+    loglik_choices: bool = False,
+    loglik_norm: str = "mean",
+) -> tuple[dict[str, dict], list[dict]]:
+    """({rule: {overall, task_mean, domains: {domain: {score, tasks: {task: {...}}}}}}, per-example rows)."""
+    if loglik_norm not in LOGLIK_NORMS:
+        raise ConfigError(f"loglik_norm must be mean or sum, got {loglik_norm!r}")
+    items = [(rule, rec, system_prompt(rule, rec, prompts)) for rule in rules for rec in data.records]
+    specs = {rec.id: closed_spec(rec, data.labels.get((rec.domain, rec.task))) for rec in data.records}
+    rank, world = dist_info()
+    device = next(model.parameters()).device
+    keys = dict.fromkeys((rule, rec.domain, rec.task) for rule, rec, _ in items)
+    metrics = {key: _task_metrics(device) for key in keys}
+    counts: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])  # [closed, open]
+    for rule, rec, _ in items:
+        counts[(rule, rec.domain, rec.task)][specs[rec.id] is None] += 1
+
+    mine = shard(items, rank, world)
+    n_closed = sum(specs[rec.id] is not None for _, rec, _ in mine)
+    log.info(
+        "domain evaluation: %d answers (%d closed) under %s on rank %d",
+        len(mine),
+        n_closed,
+        list(rules),
+        rank,
+    )
+    responses: dict[int, object] = {}
+    for closed in (True, False):
+        idx = [k for k, (_, rec, _) in enumerate(mine) if (specs[rec.id] is not None) == closed]
+        if not idx:
+            continue
+        limit = closed_max_new_tokens if closed and closed_max_new_tokens else max_new_tokens
+        sampling = SamplingConfig(do_sample=False, temperature=1.0, top_p=1.0, max_new_tokens=limit)
+        prompt_ids = [chat.encode_prompt(mine[k][2], mine[k][1].user_text) for k in idx]
+        for gen in generate(model, tokenizer, prompt_ids, sampling, batch_size=batch_size):
+            responses[idx[gen.index]] = gen
+
+    ll_preds: dict[int, tuple[int, int, list[float]]] = {}
+    if loglik_choices:
+        pairs, owners = [], []
+        for k, (_, rec, system) in enumerate(mine):
+            spec = specs[rec.id]
+            if spec is None:
+                continue
+            candidates, gold = choice_candidates(rec, spec)
+            ctx = chat.encode_prompt(system, rec.user_text)
+            for cand in candidates:
+                cont = tokenizer(
+                    continuation_text(chat, system, rec.user_text, cand), add_special_tokens=False
+                )["input_ids"]
+                pairs.append((ctx, cont))
+                owners.append((k, gold))
+        scored = continuation_logprobs(model, tokenizer, pairs, batch_size)
+        per_item: dict[int, list[float]] = defaultdict(list)
+        golds: dict[int, int] = {}
+        for (k, gold), (total, n) in zip(owners, scored):
+            per_item[k].append(total / max(1, n) if loglik_norm == "mean" else total)
+            golds[k] = gold
+        for k, values in per_item.items():
+            ll_preds[k] = (max(range(len(values)), key=values.__getitem__), golds[k], values)
+
+    rows = []
+    for k, (rule, rec, _) in enumerate(mine):
+        gen = responses[k]
+        spec = specs[rec.id]
+        bucket = metrics[(rule, rec.domain, rec.task)]
+        row = {
+            "rule": rule,
+            "domain": rec.domain,
+            "task": rec.task,
+            "id": rec.id,
+            "prompt": prompt_key(rule, rec),
+            "response": gen.text,
+            "finish_reason": gen.finish_reason,
+        }
+        if spec is not None:
+            bucket["acc"].update([gen.text], [spec])
+            pred, score = grade_closed(gen.text, spec)
+            bucket["no_answer"].update([float(pred is None)])
+            row.update(kind="closed", gold=spec.gold, pred=pred, score=score)
+            if k in ll_preds:
+                choice, gold, values = ll_preds[k]
+                bucket["ll_acc"].update([float(choice == gold)])
+                row.update(ll_pred=choice, ll_gold=gold, ll_scores=[round(v, 4) for v in values])
+        else:
+            bucket["f1"].update([gen.text], [rec.output], rec.lang)
+            row.update(
+                kind="open", gold=rec.output, pred=None, score=unigram_f1(gen.text, rec.output, rec.lang)
+            )
+        rows.append(row)
+    rows = gather_rows(rows)
+    order = {(rule, rec.id): k for k, (rule, rec, _) in enumerate(items)}
+    rows.sort(key=lambda r: order[(r["rule"], r["id"])])
+
+    results: dict[str, dict] = {}
+    for (rule, domain, task), bucket in metrics.items():
+        n_closed, n_open = counts[(rule, domain, task)]
+        entry: dict = {"n": n_closed + n_open}
+        if n_closed:
+            entry["acc"] = metric_value(bucket["acc"])
+            no_answer = metric_value(bucket["no_answer"])
+            entry["no_answer"] = round(no_answer * n_closed) if no_answer is not None else 0
+            if loglik_choices:
+                entry["ll_acc"] = metric_value(bucket["ll_acc"])
+        else:
+            for name in ("acc", "no_answer", "ll_acc"):
+                metric_value(bucket[name])  # every rank joins every sync, in the same order
+        if n_open:
+            entry["f1"] = metric_value(bucket["f1"])
+        else:
+            metric_value(bucket["f1"])
+        entry["metric"] = "acc" if n_closed else "f1"
+        entry["score"] = entry[entry["metric"]]
+        tasks = results.setdefault(rule, {"domains": {}})["domains"].setdefault(domain, {"tasks": {}})[
+            "tasks"
+        ]
+        tasks[task] = entry
+    for rule in rules:
+        summary = results.setdefault(rule, {"domains": {}})
+        task_scores = []
+        for domain in summary["domains"].values():
+            scores = [t["score"] for t in domain["tasks"].values() if t["score"] is not None]
+            task_scores.extend(scores)
+            domain["score"] = sum(scores) / len(scores) if scores else None
+        domain_scores = [d["score"] for d in summary["domains"].values() if d["score"] is not None]
+        summary["overall"] = sum(domain_scores) / len(domain_scores) if domain_scores else None
+        summary["task_mean"] = sum(task_scores) / len(task_scores) if task_scores else None
+        # Keep the keys in a readable order: headline numbers first.
+        results[rule] = {
+            "overall": summary["overall"],
+            "task_mean": summary["task_mean"],
+            "domains": summary["domains"],
+        }
+    return results, rows
+
+
+__all__ = [
+    "TaskData",
+    "choice_candidates",
+    "evaluate_domains",
+    "extract_answer",
+    "load_task_records",
+    "system_prompt",
+]

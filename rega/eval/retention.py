@@ -1,0 +1,531 @@
+"""Judge-free general ability: multiple-choice accuracy by log-likelihood and drift from the base model.
+
+Both run offline in minutes and sit next to the judge scores, so forgetting is visible without an LLM judge.
+
+* **General multiple choice** (ARC, PIQA, BoolQ, HellaSwag, Winogrande, TruthfulQA-MC1, CommonsenseQA,
+  OpenBookQA; C-Eval and CMMLU for Chinese): every option is scored by the log-likelihood of its text as the
+  assistant's answer to the question, rendered with the chat template under p_c. ``acc`` picks the option with the
+  highest summed log-probability, ``acc_norm`` divides it by the option's length in characters (lm-eval's
+  definitions). C-Eval and CMMLU list lettered options and score the letters. Two backends score identical
+  strings: ``lm_eval`` (lm-evaluation-harness ``simple_evaluate`` on task YAMLs generated from
+  ``rega/eval/lm_eval_tasks/*.yaml``; with it ``lm_eval:<task>`` names run the harness's stock tasks, which needs
+  the dataset hub) and ``native`` (this module's batched scorer). ``auto`` takes lm_eval for single-process runs of
+  a model whose tokenizer has a chat template with a system slot, and ``native`` otherwise: under DDP (lm-eval
+  forgoes distribution for an in-memory model, while the native scorer shards items across ranks) and for named
+  templates such as Vicuna's that lm-eval cannot render.
+* **Drift**: mean per-token log-likelihood of reference responses under the model, rendered with the chat
+  template under p_c and tokenized with :meth:`ChatFormat.encode_many` (labels = response tokens): self-distilled
+  base-model answers on held-out general instructions (a fine-tuned model that still assigns them high likelihood
+  still behaves like its base) and general reference answers. With base-model values given, the difference is
+  reported (negative = the model moved away).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from rega.data.chat import IGNORE_INDEX, ChatFormat
+from rega.data.prompts import ConfigError
+from rega.data.records import Record
+from rega.eval.metrics import WeightedMean, broadcast_from_zero, dist_info, gather_rows, metric_value, shard
+from rega.io import read_jsonl
+from rega.modules.generation import length_sorted_batches
+from rega.paths import resolve_path, shared_data_dir
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
+TEXT, LETTERS_STYLE = "text", "letters"
+# name -> (style, headline metric). acc_norm where the Open LLM Leaderboard / lm-eval papers report it.
+BUILTIN_MC: dict[str, tuple[str, str]] = {
+    "arc_easy": (TEXT, "acc_norm"),
+    "arc_challenge": (TEXT, "acc_norm"),
+    "piqa": (TEXT, "acc_norm"),
+    "boolq": (TEXT, "acc"),
+    "hellaswag": (TEXT, "acc_norm"),
+    "winogrande": (TEXT, "acc"),
+    "truthfulqa_mc1": (TEXT, "acc"),
+    "commonsense_qa": (TEXT, "acc"),
+    "openbookqa": (TEXT, "acc_norm"),
+    "ceval": (LETTERS_STYLE, "acc"),
+    "cmmlu": (LETTERS_STYLE, "acc"),
+}
+DEFAULT_MC = {"en": ["arc_easy", "piqa"], "zh": ["ceval", "cmmlu"]}
+BACKENDS = ("auto", "lm_eval", "native")
+STOCK_PREFIX = "lm_eval:"
+
+
+@dataclass(frozen=True)
+class MCSet:
+    """One general multiple-choice set: a local JSONL file in the record schema, or a stock lm-eval task."""
+
+    name: str
+    path: str | None  # resolved file; None for a stock lm-eval task
+    style: str = TEXT
+    metric: str = "acc"
+
+    @property
+    def stock(self) -> bool:
+        return self.path is None
+
+
+def resolve_mc_set(spec: str) -> MCSet:
+    """``arc_easy`` (a built-in name, read from ``general_mc/<name>/dev.jsonl`` in the shared data folder), a path
+    to a JSONL file in the record schema (``name:letters=PATH`` or ``name=PATH`` to name it and pick a style), or
+    ``lm_eval:<task>`` for a stock lm-eval task (needs the dataset hub)."""
+    if spec.startswith(STOCK_PREFIX):
+        return MCSet(name=spec[len(STOCK_PREFIX) :], path=None)
+    if spec in BUILTIN_MC:
+        style, metric = BUILTIN_MC[spec]
+        return MCSet(spec, str(shared_data_dir() / "general_mc" / spec / "dev.jsonl"), style, metric)
+    name, style, path = None, TEXT, spec
+    if "=" in spec:
+        name, path = spec.split("=", 1)
+        if ":" in name:
+            name, style = name.split(":", 1)
+    if style not in (TEXT, LETTERS_STYLE):
+        raise ConfigError(f"general_mc {spec!r}: style must be {TEXT} or {LETTERS_STYLE}, got {style!r}")
+    resolved = resolve_path(path)
+    if not resolved.is_file():
+        known = ", ".join(BUILTIN_MC)
+        raise ConfigError(
+            f"general_mc {spec!r}: not a built-in set ({known}), a JSONL file, or lm_eval:<task>"
+        )
+    if name is None:
+        name = resolved.parent.name if resolved.stem in ("dev", "test", "train") else resolved.stem
+    return MCSet(name, str(resolved), style, BUILTIN_MC.get(name, (style, "acc"))[1])
+
+
+def task_template(style: str) -> dict:
+    return yaml.safe_load((TEMPLATE_DIR / f"mc_{style}.yaml").read_text(encoding="utf-8"))
+
+
+def _render(template: Any, doc: dict) -> Any:
+    """One lm-eval template field rendered exactly as lm-eval renders it (feature name, or a Jinja template)."""
+    import ast
+
+    from lm_eval.utils import apply_template
+
+    if isinstance(template, str) and template in doc:
+        return doc[template]
+    text = apply_template(template, doc)
+    if text.isdigit():
+        return int(text)
+    if text.startswith("[") and text.endswith("]"):
+        return ast.literal_eval(text)
+    return text
+
+
+def mc_items(mc: MCSet, limit: int | None) -> list[dict]:
+    """The first ``limit`` documents of a local set as {id, user, choices, gold}, rendered from its template."""
+    template = task_template(mc.style)
+    docs = read_jsonl(mc.path)[:limit] if limit is not None else read_jsonl(mc.path)
+    items = []
+    for index, doc in enumerate(docs):
+        doc = {"input": "", "lang": "en", **doc}
+        items.append(
+            {
+                "id": str(doc.get("id", index)),
+                "user": _render(template["doc_to_text"], doc),
+                "choices": list(_render(template["doc_to_choice"], doc)),
+                "gold": int(_render(template["doc_to_target"], doc)),
+            }
+        )
+    return items
+
+
+# --------------------------------------------------------------------------------------------- log-likelihood
+
+
+def continuation_text(chat: ChatFormat, system: str, user: str, answer: str) -> str:
+    """The answer as the template writes it after the prompt, cut after the answer (no end-of-turn token)."""
+    full = chat.response_text(system, user, answer)
+    cut = full.find(answer)
+    return full[: cut + len(answer)] if cut >= 0 else answer
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _left_padded(
+    rows: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids) with rows left-padded; positions restart after the padding."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, ids in enumerate(rows):
+        input_ids[k, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+        attention[k, width - len(ids) :] = 1
+    return input_ids, attention, (attention.cumsum(-1) - 1).clamp(min=0)
+
+
+def _full_logprobs(model, pad_id: int, seqs: list[tuple[list[int], int]], batch_size: int, device) -> list:
+    """Each sequence's last ``n`` tokens scored in one forward pass; only their logits are materialised."""
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
+    for batch in length_sorted_batches([len(s) for s, _ in seqs], batch_size):
+        input_ids, attention, positions = _left_padded([seqs[i][0] for i in batch], pad_id)
+        keep = max(1, max(seqs[i][1] for i in batch))
+        logits = model(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            position_ids=positions.to(device),
+            logits_to_keep=keep + 1,
+            use_cache=False,
+        ).logits[:, -(keep + 1) : -1]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        token_lp = logprobs.gather(-1, input_ids[:, -keep:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
+        for row, i in enumerate(batch):
+            n = seqs[i][1]
+            out[i] = (float(token_lp[row, keep - n :].sum()) if n else 0.0, n)
+    return out
+
+
+def _shared_prefix_logprobs(
+    model, pad_id: int, groups: list[tuple[list[int], list[list[int]]]], batch_size, device
+):
+    """Per group (context, continuations): the context runs once, its KV cache is repeated for every
+    continuation, and the continuations (right-padded) run on top of it."""
+    out: list[list[tuple[float, int]]] = [[] for _ in groups]
+    widest = max(len(conts) for _, conts in groups)
+    for batch in length_sorted_batches([len(ctx) for ctx, _ in groups], max(1, batch_size // widest)):
+        input_ids, attention, positions = _left_padded([groups[g][0] for g in batch], pad_id)
+        first = model(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            position_ids=positions.to(device),
+            logits_to_keep=1,
+            use_cache=True,
+        )
+        first_lp = torch.log_softmax(first.logits[:, -1].float(), dim=-1).cpu()
+        k_max = max(len(groups[g][1]) for g in batch)
+        # transformers 5 names the KV cache ``cache``; 4.x ``past_key_values``.
+        cache_key = "cache" if "cache" in first else "past_key_values"
+        cache = first[cache_key]
+        cache.batch_repeat_interleave(k_max)
+        conts = [groups[g][1][k] if k < len(groups[g][1]) else [pad_id] for g in batch for k in range(k_max)]
+        length = max(1, max(len(c) for c in conts))
+        cont_ids = torch.full((len(conts), length), pad_id, dtype=torch.long)
+        cont_mask = torch.zeros((len(conts), length), dtype=torch.long)
+        for row, cont in enumerate(conts):
+            cont_ids[row, : len(cont)] = torch.tensor(cont, dtype=torch.long)
+            cont_mask[row, : len(cont)] = 1
+        ctx_len = attention.sum(-1).repeat_interleave(k_max)
+        logits = model(
+            input_ids=cont_ids.to(device),
+            attention_mask=torch.cat([attention.repeat_interleave(k_max, 0), cont_mask], dim=-1).to(device),
+            position_ids=(ctx_len[:, None] + torch.arange(length)[None]).to(device),
+            use_cache=True,
+            **{cache_key: cache},
+        ).logits
+        rest_lp = torch.log_softmax(logits.float(), dim=-1)
+        rest_lp = rest_lp[:, :-1].gather(-1, cont_ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
+        for slot, g in enumerate(batch):
+            for k, cont in enumerate(groups[g][1]):
+                row = slot * k_max + k
+                total = (
+                    float(first_lp[slot, cont[0]]) + float(rest_lp[row, : len(cont) - 1].sum())
+                    if cont
+                    else 0.0
+                )
+                out[g].append((total, len(cont)))
+    return out
+
+
+@torch.inference_mode()
+def continuation_logprobs(
+    model,
+    tokenizer,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int = 8,
+    max_length: int | None = None,
+    share_prefix: bool = True,
+) -> list[tuple[float, int]]:
+    """(sum of log-probabilities, number of tokens) of each continuation given its context, batched.
+
+    Pairs with the same context (the options of one question) share one pass over the context when
+    ``share_prefix``: its KV cache is repeated for every option, so a question with k options costs about one
+    forward pass instead of k. Other pairs run whole, left-padded so only the continuation's logits are
+    materialised. A pair longer than ``max_length`` loses context tokens from the left.
+    """
+    device = next(model.parameters()).device
+    pad_id = _pad_id(tokenizer)
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
+    grouped: dict[tuple[int, ...], list[int]] = {}
+    singles: list[int] = []
+    for i, (ctx, cont) in enumerate(pairs):
+        fits = max_length is None or len(ctx) + len(cont) <= max_length
+        if share_prefix and fits and ctx and cont:
+            grouped.setdefault(tuple(ctx), []).append(i)
+        else:
+            singles.append(i)
+    for members in [m for m in grouped.values() if len(m) == 1]:
+        singles.extend(members)
+    groups = [(list(ctx), members) for ctx, members in grouped.items() if len(members) > 1]
+    was_training = model.training
+    model.eval()
+    try:
+        if groups:
+            scored = _shared_prefix_logprobs(
+                model,
+                pad_id,
+                [(ctx, [list(pairs[i][1]) for i in members]) for ctx, members in groups],
+                batch_size,
+                device,
+            )
+            for (_, members), values in zip(groups, scored):
+                for i, value in zip(members, values):
+                    out[i] = value
+        seqs = []
+        for i in singles:
+            ctx, cont = pairs[i]
+            ids, n = [*ctx, *cont], len(cont)
+            if max_length is not None and len(ids) > max_length:
+                ids, n = ids[-max_length:], min(n, max_length - 1)
+            seqs.append((ids, n))
+        if seqs:
+            for i, value in zip(singles, _full_logprobs(model, pad_id, seqs, batch_size, device)):
+                out[i] = value
+    finally:
+        model.train(was_training)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- general MC
+
+
+def _native_mc(
+    model, tokenizer, chat: ChatFormat, system: str, mc: MCSet, limit, batch_size
+) -> tuple[dict, list[dict]]:
+    rank, world = dist_info()
+    items = shard(mc_items(mc, limit), rank, world)
+    pairs, owners = [], []
+    for k, item in enumerate(items):
+        ctx = chat.encode_prompt(system, item["user"])
+        for choice in item["choices"]:
+            cont = tokenizer(continuation_text(chat, system, item["user"], choice), add_special_tokens=False)[
+                "input_ids"
+            ]
+            pairs.append((ctx, cont))
+            owners.append(k)
+    scores = continuation_logprobs(model, tokenizer, pairs, batch_size)
+    device = next(model.parameters()).device
+    acc, acc_norm = WeightedMean().to(device), WeightedMean().to(device)
+    rows = []
+    for k, item in enumerate(items):
+        lls = [s for (s, _), o in zip(scores, owners) if o == k]
+        norms = [ll / max(1, len(c)) for ll, c in zip(lls, item["choices"])]
+        pred, pred_norm = (
+            max(range(len(lls)), key=lls.__getitem__),
+            max(range(len(norms)), key=norms.__getitem__),
+        )
+        acc.update([float(pred == item["gold"])])
+        acc_norm.update([float(pred_norm == item["gold"])])
+        rows.append(
+            {
+                "set": mc.name,
+                "id": item["id"],
+                "gold": item["gold"],
+                "pred": pred,
+                "pred_norm": pred_norm,
+                "loglik": lls,
+            }
+        )
+    summary = {"acc": metric_value(acc), "acc_norm": metric_value(acc_norm)}
+    rows = gather_rows(rows)
+    summary["n"] = len(rows)
+    return summary, rows
+
+
+def _lm_eval_mc(
+    model, tokenizer, system: str, sets: list[MCSet], limit, batch_size
+) -> dict[str, tuple[dict, list[dict]]]:
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm-eval").setLevel(logging.WARNING)
+    was_training = model.training
+    try:
+        with tempfile.TemporaryDirectory(prefix="rega-lm-eval-") as tmp:
+            names = {}
+            for mc in sets:
+                if mc.stock:
+                    names[mc.name] = mc.name
+                    continue
+                task = task_template(mc.style)
+                task["task"] = names[mc.name] = f"rega_{mc.name}"
+                task["dataset_kwargs"]["data_files"]["test"] = mc.path
+                (Path(tmp) / f"rega_{mc.name}.yaml").write_text(
+                    yaml.safe_dump(task, allow_unicode=True), encoding="utf-8"
+                )
+            manager = TaskManager(include_path=tmp, include_defaults=any(mc.stock for mc in sets))
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            result = simple_evaluate(
+                model=lm,
+                tasks=list(names.values()),
+                task_manager=manager,
+                limit=limit,
+                apply_chat_template=True,
+                system_instruction=system or None,
+                log_samples=True,
+                bootstrap_iters=0,
+                # None: do not reseed the caller's generators (training goes on after an evaluation).
+                random_seed=None,
+                numpy_random_seed=None,
+                torch_random_seed=None,
+                fewshot_random_seed=None,
+            )
+    finally:
+        model.train(was_training)
+    out = {}
+    for mc in sets:
+        task = names[mc.name]
+        metrics = result["results"][task]
+        rows = []
+        for sample in result["samples"].get(task, []):
+            lls = [float(resp[0]) for resp in sample["filtered_resps"]]
+            doc = sample["doc"]
+            choices = doc.get("choices") or []
+            norms = (
+                [ll / max(1, len(str(c))) for ll, c in zip(lls, choices)] if len(choices) == len(lls) else lls
+            )
+            rows.append(
+                {
+                    "set": mc.name,
+                    "id": str(doc.get("id", sample["doc_id"])),
+                    "gold": sample["target"],
+                    "pred": max(range(len(lls)), key=lls.__getitem__),
+                    "pred_norm": max(range(len(norms)), key=norms.__getitem__),
+                    "loglik": lls,
+                }
+            )
+        summary = {"acc": metrics.get("acc,none"), "acc_norm": metrics.get("acc_norm,none"), "n": len(rows)}
+        out[mc.name] = (summary, rows)
+    return out
+
+
+def pick_backend(backend: str, chat: ChatFormat, system: str) -> str:
+    if backend not in BACKENDS:
+        raise ConfigError(f"general_mc_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    _, world = dist_info()
+    lm_eval_fits = chat.named is None and chat.use_system_slot and bool(system) and world == 1
+    return "lm_eval" if lm_eval_fits else "native"
+
+
+def general_mc_scores(
+    model,
+    tokenizer,
+    chat: ChatFormat,
+    system: str,
+    sets: Sequence[MCSet],
+    limit: int | None = 100,
+    batch_size: int = 8,
+    backend: str = "auto",
+) -> tuple[dict[str, dict], list[dict]]:
+    """({set: {acc, acc_norm, n, metric, score, backend}}, per-item rows), every set under the prompt ``system``.
+
+    Under DDP every rank must call this; the native backend shards items across ranks and syncs its metrics,
+    lm-eval runs on rank 0 and its result is broadcast.
+    """
+    chosen = pick_backend(backend, chat, system)
+    if any(mc.stock for mc in sets) and chosen != "lm_eval":
+        raise ConfigError("stock lm_eval:<task> sets need general_mc_backend lm_eval (and a single process)")
+    results: dict[str, tuple[dict, list[dict]]] = {}
+    log.info(
+        "general multiple choice (%s backend): %s, first %s items each", chosen, [m.name for m in sets], limit
+    )
+    if chosen == "native":
+        for mc in sets:
+            results[mc.name] = _native_mc(model, tokenizer, chat, system, mc, limit, batch_size)
+    elif sets:
+        rank, _ = dist_info()
+        results = _lm_eval_mc(model, tokenizer, system, list(sets), limit, batch_size) if rank == 0 else {}
+        results = broadcast_from_zero(results)
+    summary, rows = {}, []
+    for mc in sets:
+        part, part_rows = results[mc.name]
+        summary[mc.name] = {**part, "metric": mc.metric, "score": part.get(mc.metric), "backend": chosen}
+        rows.extend(part_rows)
+    return summary, rows
+
+
+# --------------------------------------------------------------------------------------------- drift
+
+
+def drift_scores(
+    model,
+    tokenizer,
+    chat: ChatFormat,
+    system: str,
+    sources: dict[str, list[Record]],
+    batch_size: int = 8,
+    max_length: int = 1024,
+) -> dict[str, dict]:
+    """{source: {logprob_per_token, ppl, n_records, n_tokens, truncated}}: token-weighted mean log-probability of
+    each record's ``output`` as the answer to its instruction under ``system``. Sharded across ranks."""
+    import math
+
+    rank, world = dist_info()
+    device = next(model.parameters()).device
+    out = {}
+    for name, records in sources.items():
+        mine = shard(records, rank, world)
+        encoded = chat.encode_many(
+            [(system, r.user_text, r.output) for r in mine], max_length, min_response_tokens=1
+        )
+        pairs, truncated = [], 0
+        for enc in encoded:
+            if enc is None:
+                continue
+            start = next(k for k, label in enumerate(enc.labels) if label != IGNORE_INDEX)
+            pairs.append((enc.input_ids[:start], enc.input_ids[start:]))
+            truncated += int(enc.truncated)
+        scores = continuation_logprobs(model, tokenizer, pairs, batch_size)
+        metric = WeightedMean().to(device)
+        metric.update([s for s, _ in scores], [n for _, n in scores])
+        value = metric_value(metric)  # synced across ranks by torchmetrics
+        n_records, n_tokens, n_truncated = sum_over_ranks(
+            [len(scores), sum(n for _, n in scores), truncated], device
+        )
+        out[name] = {
+            "logprob_per_token": value,
+            "ppl": math.exp(-value) if value is not None else None,
+            "n_records": int(n_records),
+            "n_tokens": int(n_tokens),
+            "truncated": int(n_truncated),
+        }
+    return out
+
+
+def sum_over_ranks(values: Sequence[float], device: torch.device | str = "cpu") -> list[float]:
+    """Element-wise sums over ranks (the values themselves when not distributed)."""
+    _, world = dist_info()
+    if world == 1:
+        return [float(v) for v in values]
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+@contextlib.contextmanager
+def base_model(model):
+    """Adapters disabled inside the block (a peft model), or the model itself."""
+    disable = getattr(model, "disable_adapter", None)
+    if disable is None:
+        yield model
+        return
+    with disable():
+        yield model

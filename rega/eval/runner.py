@@ -1,0 +1,563 @@
+"""One evaluation, as a plain function the training callback and the ``evaluate`` command both call.
+
+``evaluate_model`` runs, for one model: domain evaluation under each prompt rule (:mod:`rega.eval.domain`),
+judge-free general scores — general multiple choice and drift (:mod:`rega.eval.retention`) — and returns one
+JSON-serialisable dict::
+
+    {"rules": {"central": {"overall", "task_mean", "domains": {domain: {"score", "tasks": {task: {...}}}}}, ...},
+     "general_mc": {name: {"acc", "acc_norm", "n", "metric", "score", "backend", ["base", "delta"]}},
+     "drift": {name: {"logprob_per_token", "ppl", "n_records", "n_tokens", "truncated", ["base", "delta"]}},
+     "judge": {...},            # only when the LLM-judge evaluations ran (evaluate command, optional)
+     "samples": [...],          # a few answers per (rule, task), for reading
+     "meta": {...}}             # rules, prompts, settings, timings, files
+
+With ``output_dir`` it also writes the per-example rows there (rank 0 only): ``predictions.jsonl`` (domain
+answers: response, extracted answer, gold, score) and ``general_mc.jsonl`` (option log-likelihoods).
+
+``rega evaluate`` evaluates the base model (zero-shot baseline) or a saved LoRA adapter standalone and writes
+``eval.json``; see :func:`evaluate_command` and ``configs/eval/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from rega.data.chat import ChatFormat
+from rega.data.loaders import DataSource, load_records
+from rega.data.prompts import CENTRAL, ConfigError, PromptConfig, RolePrompts, resolve_prompts
+from rega.data.records import GENERAL, Record
+from rega.data.strategies import ROLE, get_strategy
+from rega.eval.domain import TaskData, check_rule, evaluate_domains, load_task_records
+from rega.eval.metrics import dist_info
+from rega.eval.retention import DEFAULT_MC, base_model, drift_scores, general_mc_scores, resolve_mc_set
+from rega.io import write_json, write_jsonl
+from rega.modules.model import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSettings:
+    """What to evaluate and how; shared by :class:`rega.callbacks.EvaluationCallback` and ``rega evaluate``.
+
+    Args:
+        tasks: domain evaluation sources (test or dev sets); each names its domain or its rows do.
+        limit_per_task: keep the first N records of each (domain, task); ``None`` keeps all.
+        max_new_tokens: generation cap for free-form answers (greedy decoding).
+        closed_max_new_tokens: generation cap for closed tasks (labels, letters); ``None`` uses ``max_new_tokens``.
+        batch_size: sequences per generation / scoring batch.
+        loglik_choices: also score closed tasks by the log-likelihood of each option (``ll_acc``).
+        loglik_norm: ``mean`` or ``sum`` of the option's token log-probabilities for ``ll_acc``.
+        general_mc: general multiple-choice sets: built-in names (arc_easy, arc_challenge, piqa, boolq, hellaswag,
+            winogrande, truthfulqa_mc1, commonsense_qa, openbookqa, ceval, cmmlu), JSONL paths (``name=PATH``,
+            ``name:letters=PATH``) or ``lm_eval:<task>``; ``None`` picks two by the tasks' language (English:
+            arc_easy, piqa; Chinese: ceval, cmmlu); ``[]`` skips them.
+        general_mc_limit: first N items of each general multiple-choice set; ``None`` for all.
+        general_mc_backend: ``auto``, ``lm_eval`` (lm-evaluation-harness) or ``native`` (see rega.eval.retention).
+        drift: sources of reference responses whose log-likelihood under the model measures drift from the base
+            model: held-out self-distilled base-model answers and general reference answers (records with output).
+        drift_limit: first N records of each drift source; ``None`` for all.
+        drift_max_length: token cap per drift example (responses are cut at their end).
+        sample_rows: answers per (rule, task) kept in ``samples`` (and the TensorBoard table).
+    """
+
+    tasks: list[DataSource] = field(default_factory=list)
+    limit_per_task: int | None = None
+    max_new_tokens: int = 128
+    closed_max_new_tokens: int | None = 32
+    batch_size: int = 8
+    loglik_choices: bool = False
+    loglik_norm: str = "mean"
+    general_mc: list[str] | None = None
+    general_mc_limit: int | None = 100
+    general_mc_backend: str = "auto"
+    drift: list[DataSource] = field(default_factory=list)
+    drift_limit: int | None = 100
+    drift_max_length: int = 1024
+    sample_rows: int = 3
+
+
+def source_name(source: DataSource) -> str:
+    """A short name for a source: its task, else its folder (for train/dev/test files) or file stem."""
+    if source.task:
+        return source.task
+    path = Path(source.path.split(":", 1)[-1])
+    return path.parent.name if path.stem in ("train", "dev", "test") and path.parent.name else path.stem
+
+
+def mc_set_names(settings: EvalSettings, records: Sequence[Record]) -> list[str]:
+    if settings.general_mc is not None:
+        return list(settings.general_mc)
+    zh = sum(r.lang == "zh" for r in records)
+    return DEFAULT_MC["zh" if zh > len(records) / 2 else "en"]
+
+
+def load_drift_sources(settings: EvalSettings) -> dict[str, list[Record]]:
+    out: dict[str, list[Record]] = {}
+    for source in settings.drift:
+        name = source_name(source)
+        if name in out:
+            raise ConfigError(
+                f"two drift sources are both named {name!r}: set 'task' on one to tell them apart"
+            )
+        records = load_records(source, skip_invalid=True).records
+        out[name] = records[: settings.drift_limit] if settings.drift_limit is not None else records
+    return out
+
+
+def _with_base(current: dict, base: dict | None, key: str) -> dict:
+    if not base or current.get(key) is None or base.get(key) is None:
+        return current
+    return {**current, "base": base[key], "delta": current[key] - base[key]}
+
+
+def samples(rows: Sequence[dict], per_task: int, width: int = 300) -> list[dict]:
+    """The first ``per_task`` rows of each (rule, task), responses cut to ``width`` characters."""
+    taken: dict[tuple[str, str], int] = defaultdict(int)
+    out = []
+    for row in rows:
+        key = (row["rule"], row["task"])
+        if taken[key] >= per_task:
+            continue
+        taken[key] += 1
+        gold = str(row.get("gold", ""))
+        out.append(
+            {
+                "rule": row["rule"],
+                "domain": row["domain"],
+                "task": row["task"],
+                "id": row["id"],
+                "gold": gold[:width],
+                "pred": row.get("pred"),
+                "score": row.get("score"),
+                "response": row["response"][:width],
+            }
+        )
+    return out
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    chat: ChatFormat,
+    prompts: RolePrompts,
+    inference_rules: Sequence[str],
+    settings: EvalSettings,
+    *,
+    data: TaskData | None = None,
+    output_dir: str | Path | None = None,
+    base_reference: dict | None = None,
+    domain_eval: bool = True,
+) -> dict:
+    """Evaluate one model (see the module docstring for the result's shape).
+
+    Args:
+        model: a causal LM (plain or peft-wrapped) on its device; its train/eval mode is restored afterwards.
+        tokenizer, chat: its tokenizer and chat rendering.
+        prompts: p_c and the role prompts p_i.
+        inference_rules: prompt rules, ``central`` and/or ``role`` (a strategy's ``inference``).
+        settings: what to evaluate.
+        data: preloaded task records (else loaded from ``settings.tasks``).
+        output_dir: where rank 0 writes predictions.jsonl and general_mc.jsonl; ``None`` writes nothing.
+        base_reference: an earlier result of the base model; general MC and drift get ``base`` and ``delta``.
+        domain_eval: run the domain tasks (off to measure only general MC and drift, e.g. for the base model).
+
+    Under DDP every rank must call it (work is sharded and synced); all ranks return the same dict.
+    """
+    for rule in inference_rules:
+        check_rule(rule)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    if data is None:
+        data = load_task_records(settings.tasks, settings.limit_per_task) if domain_eval else TaskData([], {})
+    result: dict = {"rules": {}, "general_mc": {}, "drift": {}}
+    rows: list[dict] = []
+    if domain_eval and data.records:
+        t0 = time.perf_counter()
+        result["rules"], rows = evaluate_domains(
+            model,
+            tokenizer,
+            chat,
+            prompts,
+            list(inference_rules),
+            data,
+            max_new_tokens=settings.max_new_tokens,
+            closed_max_new_tokens=settings.closed_max_new_tokens,
+            batch_size=settings.batch_size,
+            loglik_choices=settings.loglik_choices,
+            loglik_norm=settings.loglik_norm,
+        )
+        timings["domain_s"] = round(time.perf_counter() - t0, 1)
+
+    mc_rows: list[dict] = []
+    sets = [resolve_mc_set(spec) for spec in mc_set_names(settings, data.records)]
+    if sets:
+        t0 = time.perf_counter()
+        summary, mc_rows = general_mc_scores(
+            model,
+            tokenizer,
+            chat,
+            prompts.central,
+            sets,
+            limit=settings.general_mc_limit,
+            batch_size=settings.batch_size,
+            backend=settings.general_mc_backend,
+        )
+        base = (base_reference or {}).get("general_mc", {})
+        result["general_mc"] = {
+            name: _with_base(value, base.get(name), "score") for name, value in summary.items()
+        }
+        timings["general_mc_s"] = round(time.perf_counter() - t0, 1)
+
+    drift_sources = load_drift_sources(settings)
+    if drift_sources:
+        t0 = time.perf_counter()
+        scores = drift_scores(
+            model,
+            tokenizer,
+            chat,
+            prompts.central,
+            drift_sources,
+            settings.batch_size,
+            settings.drift_max_length,
+        )
+        base = (base_reference or {}).get("drift", {})
+        result["drift"] = {
+            name: _with_base(value, base.get(name), "logprob_per_token") for name, value in scores.items()
+        }
+        timings["drift_s"] = round(time.perf_counter() - t0, 1)
+
+    result["samples"] = samples(rows, settings.sample_rows)
+    timings["total_s"] = round(time.perf_counter() - started, 1)
+    files = {}
+    rank, _ = dist_info()
+    if output_dir is not None and rank == 0:
+        out = Path(output_dir)
+        if rows:
+            write_jsonl(out / "predictions.jsonl", rows)
+            files["predictions"] = str(out / "predictions.jsonl")
+        if mc_rows:
+            write_jsonl(out / "general_mc.jsonl", mc_rows)
+            files["general_mc"] = str(out / "general_mc.jsonl")
+    result["meta"] = {
+        "inference_rules": list(inference_rules),
+        "prompts": prompts.to_dict(),
+        "settings": asdict(settings),
+        "n_records": len(data.records),
+        "timings": timings,
+        "files": files,
+    }
+    return result
+
+
+def base_reference(
+    model, tokenizer, chat: ChatFormat, prompts: RolePrompts, settings: EvalSettings, records=()
+) -> dict:
+    """General MC and drift of the base model: ``model`` with its LoRA adapters disabled (or as is)."""
+    names = mc_set_names(settings, list(records))
+    only_general = replace(settings, tasks=[], general_mc=names)
+    with base_model(model):
+        return evaluate_model(
+            model, tokenizer, chat, prompts, [CENTRAL], only_general, data=TaskData([], {}), domain_eval=False
+        )
+
+
+# --------------------------------------------------------------------------------------------- reporting
+
+
+def scalars(result: dict, prefix: str = "eval") -> dict[str, float]:
+    """Flat ``name -> value`` for loggers:
+
+    ``eval/<rule>/overall``, ``eval/<rule>/task_mean``, ``eval/<rule>/<domain>/score``,
+    ``eval/<rule>/<domain>/<task>/{acc,f1,ll_acc}``, ``eval/general_mc/<name>`` (headline metric),
+    ``eval/general_mc/<name>/{acc,acc_norm,delta}``, ``eval/drift/<name>/{logprob_per_token,delta}``.
+    """
+    out: dict[str, float] = {}
+
+    def put(name: str, value) -> None:
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            out[f"{prefix}/{name}"] = float(value)
+
+    for rule, summary in result.get("rules", {}).items():
+        put(f"{rule}/overall", summary.get("overall"))
+        put(f"{rule}/task_mean", summary.get("task_mean"))
+        for domain, dsum in summary.get("domains", {}).items():
+            put(f"{rule}/{domain}/score", dsum.get("score"))
+            for task, tsum in dsum.get("tasks", {}).items():
+                for metric in ("acc", "f1", "ll_acc"):
+                    put(f"{rule}/{domain}/{task}/{metric}", tsum.get(metric))
+    for name, value in result.get("general_mc", {}).items():
+        put(f"general_mc/{name}", value.get("score"))
+        for metric in ("acc", "acc_norm", "delta"):
+            put(f"general_mc/{name}/{metric}", value.get(metric))
+    for name, value in result.get("drift", {}).items():
+        put(f"drift/{name}/logprob_per_token", value.get("logprob_per_token"))
+        put(f"drift/{name}/delta", value.get("delta"))
+    return out
+
+
+def _cell(value, width: int = 160) -> str:
+    text = "" if value is None else str(value)
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def samples_markdown(result: dict) -> str:
+    """The sample answers as a markdown table (TensorBoard text)."""
+    lines = ["| rule | task | id | gold | extracted | score | response |", "|---|---|---|---|---|---|---|"]
+    for row in result.get("samples", []):
+        score = row.get("score")
+        lines.append(
+            "| "
+            + " | ".join(
+                _cell(v)
+                for v in (
+                    row["rule"],
+                    row["task"],
+                    row["id"],
+                    row["gold"],
+                    row.get("pred"),
+                    f"{score:.2f}" if isinstance(score, int | float) else score,
+                    row["response"],
+                )
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value, pct: bool = True) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:6.1f}" if pct else f"{value:8.4f}"
+
+
+def summary_text(result: dict) -> str:
+    """A readable summary: domain scores per rule, general MC, drift."""
+    lines = []
+    for rule, summary in result.get("rules", {}).items():
+        lines.append(
+            f"prompt rule {rule}: overall {_fmt(summary['overall'])}  (task mean {_fmt(summary['task_mean'])})"
+        )
+        for domain, dsum in summary["domains"].items():
+            lines.append(f"  {domain:<12} {_fmt(dsum['score'])}")
+            for task, tsum in dsum["tasks"].items():
+                extra = f"  ll_acc {_fmt(tsum['ll_acc'])}" if "ll_acc" in tsum else ""
+                no_answer = f"  no answer {tsum['no_answer']}/{tsum['n']}" if "no_answer" in tsum else ""
+                lines.append(
+                    f"    {task:<20} {tsum['metric']:<4} {_fmt(tsum['score'])}  n={tsum['n']}{no_answer}{extra}"
+                )
+    if result.get("general_mc"):
+        lines.append("general multiple choice (log-likelihood, under p_c):")
+        for name, value in result["general_mc"].items():
+            delta = f"  Δ {100 * value['delta']:+.1f}" if value.get("delta") is not None else ""
+            lines.append(
+                f"  {name:<16} {value['metric']:<8} {_fmt(value['score'])}  acc {_fmt(value['acc'])}"
+                f"  acc_norm {_fmt(value['acc_norm'])}  n={value['n']}  [{value['backend']}]{delta}"
+            )
+    if result.get("drift"):
+        lines.append("drift (mean log-prob per response token, under p_c):")
+        for name, value in result["drift"].items():
+            delta = f"  Δ {value['delta']:+.4f}" if value.get("delta") is not None else ""
+            lines.append(
+                f"  {name:<16} {_fmt(value['logprob_per_token'], pct=False)}  ppl {value['ppl']:.2f}"
+                f"  records={value['n_records']} tokens={value['n_tokens']}{delta}"
+            )
+    timings = result.get("meta", {}).get("timings", {})
+    if timings:
+        lines.append("time: " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- command
+
+
+JUDGE_BENCHMARKS = {
+    "mt_bench": ("rega.eval.mt_bench", "run_mt_bench"),
+    "general_zh": ("rega.eval.general_zh", "run_general_zh"),
+    "general_en": ("rega.eval.general_zh", "run_general_en"),
+}
+
+
+def run_judge_benchmarks(
+    model,
+    tokenizer,
+    chat,
+    system: str,
+    names: Sequence[str],
+    judge_config: str | None,
+    limit: int | None,
+    out: Path,
+) -> dict:
+    """The LLM-judge evaluations (imported lazily: they are optional here). Without ``judge_config`` only the
+    answers are generated (no network)."""
+    import importlib
+
+    judge = None
+    if judge_config:
+        from rega.eval.judge import load_judge_config
+
+        judge = load_judge_config(judge_config)
+    results = {}
+    for name in names:
+        if name not in JUDGE_BENCHMARKS:
+            raise ConfigError(f"unknown judge benchmark {name!r}; use {', '.join(JUDGE_BENCHMARKS)}")
+        module, func = JUDGE_BENCHMARKS[name]
+        run = getattr(importlib.import_module(module), func)
+        results[name] = run(model, tokenizer, chat, system, judge, output_dir=str(out / name), limit=limit)
+    return results
+
+
+def evaluate_command(
+    model: ModelConfig | None = None,
+    adapter: str | None = None,
+    strategy: str = "zero_shot",
+    rules: list[str] | None = None,
+    prompts: PromptConfig | None = None,
+    tasks: list[DataSource] | None = None,
+    limit_per_task: int | None = None,
+    max_new_tokens: int = 128,
+    closed_max_new_tokens: int | None = 32,
+    batch_size: int = 8,
+    loglik_choices: bool = False,
+    loglik_norm: str = "mean",
+    general_mc: list[str] | None = None,
+    general_mc_limit: int | None = 100,
+    general_mc_backend: str = "auto",
+    drift: list[DataSource] | None = None,
+    drift_limit: int | None = 100,
+    drift_max_length: int = 1024,
+    baseline: str | None = None,
+    compare_base: bool = False,
+    judge: list[str] | None = None,
+    judge_config: str | None = None,
+    judge_limit: int | None = None,
+    output: str = "runs/eval",
+    device: str = "auto",
+    threads: int | None = None,
+) -> None:
+    """Evaluate the base model (zero-shot baseline) or a saved LoRA adapter; write eval.json and print a summary.
+
+    Args:
+        model: the base model, as ModelConfig fields (``name_or_path``, ``chat_template``, ``system_placement``,
+            ``dtype`` ...); default the embedded SmolLM2-135M-Instruct.
+        adapter: a saved peft adapter folder to evaluate on top of the base model; none evaluates the base model.
+        strategy: the strategy whose inference prompt rules apply (zero_shot, ft, ftsd: p_c; ftrp: p_i; rega: both).
+        rules: override the prompt rules: ``[central]``, ``[role]`` or both.
+        prompts: p_c and role prompts (default: the built-in prompts in the tasks' language; p_c = the model's own
+            system prompt).
+        tasks: domain evaluation sources (test or dev sets), e.g. ``{path: "shared:pubmedqa/dev.jsonl"}``.
+        limit_per_task: first N records of each task.
+        max_new_tokens: generation cap for free-form answers.
+        closed_max_new_tokens: generation cap for closed tasks; null uses max_new_tokens.
+        batch_size: sequences per batch.
+        loglik_choices: also score closed tasks by option log-likelihood (ll_acc).
+        loglik_norm: mean or sum of option token log-probabilities for ll_acc.
+        general_mc: general multiple-choice sets (built-in names, JSONL paths or lm_eval:<task>); null picks two
+            by the tasks' language; [] skips them.
+        general_mc_limit: first N items per general multiple-choice set.
+        general_mc_backend: auto, lm_eval or native.
+        drift: reference-response sources for drift (self-distilled base answers, general references).
+        drift_limit: first N records per drift source.
+        drift_max_length: token cap per drift example.
+        baseline: an earlier eval.json (e.g. the zero-shot run) whose general MC and drift values give deltas.
+        compare_base: with an adapter, also measure general MC and drift with the adapter disabled (deltas).
+        judge: LLM-judge benchmarks to run as well: mt_bench, general_en, general_zh (their scores go under
+            ``judge`` in eval.json, next to the judge-free ones).
+        judge_config: the judge's YAML (``configs/eval/judge_*.yaml``); without it only answers are generated.
+        judge_limit: first N questions of each judge benchmark.
+        output: output folder for eval.json, predictions.jsonl and general_mc.jsonl.
+        device: auto (CUDA when available), cpu or cuda[:N].
+        threads: CPU threads for torch (fewer than the cores can be faster on a shared machine); null = default.
+    """
+    import json
+
+    import torch
+
+    from rega.modules.model import load_model, load_tokenizer
+
+    started = time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
+    model_config = model or ModelConfig()
+    settings = EvalSettings(
+        tasks=list(tasks or []),
+        limit_per_task=limit_per_task,
+        max_new_tokens=max_new_tokens,
+        closed_max_new_tokens=closed_max_new_tokens,
+        batch_size=batch_size,
+        loglik_choices=loglik_choices,
+        loglik_norm=loglik_norm,
+        general_mc=general_mc,
+        general_mc_limit=general_mc_limit,
+        general_mc_backend=general_mc_backend,
+        drift=list(drift or []),
+        drift_limit=drift_limit,
+        drift_max_length=drift_max_length,
+    )
+    inference = tuple(rules) if rules else get_strategy(strategy).inference
+    for rule in inference:
+        check_rule(rule)
+    if compare_base and not adapter:
+        raise ConfigError("compare_base needs an adapter (the base model is what is being evaluated)")
+    data = load_task_records(settings.tasks, settings.limit_per_task)
+    for spec in mc_set_names(settings, data.records):
+        resolve_mc_set(spec)  # fail on a bad name before the model loads
+    reference = json.loads(Path(baseline).read_text(encoding="utf-8")) if baseline else None
+
+    tokenizer = load_tokenizer(model_config)
+    chat = ChatFormat(tokenizer, model_config.chat_template, model_config.system_placement)
+    domains = sorted({r.domain for r in data.records if r.domain != GENERAL}) if ROLE in inference else []
+    domains += [rule.split(":", 1)[1] for rule in inference if rule.startswith("role:")]  # prompt matrix
+    if prompts is None:  # built-in role prompts in the tasks' language
+        zh = sum(r.lang == "zh" for r in data.records)
+        prompts = PromptConfig(lang="zh" if zh > len(data.records) / 2 else "en")
+    role_prompts = resolve_prompts(prompts, domains, chat.default_system)
+    target = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    lm = load_model(model_config).to(target)
+    if adapter:
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, adapter)
+    lm.eval()
+    load_s = round(time.perf_counter() - started, 1)
+    if compare_base:
+        reference = base_reference(lm, tokenizer, chat, role_prompts, settings, data.records)
+    out = Path(output)
+    result = evaluate_model(
+        lm,
+        tokenizer,
+        chat,
+        role_prompts,
+        inference,
+        settings,
+        data=data,
+        output_dir=out,
+        base_reference=reference,
+    )
+    if judge:
+        t0 = time.perf_counter()
+        result["judge"] = run_judge_benchmarks(
+            lm, tokenizer, chat, role_prompts.central, judge, judge_config, judge_limit, out
+        )
+        result["meta"]["timings"]["judge_s"] = round(time.perf_counter() - t0, 1)
+    result["meta"].update(
+        model=asdict(model_config),
+        adapter=adapter,
+        strategy=strategy,
+        baseline=baseline,
+        compare_base=compare_base,
+        device=target,
+        threads=torch.get_num_threads(),
+    )
+    result["meta"]["timings"]["load_s"] = load_s
+    result["meta"]["timings"]["wall_s"] = round(time.perf_counter() - started, 1)
+    write_json(out / "eval.json", result)
+    print(summary_text(result))
+    print(f"wrote {out / 'eval.json'}")

@@ -1,0 +1,145 @@
+"""The experiment grid (fit + evaluate per run, skip finished runs) and the report that compares runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rega.experiments.grid import Grid, GridRun, grid_command
+from rega.experiments.report import write_report
+from rega.io import write_json
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def domain_rule(scores: dict[str, dict[str, float]]) -> dict:
+    domains = {}
+    for domain, tasks in scores.items():
+        domains[domain] = {
+            "score": sum(tasks.values()) / len(tasks),
+            "tasks": {t: {"metric": "acc", "score": s} for t, s in tasks.items()},
+        }
+    overall = sum(d["score"] for d in domains.values()) / len(domains)
+    return {"overall": overall, "task_mean": overall, "domains": domains}
+
+
+def fake_run(
+    root: Path, name: str, strategy: str, rules: dict, mc: float, mix_ratio=None, matrix=None
+) -> None:
+    write_json(root / name / "done.json", {"name": name, "strategy": strategy, "mix_ratio": mix_ratio})
+    write_json(
+        root / name / "eval" / "eval.json",
+        {
+            "rules": rules,
+            "general_mc": {"arc_easy": {"score": mc}},
+            "drift": {"ref": {"logprob_per_token": -2.0}},
+        },
+    )
+    if matrix:
+        write_json(root / name / "eval_matrix" / "eval.json", {"rules": matrix})
+
+
+def test_report_table_and_plots(tmp_path):
+    runs = tmp_path / "runs"
+    med = {"medical": {"pubmedqa": 0.5}, "legal": {"overruling": 0.6}}
+    fake_run(runs, "zero_shot", "zero_shot", {"central": domain_rule(med)}, 0.70)
+    fake_run(
+        runs,
+        "ft",
+        "ft",
+        {"central": domain_rule({"medical": {"pubmedqa": 0.7}, "legal": {"overruling": 0.8}})},
+        0.50,
+    )
+    for r, mc in ((0.1, 0.66), (0.3, 0.64)):
+        rules = {"central": domain_rule(med), "role": domain_rule(med)}
+        matrix = {f"role:{p}": domain_rule(med) for p in ("medical", "legal")} if r == 0.1 else None
+        fake_run(runs, f"rega_r{r}", "rega", rules, mc, mix_ratio=r, matrix=matrix)
+    (runs / "unfinished").mkdir()  # no done.json: ignored
+
+    report = write_report(runs, tmp_path / "out")
+    labels = [row["label"] for row in report["rows"]]
+    assert labels == [
+        "zero-shot",
+        "FT",
+        "REGA_c (r=0.1)",
+        "REGA_r (r=0.1)",
+        "REGA_c (r=0.3)",
+        "REGA_r (r=0.3)",
+    ]
+    ft = report["rows"][1]
+    assert ft["domain mean"] == pytest.approx(0.75) and ft["general MC mean"] == pytest.approx(0.5)
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert "| FT | 80.0 | 80.0 | 70.0 | 70.0 | 75.0 | 50.0 | 50.0 | -2.000 |" in markdown
+    assert "Prompt × test domain, rega_r0.1" in markdown
+    assert (tmp_path / "out" / "results.csv").read_text().count("\n") == len(labels) + 1
+    assert report["plots"] == {"mix_ratio": True, "prompt_matrix": True}
+    first = (tmp_path / "out" / "mix_ratio.png").read_bytes()
+    write_report(runs, tmp_path / "out")  # regenerating gives the same bytes
+    assert (tmp_path / "out" / "mix_ratio.png").read_bytes() == first
+
+
+def test_report_without_runs_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no finished runs"):
+        write_report(tmp_path, tmp_path / "out")
+
+
+def test_grid_rejects_unknown_runs_and_strategies(tmp_path):
+    from rega.data.prompts import ConfigError
+
+    grid = Grid(output=str(tmp_path), runs=[GridRun("a", "ft"), GridRun("b", "nope")])
+    with pytest.raises(ConfigError, match="unknown strategy 'nope'"):
+        grid_command(grid)
+    with pytest.raises(ConfigError, match="no run named zz"):
+        grid_command(Grid(output=str(tmp_path), runs=[GridRun("a", "ft")]), only=["zz"])
+
+
+def test_grid_runs_fit_and_eval_then_skips_finished_runs(tiny_model_dir, tmp_path):
+    eval_config = tmp_path / "eval.yaml"
+    eval_config.write_text(
+        json.dumps(
+            {
+                "model": {"name_or_path": str(tiny_model_dir)},
+                "tasks": [{"path": "demo:medical.jsonl"}, {"path": "demo:legal.jsonl"}],
+                "limit_per_task": 2,
+                "max_new_tokens": 4,
+                "closed_max_new_tokens": 4,
+                "general_mc": [],
+                "drift": [],
+                "device": "cpu",
+            }
+        )  # fmt: skip
+    )
+    grid = Grid(
+        output=str(tmp_path / "grid"),
+        fit_configs=[str(REPO / "configs/trainer/cpu.yaml"), str(REPO / "tests/configs/tiny_fit.yaml")],
+        eval_config=str(eval_config),
+        runs=[
+            GridRun("zero_shot", "zero_shot"),
+            GridRun(
+                "ftrp",
+                "ftrp",
+                fit_args=[
+                    "--model.model.name_or_path",
+                    str(tiny_model_dir),
+                    "--trainer.max_steps",
+                    "2",
+                    "--data.cache",
+                    str(tmp_path / "cache"),
+                ],
+            ),
+        ],  # fmt: skip
+    )
+    grid_command(grid)
+    for name in ("zero_shot", "ftrp"):
+        assert (tmp_path / "grid" / name / "done.json").exists()
+        assert (tmp_path / "grid" / name / "eval" / "eval.json").exists()
+    assert (tmp_path / "grid" / "ftrp" / "adapter" / "adapter_config.json").exists()
+    matrix = json.loads((tmp_path / "grid" / "ftrp" / "eval_matrix" / "eval.json").read_text())
+    assert set(matrix["rules"]) == {"role:medical", "role:legal"}
+    stamp = (tmp_path / "grid" / "ftrp" / "done.json").stat().st_mtime_ns
+    grid_command(grid)  # finished runs are skipped
+    assert (tmp_path / "grid" / "ftrp" / "done.json").stat().st_mtime_ns == stamp
+    report = write_report(tmp_path / "grid", tmp_path / "report")
+    assert [row["label"] for row in report["rows"]] == ["zero-shot", "FTRP"]
