@@ -17,9 +17,9 @@ class REGACLI(LightningCLI):
         parser.link_arguments("model.model", "data.model")
 
     def after_fit(self) -> None:
+        path = Path(self.trainer.log_dir or ".") / "summary.json"  # log_dir is a collective: every rank asks
         if not self.trainer.is_global_zero:
             return
-        path = Path(self.trainer.log_dir or ".") / "summary.json"
         if not path.exists():
             return
         summary = json.loads(path.read_text())

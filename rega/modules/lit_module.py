@@ -180,17 +180,16 @@ class REGAModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def on_train_end(self) -> None:
-        # Gathered on every rank (FSDP needs all of them), written by rank 0.
+        # Both are collectives under DDP/FSDP: every rank asks, rank 0 writes.
         state = self.trainer.strategy.lightning_module_state_dict()
+        log_dir = Path(self.trainer.log_dir or ".")
         if not self.trainer.is_global_zero:
             return
-        target = Path(self.adapter_dir or Path(self.trainer.log_dir or ".") / "adapter")
-        save_adapter(
-            self.model, self.tokenizer, target, {k.removeprefix("model."): v for k, v in state.items()}
-        )
-        self.write_summary(target)
+        target = Path(self.adapter_dir or log_dir / "adapter")
+        save_adapter(self.model, self.tokenizer, target, {k.removeprefix("model."): v for k, v in state.items()})
+        self.write_summary(target, log_dir)
 
-    def write_summary(self, adapter: Path) -> None:
+    def write_summary(self, adapter: Path, log_dir: Path) -> None:
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
         datamodule = self.trainer.datamodule
         summary = {
@@ -203,9 +202,9 @@ class REGAModule(L.LightningModule):
             "tokenized": getattr(datamodule, "manifest", {}).get("tokenized"),
             "metrics": metrics,
             "adapter": str(adapter),
-            "log_dir": self.trainer.log_dir,
+            "log_dir": str(log_dir),
         }
-        write_json(Path(self.trainer.log_dir or ".") / "summary.json", summary)
+        write_json(log_dir / "summary.json", summary)
         log.info("summary: %s", json.dumps(summary))
 
 
