@@ -258,3 +258,9 @@ def test_ddp_with_two_cpu_processes_trains(tiny_model_dir, tmp_path):
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert read_scalars(tmp_path, "train/loss")
+
+
+def test_model_trains_with_dropout_active(tiny_model_config):
+    module = REGAModule(model=tiny_model_config, lora=LoraSettings(dropout=0.5))
+    module.configure_model()
+    assert all(m.training for m in module.model.modules())

@@ -79,6 +79,8 @@ class REGAModule(L.LightningModule):
         base = load_model(self.model_config)
         base.config.use_cache = False  # also required for packed sequences to stay isolated under SDPA
         self.model = add_lora(base, self.lora, self.model_config.gradient_checkpointing)
+        # from_pretrained returns eval mode and Lightning keeps submodule modes: without this, LoRA dropout is off.
+        self.model.train()
 
     # --- loss ---------------------------------------------------------------------------------------------
     def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
