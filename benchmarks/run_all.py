@@ -1,0 +1,212 @@
+"""Run the benchmark suite and write the latest numbers into benchmarks/README.md.
+
+    .venv/bin/python benchmarks/run_all.py --quick        # about 30-60 min on 2 busy cores
+    .venv/bin/python benchmarks/run_all.py                # more steps and rounds
+    .venv/bin/python benchmarks/run_all.py --only training --training-args "--variants hf_grouped ours"
+    .venv/bin/python benchmarks/run_all.py --render       # only rewrite the README from benchmarks/results/*.json
+
+Each benchmark runs as its own process (with OMP_NUM_THREADS=2) and writes benchmarks/results/<name>.json
+(git-ignored); the README's section between the ``results`` markers is regenerated from those files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results"
+README = HERE / "README.md"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+THREADS = "2"
+
+
+def benchmarks(quick: bool, training_args: list[str]) -> dict[str, list[str]]:
+    return {
+        "data": ["bench_data.py", "--records", "200000", "--output", str(RESULTS / "data.json")],
+        "tokenize": ["bench_tokenize.py", "--records", "20000" if quick else "200000",
+                     "--output", str(RESULTS / "tokenize.json")],
+        "generation": ["bench_generation.py", "--greedy", "--n", "16", "--max-new-tokens", "64", "--batch-size", "16",
+                       "--threads", THREADS, "--repeats", "1" if quick else "3",
+                       "--output", str(RESULTS / "generation.json")],
+        "training": ["bench_training.py", *(["--quick"] if quick else []),
+                     "--variants", "hf_default", "hf_grouped", "ours", "ours+micro1",
+                     *training_args, "--output", str(RESULTS / "training.json")],
+    }  # fmt: skip
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def read(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def fmt_load(values) -> str:
+    return " ".join(f"{x:.2f}" for x in values) if values else "n/a"
+
+
+def render_training(report: dict) -> list[str]:
+    s = report["summary"]
+    lines = [
+        "### Training (LoRA r16/α32, 7 projections, AdamW, fp32, batch 8, max length 512)",
+        "",
+        f"`{report['command']}` — {report['date']}, load average {fmt_load(report['load_average_start'])} → "
+        f"{fmt_load(report['load_average_end'])}, {report['wall_seconds'] / 60:.0f} min.",
+        "",
+        report["markdown"],
+    ]
+    best = [v for v in s if v.startswith("ours")]
+    if "hf_grouped" in s and best:
+        top = max(best, key=lambda v: s[v].get("speedup_vs_hf_grouped", 0))
+        v = s[top]
+        met_speed = v.get("speedup_vs_hf_grouped", 0) >= 1.5
+        met_rss = v.get("peak_rss_ratio_vs_hf_grouped", 9) <= 0.25
+        lines += [
+            "",
+            f"Goal (≥ 1.5× HF `group_by_length`, ≤ ¼ of its peak RSS): best variant `{top}` "
+            f"{v.get('speedup_vs_hf_grouped', float('nan')):.2f}× ({'met' if met_speed else 'not met'}), "
+            f"RSS ratio {v.get('peak_rss_ratio_vs_hf_grouped', float('nan')):.2f} ({'met' if met_rss else 'not met'}).",
+        ]
+    return lines
+
+
+def render_generation(report: dict) -> list[str]:
+    med = report["median_tokens_per_s"]
+    return [
+        "### Generation (greedy, 16 general_en instructions, max 64 new tokens)",
+        "",
+        f"Batched runner (batch {report['batch_size']}) {med['runner']:.1f} tok/s vs per-sample `model.generate` "
+        f"{med['baseline']:.1f} tok/s: **{report['median_ratio']:.2f}×** (median of {len(report['rounds'])} "
+        f"round(s), {report['torch_threads']} threads, load at end {fmt_load(report.get('load_average_at_end'))}). "
+        f"Goal {report.get('goal', '')}.",
+    ]
+
+
+def render_data(report: dict) -> list[str]:
+    lines = [
+        "### Data: corpus build (load + validate + strategy + write)",
+        "",
+        "| scenario | rows in | examples | total s | rows/s | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['scenario']} | {r['rows_in']:,} | {r['examples_out']:,} | {r['total_s']:.1f} | "
+            f"{r['rows_per_s']:,} | {r['peak_rss_mib']:,.0f} |"
+        )
+    return lines
+
+
+def render_tokenize(report: dict) -> list[str]:
+    lines = [
+        f"### Data: tokenization + cache through `REGADataModule` ({report['records']:,} examples, max length 512)",
+        "",
+        "| run | seconds | examples/s | tokens/s | cache MiB | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        label = "cached (load)" if r["cache_hit"] else "cold (hash + tokenize + save)"
+        lines.append(
+            f"| {label} | {r['total_s']:.1f} | {r['records_per_s']:,} | {r['tokens_per_s']:,} | {r['cache_mib']:.1f} | "
+            f"{r['peak_rss_mib']:,.0f} |"
+        )
+    return lines
+
+
+def render(command: str | None) -> None:
+    meta = read("suite") or {}
+    lines = [
+        BEGIN,
+        "",
+        f"Latest run: `{meta.get('command', command or 'n/a')}` — {meta.get('date', 'n/a')}; machine: "
+        f"{meta.get('nproc', os.cpu_count())} × {meta.get('cpu_model', cpu_model())}, "
+        f"{meta.get('mem_gib', '?')} GiB; load average {meta.get('load_start', 'n/a')} at start, "
+        f"{meta.get('load_end', 'n/a')} at end. The machine is shared: absolute numbers drift 20-40 % (more "
+        "under load); compare the ratios, measured side by side in one invocation.",
+        "",
+    ]
+    for name, fn in (("training", render_training), ("generation", render_generation), ("data", render_data),
+                     ("tokenize", render_tokenize)):  # fmt: skip
+        report = read(name)
+        if report:
+            lines += fn(report) + [""]
+    lines.append(END)
+    block = "\n".join(lines)
+    text = README.read_text() if README.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    README.write_text(text)
+    print(f"updated {README}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=["data", "tokenize", "generation", "training"])
+    parser.add_argument(
+        "--training-args", default="", help="extra arguments for bench_training.py (one string)"
+    )
+    parser.add_argument(
+        "--render", action="store_true", help="only regenerate the README from existing results"
+    )
+    args = parser.parse_args()
+    if args.render:
+        render(None)
+        return
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    command = " ".join([".venv/bin/python", "benchmarks/run_all.py", *sys.argv[1:]])
+    meta = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M %z"),
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "load_start": load(),
+        "runs": {},
+    }
+    env = dict(os.environ, OMP_NUM_THREADS=THREADS, MKL_NUM_THREADS=THREADS, TOKENIZERS_PARALLELISM="false")
+    failed = []
+    for name, cmd in benchmarks(args.quick, shlex.split(args.training_args)).items():
+        if args.only and name not in args.only:
+            continue
+        print(f"== {name}: {' '.join(cmd)} (load {load()})", flush=True)
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, str(HERE / cmd[0]), *cmd[1:]], cwd=REPO, env=env)
+        meta["runs"][name] = {
+            "exit": done.returncode,
+            "minutes": round((time.perf_counter() - start) / 60, 1),
+        }
+        if done.returncode != 0:
+            failed.append(name)
+    meta["load_end"] = load()
+    (RESULTS / "suite.json").write_text(json.dumps(meta, indent=2) + "\n")
+    render(command)
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
