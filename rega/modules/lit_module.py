@@ -1,8 +1,8 @@
 """REGAModule: a LoRA-adapted causal LM trained with loss over response tokens only.
 
-The LM head runs only at positions that carry a label (``logits_to_keep``): role prompts are long and answers
-short, so this skips most of the vocabulary projection and never materialises full-sequence logits; the loss is
-exactly the usual token-mean cross-entropy over response tokens.
+The LM head runs only at positions that carry a label in some row of the batch (``logits_to_keep``): role prompts
+are long and answers short, so this skips much of the vocabulary projection; the loss is exactly the usual
+token-mean cross-entropy over response tokens.
 """
 
 from __future__ import annotations
