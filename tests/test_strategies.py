@@ -203,7 +203,16 @@ def test_unknown_strategy_lists_the_registered_ones():
 
 @pytest.mark.parametrize(
     ("ratio", "n", "expected"),
-    [(0.0, 10, 0), (0.049, 10, 0), (0.05, 10, 1), (0.15, 10, 2), (0.25, 10, 3), (0.249, 10, 2), (0.3, 10, 3), (0.77, 10, 8)],
+    [
+        (0.0, 10, 0),
+        (0.049, 10, 0),
+        (0.05, 10, 1),
+        (0.15, 10, 2),
+        (0.25, 10, 3),
+        (0.249, 10, 2),
+        (0.3, 10, 3),
+        (0.77, 10, 8),
+    ],
 )
 def test_integration_size_rounds_half_up(ratio, n, expected):
     assert integration_size(ratio, n) == expected

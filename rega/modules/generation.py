@@ -57,7 +57,9 @@ class TemperatureTopP:
         cumulative = probs.cumsum(-1)
         keep = (cumulative - probs) < self.top_p  # a token stays while the mass before it is below top_p
         keep[:, 0] = True
-        out = torch.full_like(scores, -float("inf")).scatter_(-1, index, top.masked_fill(~keep, -float("inf")))
+        out = torch.full_like(scores, -float("inf")).scatter_(
+            -1, index, top.masked_fill(~keep, -float("inf"))
+        )
         wide = cumulative[:, -1] < self.top_p
         if wide.any():
             out[wide] = self.full(input_ids[wide], scores[wide])
