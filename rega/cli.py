@@ -51,28 +51,24 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     configure_logging()
     load_plugins()
-    if argv and argv[0] in COMMANDS:
-        from rega.data.prompts import ConfigError
-        from rega.data.records import RecordError
+    from rega.data.prompts import ConfigError
+    from rega.data.records import RecordError
 
-        try:
-            run_command(argv[0], argv[1:])
-        except (ConfigError, RecordError, FileNotFoundError) as err:
-            # Bad input is the user's to fix: one clear line, no traceback.
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
-        return
     if not argv or argv[0] in ("-h", "--help"):
         print(
             "usage: rega {fit,validate,test,predict," + ",".join(COMMANDS) + "} [--config FILE ...] [--help]"
         )
         if not argv:
             sys.exit(2)
-    from rega.lightning_cli import run_lightning_cli
+    try:
+        if argv and argv[0] in COMMANDS:
+            run_command(argv[0], argv[1:])
+            return
+        from rega.lightning_cli import run_lightning_cli
 
-    # LightningCLI warns when given args that equal the command line; let it read sys.argv itself then.
-    run_lightning_cli(None if argv == sys.argv[1:] else argv)
-
-
-if __name__ == "__main__":
-    main()
+        # LightningCLI warns when given args that equal the command line; let it read sys.argv itself then.
+        run_lightning_cli(None if argv == sys.argv[1:] else argv)
+    except (ConfigError, RecordError, FileNotFoundError) as err:
+        # Bad input is the user's to fix: one clear line, no traceback.
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
+from rega.data.prompts import ConfigError
 from rega.datamodules import REGADataModule
 from rega.modules.lit_module import REGAModule
 
@@ -15,6 +16,22 @@ class REGACLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # One model config drives both the network and the chat rendering of the data.
         parser.link_arguments("model.model", "data.model")
+
+    def before_instantiate_classes(self) -> None:
+        # REGAModule steps its optimizer itself (micro-batches): Lightning's own options for this would fail later
+        # with advice that does not apply here.
+        trainer = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
+        if (trainer.accumulate_grad_batches or 1) != 1:
+            raise ConfigError(
+                f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: not used by REGAModule; set "
+                "data.batch_size to the batch per optimizer step and model.micro_batch_size to the rows per "
+                "forward/backward pass"
+            )
+        if trainer.gradient_clip_val:
+            raise ConfigError(
+                f"trainer.gradient_clip_val={trainer.gradient_clip_val}: not used by REGAModule; set "
+                f"model.max_grad_norm instead"
+            )
 
     def after_fit(self) -> None:
         path = Path(self.trainer.log_dir or ".") / "summary.json"  # log_dir is a collective: every rank asks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -128,26 +129,69 @@ def test_cache_is_keyed_by_everything_that_changes_tokens(datamodule, tiny_model
     assert corpus_b._cache_key(corpus_b.build_corpus().examples) != key
 
 
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["masked-sdpa", "per-sequence-sdpa"])
 @pytest.mark.parametrize("mode", ["packed", "grouped"])
-def test_batched_loss_equals_examples_one_at_a_time(datamodule, tiny_model_config, mode):
+def test_batched_loss_equals_examples_one_at_a_time(datamodule, tiny_model_config, mode, per_sequence):
+    """Each example's loss inside a packed/grouped batch equals its loss alone (alone: transformers' masked SDPA;
+    in the batch: the same, or the per-sequence attention REGAModule trains with)."""
+    from rega.modules.attention import packed_rows
+
     module = REGAModule(model=tiny_model_config, lora=LoraSettings(dropout=0.0))
     module.configure_model()
-    module.eval()
     data = datamodule.train_data
     rows = plan_batches(data.lengths.tolist(), mode, 4, 256, seed=0)[0]
     batch = collate_rows(data, rows, pad_id=0)
+    module.train()  # dropout 0: training mode changes nothing else
     with torch.no_grad():
-        losses, mask, positions = module.token_losses(batch)
+        with packed_rows() if per_sequence else contextlib.nullcontext():
+            losses, mask = module.token_losses(batch)
+        row_of, col_of = mask.nonzero(as_tuple=True)
         for r, row in enumerate(rows):
             start = 0
             for i in row:
                 n = int(data.lengths[i])
-                sel = (positions >= start) & (positions < start + n - 1) & mask[r]
-                in_batch = losses[r][sel].mean()
-                single_losses, single_mask, _ = module.token_losses(collate_rows(data, [[i]], pad_id=0))
-                torch.testing.assert_close(in_batch, single_losses[single_mask].mean(), rtol=1e-4, atol=1e-5)
+                sel = (row_of == r) & (col_of >= start) & (col_of < start + n - 1)
+                single_losses, _ = module.token_losses(collate_rows(data, [[i]], pad_id=0))
+                torch.testing.assert_close(losses[sel], single_losses, rtol=1e-4, atol=1e-5)
                 start += n
     assert mode != "packed" or any(len(row) > 1 for row in rows)  # the packed case really packs
+
+
+def test_micro_batches_give_the_whole_batch_gradient(datamodule, tiny_model_config, tmp_path):
+    import lightning as L
+
+    class Grads(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+    grads = {}
+    for micro in (None, 1, 3):
+        module = REGAModule(model=tiny_model_config, lora=LoraSettings(dropout=0.0), micro_batch_size=micro)
+        torch.manual_seed(0)  # the same LoRA initialisation
+        module.configure_model()
+        callback = Grads()
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            limit_val_batches=0, default_root_dir=tmp_path, callbacks=[callback],
+        )  # fmt: skip
+        trainer.fit(module, datamodule=datamodule)
+        grads[micro] = callback.grads
+    assert grads[None] and grads[None].keys() == grads[1].keys() == grads[3].keys()
+    assert any(g.abs().max() > 0 for g in grads[None].values())
+    for micro in (1, 3):
+        for name, grad in grads[None].items():
+            torch.testing.assert_close(grads[micro][name], grad, rtol=1e-4, atol=1e-7)
+
+
+def test_trainer_options_replaced_by_module_ones_are_refused(capsys):
+    from rega.cli import main
+
+    refused = (("accumulate_grad_batches", "micro_batch_size"), ("gradient_clip_val", "max_grad_norm"))
+    for option, replacement in refused:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(REPO / "tests/configs/tiny_fit.yaml"), f"--trainer.{option}", "2"])
+        assert exit_info.value.code == 2
+        assert replacement in capsys.readouterr().err
 
 
 def test_training_changes_lora_weights_only(datamodule, tiny_model_config, tmp_path):

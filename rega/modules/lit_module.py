@@ -1,12 +1,19 @@
 """REGAModule: a LoRA-adapted causal LM trained with loss over response tokens only.
 
-The LM head runs only at positions that carry a label in some row of the batch (``logits_to_keep``): role prompts
-are long and answers short, so this skips much of the vocabulary projection; the loss is exactly the usual
-token-mean cross-entropy over response tokens.
+Three choices make a step cheap without changing what it computes (benchmarks/README.md has the numbers):
+
+* the LM head runs only on the hidden states of tokens that predict a response token: role prompts are long and
+  answers short, and the vocabulary projection is a fifth of a small model's FLOPs;
+* each batch is forwarded and backwarded ``micro_batch_size`` packed rows at a time and stepped once, so the
+  activations held are those of one micro-batch; the loss is scaled by the batch's response-token count, so the
+  gradient is the whole batch's token-mean gradient (manual optimization);
+* training and validation forwards run causal attention per packed sequence (:mod:`rega.modules.attention`)
+  instead of one masked attention over the whole row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,6 +28,7 @@ from lightning.pytorch.utilities import grad_norm
 
 from rega.data.chat import IGNORE_INDEX, ChatFormat
 from rega.io import write_json
+from rega.modules.attention import packed_rows, use_packed_sdpa
 from rega.modules.model import LoraSettings, ModelConfig, add_lora, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -35,6 +43,8 @@ class REGAModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
         min_lr_ratio: float = 0.1,
+        micro_batch_size: int | None = 1,
+        max_grad_norm: float | None = None,
         adapter_dir: str | None = None,
         seed: int = 1234,
     ):
@@ -46,6 +56,11 @@ class REGAModule(L.LightningModule):
             weight_decay: AdamW weight decay on the adapter weights.
             warmup_ratio: share of the optimizer steps spent in linear warm-up.
             min_lr_ratio: the cosine decay ends at ``learning_rate * min_lr_ratio``.
+            micro_batch_size: rows forwarded and backwarded at a time within a batch (one optimizer step per
+                batch; the data module's ``batch_size`` is the batch per step and device). ``None``: the whole
+                batch at once. Replaces Lightning's ``accumulate_grad_batches``, with an exact token mean.
+            max_grad_norm: clip the adapter gradients to this global L2 norm (``None``: no clipping). Replaces
+                ``Trainer(gradient_clip_val=...)``.
             adapter_dir: where the final peft adapter is saved (default ``<log_dir>/adapter``).
             seed: seeds each step's dropout from (seed, step, rank), so a resumed run draws the same masks.
         """
@@ -55,12 +70,19 @@ class REGAModule(L.LightningModule):
         # Plain values only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {"model": asdict(self.model_config), "lora": asdict(self.lora), "learning_rate": learning_rate,
-             "weight_decay": weight_decay, "warmup_ratio": warmup_ratio, "min_lr_ratio": min_lr_ratio, "seed": seed}
+             "weight_decay": weight_decay, "warmup_ratio": warmup_ratio, "min_lr_ratio": min_lr_ratio,
+             "micro_batch_size": micro_batch_size, "max_grad_norm": max_grad_norm, "seed": seed}
         )  # fmt: skip
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.warmup_ratio = warmup_ratio
         self.min_lr_ratio = min_lr_ratio
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
+        self.micro_batch_size = micro_batch_size
+        self.max_grad_norm = max_grad_norm
+        # Several forward/backward passes per optimizer step (see the module docstring).
+        self.automatic_optimization = False
         self.adapter_dir = adapter_dir
         self.seed = seed
         self.tokenizer = load_tokenizer(self.model_config)
@@ -78,56 +100,67 @@ class REGAModule(L.LightningModule):
             return
         base = load_model(self.model_config)
         base.config.use_cache = False  # also required for packed sequences to stay isolated under SDPA
+        if self.model_config.attn_implementation == "sdpa":
+            use_packed_sdpa(base)
         self.model = add_lora(base, self.lora, self.model_config.gradient_checkpointing)
         # from_pretrained returns eval mode and Lightning keeps submodule modes: without this, LoRA dropout is off.
         self.model.train()
 
     # --- loss ---------------------------------------------------------------------------------------------
-    def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Cross-entropy at every position that predicts a response token.
+    def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of every response token: (losses [N], mask [B, L-1]).
 
-        Returns (losses [B, P], mask [B, P], positions [P]) where ``positions`` index the input and ``mask`` marks
-        real targets (rows of a batch share the union of their label positions).
+        ``mask`` marks the input positions that predict a response token; ``losses`` follow ``mask``'s row-major
+        order. The LM head runs on those positions' hidden states only.
         """
-        targets_all = batch["labels"][:, 1:]
-        positions = (targets_all != IGNORE_INDEX).any(0).nonzero().squeeze(-1)
-        out = self.model(
+        targets = batch["labels"][:, 1:]
+        mask = targets != IGNORE_INDEX
+        base = self.model.get_base_model()
+        hidden = base.get_decoder()(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
             position_ids=batch["position_ids"],
             use_cache=False,
-            logits_to_keep=positions,
-        )
-        targets = targets_all[:, positions]
-        logits = out.logits.float()
-        losses = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)),
-            targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        ).view_as(targets)
-        return losses, targets != IGNORE_INDEX, positions
+        ).last_hidden_state
+        logits = base.get_output_embeddings()(hidden[:, :-1][mask])
+        return F.cross_entropy(logits.float(), targets[mask], reduction="none"), mask
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        losses, mask, _ = self.token_losses(batch)
-        loss = losses[mask].mean()
+        optimizer = self.optimizers()
         rows = batch["input_ids"].size(0)
+        supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        step = self.micro_batch_size or rows
+        starts = range(0, rows, step)
+        loss = torch.zeros((), device=batch["input_ids"].device)
+        no_sync = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)
+        for start in starts:
+            micro = trim_padding({key: value[start : start + step] for key, value in batch.items()})
+            last = start + step >= rows
+            # DDP/FSDP: gradients are reduced once, after the last micro-batch.
+            with contextlib.nullcontext() if last else no_sync(), packed_rows():
+                losses, _ = self.token_losses(micro)
+                part = losses.sum() / max(1, supervised)
+                self.manual_backward(part)
+            loss += part.detach()
+        if self.max_grad_norm:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.lr_schedulers().step()
         self.log("train/loss", loss, prog_bar=True, batch_size=rows)
-        self._batch_tokens = (
-            int((batch["token_domain"] >= 0).sum()),
-            int(mask.sum()),
-            batch["input_ids"].numel(),
-        )
+        self._batch_tokens = (int((batch["token_domain"] >= 0).sum()), supervised, batch["input_ids"].numel())
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        losses, mask, positions = self.token_losses(batch)
-        domains = batch["token_domain"][:, 1:][:, positions]
+        with packed_rows():
+            losses, mask = self.token_losses(batch)
+        domains = batch["token_domain"][:, 1:][mask]
         names = self.trainer.datamodule.domains if self.trainer.datamodule is not None else []
-        total = int(mask.sum())
-        self.log("val/loss", losses[mask].mean(), prog_bar=True, batch_size=total, sync_dist=True)
-        for index in domains[mask].unique().tolist():
-            selected = mask & (domains == index)
+        self.log("val/loss", losses.mean(), prog_bar=True, batch_size=losses.numel(), sync_dist=True)
+        for index in domains.unique().tolist():
+            selected = domains == index
             name = names[index] if index < len(names) else str(index)
             self.log(
                 f"val/loss_{name}", losses[selected].mean(), batch_size=int(selected.sum()), sync_dist=True
@@ -188,7 +221,9 @@ class REGAModule(L.LightningModule):
         if not self.trainer.is_global_zero:
             return
         target = Path(self.adapter_dir or log_dir / "adapter")
-        save_adapter(self.model, self.tokenizer, target, {k.removeprefix("model."): v for k, v in state.items()})
+        save_adapter(
+            self.model, self.tokenizer, target, {k.removeprefix("model."): v for k, v in state.items()}
+        )
         self.write_summary(target, log_dir)
 
     def write_summary(self, adapter: Path, log_dir: Path) -> None:
@@ -208,6 +243,14 @@ class REGAModule(L.LightningModule):
         }
         write_json(log_dir / "summary.json", summary)
         log.info("summary: %s", json.dumps(summary))
+
+
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the right-padding columns that no row of ``batch`` needs (rows are padded to the batch's longest)."""
+    width = int((batch["token_domain"] >= 0).any(0).nonzero().max()) + 1
+    if width == batch["input_ids"].size(1):
+        return batch
+    return {key: value[:, :width] for key, value in batch.items()}
 
 
 def save_adapter(model, tokenizer, target: Path, state_dict: dict | None = None) -> None:

@@ -1,0 +1,84 @@
+"""Attention for padding-free packed training rows: causal SDPA per packed sequence.
+
+A packed row of 512 tokens holds several examples. transformers isolates them with a block-diagonal L x L mask
+built from restarting ``position_ids``; given a mask, SDPA computes every one of the L x L scores (the CPU kernel
+cannot skip masked blocks, and a mask rules out its causal fast path). Running each packed sequence as its own
+causal attention computes only the blocks on the diagonal, with grouped-query heads handled by SDPA itself instead
+of ``repeat_kv`` copies. The outputs are the same (tests/test_training.py compares them).
+
+The path is taken only inside :func:`packed_rows`, which REGAModule enters around the forward and backward of
+its own batches (right-padded rows whose position ids restart at every example, as ``collate_rows`` builds them).
+Everything else, e.g. generation with left padding and a KV cache, keeps transformers' SDPA with its mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import torch
+import torch.nn.functional as F
+
+PACKED_SDPA = "sdpa_packed"
+_PACKED_ROWS = contextvars.ContextVar("rega_packed_rows", default=False)
+
+
+@contextlib.contextmanager
+def packed_rows():
+    """Declare that the batches run inside are packed rows: attention per packed sequence is exact for them.
+
+    Also wrap the backward pass: gradient checkpointing recomputes the forward there."""
+    token = _PACKED_ROWS.set(True)
+    try:
+        yield
+    finally:
+        _PACKED_ROWS.reset(token)
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Same contract as ``transformers.integrations.sdpa_attention.sdpa_attention_forward``.
+
+    A sequence starts wherever ``position_ids`` is 0 (the rule transformers uses for the packed mask). Right
+    padding continues the last sequence's positions (``collate_rows``), so it sees only real tokens and no real
+    token sees it.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    position_ids = kwargs.get("position_ids")
+    length = query.shape[2]
+    if (
+        not _PACKED_ROWS.get()
+        or position_ids is None
+        or position_ids.shape != query.shape[::2]  # [B, L]; transformers' own default ids are [1, L]
+        or key.shape[2] != length  # a KV cache
+        or dropout
+    ):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    starts = position_ids == 0
+    starts[:, 0] = True
+    gqa = query.shape[1] != key.shape[1]
+    rows = []
+    for b, row_starts in enumerate(starts.tolist()):
+        bounds = [i for i, flag in enumerate(row_starts) if flag] + [length]
+        pieces = [
+            F.scaled_dot_product_attention(
+                query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e],
+                is_causal=True, scale=scaling, enable_gqa=gqa,
+            )
+            for s, e in zip(bounds, bounds[1:])
+        ]  # fmt: skip
+        rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
+    out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_packed_sdpa(model) -> None:
+    """Switch a transformers model (not a peft wrapper) from ``sdpa`` to :func:`packed_sdpa_attention`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)  # evaluation still gets its mask
+    model.set_attn_implementation(PACKED_SDPA)
