@@ -99,22 +99,7 @@ class EvaluationCallback(Callback):
             sample_rows: sample answers per (rule, task) in eval.json and the TensorBoard table.
         """
         super().__init__()
-        self.settings = EvalSettings(
-            tasks=list(tasks or []),
-            limit_per_task=limit_per_task,
-            max_new_tokens=max_new_tokens,
-            closed_max_new_tokens=closed_max_new_tokens,
-            batch_size=batch_size,
-            loglik_choices=loglik_choices,
-            loglik_norm=loglik_norm,
-            general_mc=None if general_mc is None else list(general_mc),
-            general_mc_limit=general_mc_limit,
-            general_mc_backend=general_mc_backend,
-            drift=list(drift or []),
-            drift_limit=drift_limit,
-            drift_max_length=drift_max_length,
-            sample_rows=sample_rows,
-        )
+        self.settings = EvalSettings.from_arguments(locals())
         self.after_epochs = [2] if after_epochs is None else list(after_epochs)
         self.at_fit_end = at_fit_end
         self.rules = list(rules) if rules else None

@@ -25,7 +25,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from rega.data.chat import ChatFormat
@@ -81,6 +81,17 @@ class EvalSettings:
     drift_limit: int | None = 100
     drift_max_length: int = 1024
     sample_rows: int = 3
+
+    @classmethod
+    def from_arguments(cls, arguments: dict) -> EvalSettings:
+        """The settings among a function's keyword arguments (``locals()``): the CLI and the callback take them
+        flat, so that YAML configs and ``--help`` list them one by one."""
+        values = {f.name: arguments[f.name] for f in fields(cls) if f.name in arguments}
+        for name in ("tasks", "drift"):
+            values[name] = list(values.get(name) or [])
+        if values.get("general_mc") is not None:
+            values["general_mc"] = list(values["general_mc"])
+        return cls(**values)
 
 
 def source_name(source: DataSource) -> str:
@@ -486,21 +497,7 @@ def evaluate_command(
     if threads:
         torch.set_num_threads(threads)
     model_config = model or ModelConfig()
-    settings = EvalSettings(
-        tasks=list(tasks or []),
-        limit_per_task=limit_per_task,
-        max_new_tokens=max_new_tokens,
-        closed_max_new_tokens=closed_max_new_tokens,
-        batch_size=batch_size,
-        loglik_choices=loglik_choices,
-        loglik_norm=loglik_norm,
-        general_mc=general_mc,
-        general_mc_limit=general_mc_limit,
-        general_mc_backend=general_mc_backend,
-        drift=list(drift or []),
-        drift_limit=drift_limit,
-        drift_max_length=drift_max_length,
-    )
+    settings = EvalSettings.from_arguments(locals())
     inference = tuple(rules) if rules else get_strategy(strategy).inference
     for rule in inference:
         check_rule(rule)
