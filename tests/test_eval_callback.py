@@ -132,6 +132,9 @@ def test_callback_evaluates_after_epoch_two_and_logs(tiny_model_config, task_fil
     assert events.Scalars("eval/central/overall")[0].value == pytest.approx(
         result["rules"]["central"]["overall"]
     )
+    assert float(trainer.callback_metrics["eval/central/overall"]) == pytest.approx(
+        result["rules"]["central"]["overall"]
+    )  # ModelCheckpoint can monitor it
     assert "eval/samples/text_summary" in events.Tags()["tensors"]
     text = events.Tensors("eval/samples/text_summary")[0].tensor_proto.string_val[0].decode()
     assert text.startswith("| rule | task |") and "pq1" in text

@@ -18,7 +18,8 @@ Logging: every scalar of :func:`rega.eval.runner.scalars` (``eval/<rule>/overall
 ``eval/<rule>/<domain>/<task>/acc``, ``eval/general_mc/<name>``, ``eval/drift/<name>/logprob_per_token`` ...) goes
 to every logger through ``logger.log_metrics(..., step=global_step)`` — the same path at epoch end and at the end of
 training, where ``LightningModule.log`` is not allowed — and a markdown table of sample answers goes to
-TensorBoard as text (``eval/samples``).
+TensorBoard as text (``eval/samples``). The scalars also go into ``trainer.callback_metrics`` on every rank, so
+``ModelCheckpoint(monitor="eval/central/overall", mode="max")`` can keep the best evaluated epoch.
 
 Distributed training (DDP): every rank runs the evaluation; generation, option scoring and drift are sharded
 across ranks and their torchmetrics sums are synced, per-example rows are gathered, lm-eval (single-process
@@ -34,6 +35,7 @@ import logging
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from rega.data.loaders import DataSource
@@ -172,6 +174,8 @@ class EvaluationCallback(Callback):
         result = {"tag": tag, "epoch": epoch, "global_step": trainer.global_step, **result}
         self._evaluated_steps.add(trainer.global_step)
         self.results.append(result)
+        # On every rank, so that ModelCheckpoint(monitor="eval/central/overall") and summary.json see them.
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in scalars(result).items()})
         if trainer.is_global_zero:
             write_json(out_dir / f"eval_{tag}.json", result)
             write_json(out_dir / "eval.json", result)
