@@ -82,18 +82,21 @@ def table_rows(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def _fmt(value) -> str:
+def _fmt(value, column: str) -> str:
+    """Scores (0-1) as percentages; log-likelihoods and judge ratings (1-10) as they are."""
     if value is None:
         return "–"
     if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) >= 1.5 else f"{100 * value:.1f}"
+        if column.startswith("logprob:"):
+            return f"{value:.3f}"
+        return f"{value:.2f}" if column.startswith("judge:") else f"{100 * value:.1f}"
     return str(value)
 
 
-def to_markdown(rows: list[dict], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(["strategy", *columns]) + " |", "|" + "---|" * (len(columns) + 1)]
+def to_markdown(rows: list[dict], columns: list[str], first: str = "strategy") -> str:
+    lines = ["| " + " | ".join([first, *columns]) + " |", "|" + "---|" * (len(columns) + 1)]
     for row in rows:
-        lines.append("| " + " | ".join([row["label"], *(_fmt(row.get(c)) for c in columns)]) + " |")
+        lines.append("| " + " | ".join([row["label"], *(_fmt(row.get(c), c) for c in columns)]) + " |")
     return "\n".join(lines)
 
 
@@ -169,7 +172,7 @@ def plot_matrices(runs: list[dict], path: Path) -> bool:
         ax.set_yticks(range(len(prompts)), [f"p_{p}" for p in prompts])
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
-                ax.text(j, i, _fmt(v), ha="center", va="center", color="white", fontsize=8)
+                ax.text(j, i, _fmt(v, "score"), ha="center", va="center", color="white", fontsize=8)
         ax.set_title(f"{run['name']}: prompt × test domain", fontsize=9)
     fig.tight_layout()
     _save_figure(fig, path)
@@ -204,7 +207,7 @@ def write_report(runs_dir: str | Path, output: str | Path) -> dict:
             prompts, domains, grid = m
             markdown += ["", f"Prompt × test domain, {run['name']} (domain score, %):", ""]
             markdown.append(to_markdown(
-                [{"label": f"p_{p}", **dict(zip(domains, row))} for p, row in zip(prompts, grid)], domains
+                [{"label": f"p_{p}", **dict(zip(domains, row))} for p, row in zip(prompts, grid)], domains, "prompt"
             ))  # fmt: skip
     with atomic_write(out / "results.md") as handle:
         handle.write("\n".join(markdown) + "\n")
