@@ -621,11 +621,18 @@ def run_child(variant: str, cfg: dict) -> dict:
     }
 
 
-def matmul_parameters(model_path: str) -> tuple[int, int]:
-    """(decoder, head): weights that take part in matmuls in the decoder layers and in the LM head."""
+def model_shape(model_path: str):
+    """The model's transformers config (``embedded`` and GGUF sources resolved the way rega loads them)."""
     from transformers import AutoConfig
 
-    c = AutoConfig.from_pretrained(model_path)
+    from rega.modules.model import ModelConfig, resolve_model_path
+
+    return AutoConfig.from_pretrained(resolve_model_path(ModelConfig(name_or_path=model_path)))
+
+
+def matmul_parameters(model_path: str) -> tuple[int, int]:
+    """(decoder, head): weights that take part in matmuls in the decoder layers and in the LM head."""
+    c = model_shape(model_path)
     d = c.hidden_size
     kv = c.num_key_value_heads * (d // c.num_attention_heads)
     per_layer = d * d * 2 + d * kv * 2 + 3 * d * c.intermediate_size
@@ -636,9 +643,7 @@ def flops_per_token(model_path: str, context: int) -> float:
     """Training FLOPs per token of a LoRA step: forward 2N + backward to the inputs 2N (frozen weights get no
     weight gradient; the adapters' own FLOPs are negligible), N = matmul parameters (LM head included, embedding
     lookup not); plus attention over ``context`` keys: 4·d per key and layer forward, twice that backward."""
-    from transformers import AutoConfig
-
-    c = AutoConfig.from_pretrained(model_path)
+    c = model_shape(model_path)
     decoder, head = matmul_parameters(model_path)
     return 4 * (decoder + head) + 12 * c.num_hidden_layers * context * c.hidden_size
 
@@ -647,9 +652,8 @@ def cpu_gemm_gflops(model_path: str, threads: int, rows: int = 512, seconds: flo
     """This machine's fp32 matmul rate at the model's MLP shape ([rows, d] x [d, intermediate]), with the
     benchmark's threads: the practical ceiling of a training step, whose time is mostly such matmuls."""
     import torch
-    from transformers import AutoConfig
 
-    c = AutoConfig.from_pretrained(model_path)
+    c = model_shape(model_path)
     torch.set_num_threads(threads)
     x, w = torch.randn(rows, c.hidden_size), torch.randn(c.intermediate_size, c.hidden_size)
     for _ in range(5):
