@@ -131,21 +131,27 @@ def plot_mix_ratio(rows: list[dict], path: Path) -> bool:
     )
     if len({r["mix_ratio"] for r in rega}) < 2:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in (
-        (axes[0], "domain mean", "domain score"),
-        (axes[1], "general MC mean", "general MC accuracy"),
-    ):
+    panels = [("domain mean", "domain score"), ("general MC mean", "general MC accuracy")]
+    # drift: the first log-likelihood column (the base model's own held-out answers, where configured)
+    drift = sorted(c for c in rows[0] if c.startswith("logprob:"))
+    drift = [c for c in drift if "self_distilled" in c] or drift
+    if drift:
+        panels.append((drift[0], f"{drift[0].split(':', 1)[1]} (log-prob/token)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (key, title) in zip(axes, panels):
         for rule, style in (("central", "o-"), ("role", "s--")):
             points = [
                 (r["mix_ratio"], r.get(key)) for r in rega if r["rule"] == rule and r.get(key) is not None
             ]
             if points:
                 ax.plot(*zip(*points), style, label=f"REGA_{'c' if rule == 'central' else 'r'}")
+        baselines: dict[float, list[str]] = {}  # one line and one label per value: baselines often tie
         for r in rows:
             if r["strategy"] in ("zero_shot", "ft", "ftsd", "ftrp") and r.get(key) is not None:
-                ax.axhline(r[key], linestyle=":", color="gray")
-                ax.annotate(r["label"], (ax.get_xlim()[0], r[key]), fontsize=7, color="gray")
+                baselines.setdefault(r[key], []).append(r["label"])
+        for value, labels in baselines.items():
+            ax.axhline(value, linestyle=":", color="gray")
+            ax.annotate(", ".join(labels), (ax.get_xlim()[0], value), fontsize=7, color="gray")
         ax.set_xlabel("mixing ratio r")
         ax.set_title(title)
         ax.legend()
