@@ -143,3 +143,26 @@ def test_grid_runs_fit_and_eval_then_skips_finished_runs(tiny_model_dir, tmp_pat
     assert (tmp_path / "grid" / "ftrp" / "done.json").stat().st_mtime_ns == stamp
     report = write_report(tmp_path / "grid", tmp_path / "report")
     assert [row["label"] for row in report["rows"]] == ["zero-shot", "FTRP"]
+
+
+def test_committed_cpu_results_regenerate_from_their_runs(tmp_path):
+    """docs/results/cpu_en holds the CPU-scale grid's run records; the report command rebuilds its table from them."""
+    committed = Path(__file__).resolve().parents[1] / "docs" / "results" / "cpu_en"
+    report = write_report(committed / "runs", tmp_path)
+    for name in ("results.md", "results.csv", "report.json"):
+        assert (tmp_path / name).read_text() == (committed / name).read_text(), name
+    from PIL import Image
+
+    for name, made in report["plots"].items():
+        assert made
+        with Image.open(tmp_path / f"{name}.png") as new, Image.open(committed / f"{name}.png") as old:
+            assert new.size == old.size, name  # pixels may differ with the fonts of another machine
+
+
+def test_report_formats_by_column_not_by_magnitude():
+    from rega.experiments.report import _fmt
+
+    assert _fmt(0.425, "mc:arc_easy") == "42.5"
+    assert _fmt(-1.207, "logprob:self_distilled_heldout") == "-1.207"  # not -120.7 %
+    assert _fmt(-2.5, "logprob:general_en_reference") == "-2.500"
+    assert _fmt(1.25, "judge:mt_bench") == "1.25" and _fmt(None, "x") == "–"
