@@ -58,7 +58,8 @@ class REGAModule(L.LightningModule):
             min_lr_ratio: the cosine decay ends at ``learning_rate * min_lr_ratio``.
             micro_batch_size: rows forwarded and backwarded at a time within a batch (one optimizer step per
                 batch; the data module's ``batch_size`` is the batch per step and device). ``None``: the whole
-                batch at once. Replaces Lightning's ``accumulate_grad_batches``, with an exact token mean.
+                batch at once (always under FSDP). Replaces Lightning's ``accumulate_grad_batches``, with an exact
+                token mean.
             max_grad_norm: clip the adapter gradients to this global L2 norm (``None``: no clipping). Replaces
                 ``Trainer(gradient_clip_val=...)``.
             adapter_dir: where the final peft adapter is saved (default ``<log_dir>/adapter``).
@@ -136,7 +137,7 @@ class REGAModule(L.LightningModule):
         for start in starts:
             micro = trim_padding({key: value[start : start + step] for key, value in batch.items()})
             last = start + step >= rows
-            # DDP/FSDP: gradients are reduced once, after the last micro-batch.
+            # DDP: gradients are all-reduced once, after the last micro-batch.
             with contextlib.nullcontext() if last else no_sync(), packed_rows():
                 losses, _ = self.token_losses(micro)
                 part = losses.sum() / max(1, supervised)
@@ -165,6 +166,15 @@ class REGAModule(L.LightningModule):
             self.log(
                 f"val/loss_{name}", losses[selected].mean(), batch_size=int(selected.sum()), sync_dist=True
             )
+
+    def on_fit_start(self) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy) and self.micro_batch_size is not None:
+            # Several backward passes inside one FSDP root forward are not verified here: run batches whole.
+            log.warning("FSDP: micro_batch_size=%s ignored; each batch runs in one forward/backward pass",
+                        self.micro_batch_size)  # fmt: skip
+            self.micro_batch_size = None
 
     # --- logging ------------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
