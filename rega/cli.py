@@ -72,3 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         # Bad input is the user's to fix: one clear line, no traceback.
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
