@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 PACKED_SDPA = "sdpa_packed"
-_PACKED_ROWS = contextvars.ContextVar("rega_packed_rows", default=False)
+# Set inside packed_rows(): the sequence bounds of the position ids seen last, shared by all layers of a forward.
+_PACKED_ROWS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("rega_packed_rows", default=None)
 
 
 @contextlib.contextmanager
@@ -28,7 +29,7 @@ def packed_rows():
     """Declare that the batches run inside are packed rows: attention per packed sequence is exact for them.
 
     Also wrap the backward pass: gradient checkpointing recomputes the forward there."""
-    token = _PACKED_ROWS.set(True)
+    token = _PACKED_ROWS.set({})
     try:
         yield
     finally:
@@ -46,8 +47,9 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
 
     position_ids = kwargs.get("position_ids")
     length = query.shape[2]
+    cache = _PACKED_ROWS.get()
     if (
-        not _PACKED_ROWS.get()
+        cache is None
         or position_ids is None
         or position_ids.shape != query.shape[::2]  # [B, L]; transformers' own default ids are [1, L]
         or key.shape[2] != length  # a KV cache
@@ -56,12 +58,15 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    starts = position_ids == 0
-    starts[:, 0] = True
+    # The bounds once per forward, not per layer (on GPU each .tolist() waits for the device).
+    if cache.get("position_ids") is not position_ids:
+        starts = position_ids == 0
+        starts[:, 0] = True
+        cache["bounds"] = [[i for i, flag in enumerate(row) if flag] + [length] for row in starts.tolist()]
+        cache["position_ids"] = position_ids  # held, so its identity is not reused by another tensor
     gqa = query.shape[1] != key.shape[1]
     rows = []
-    for b, row_starts in enumerate(starts.tolist()):
-        bounds = [i for i, flag in enumerate(row_starts) if flag] + [length]
+    for b, bounds in enumerate(cache["bounds"]):
         pieces = [
             F.scaled_dot_product_attention(
                 query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e],
