@@ -34,7 +34,6 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-SHARED_CONFIG = REPO / "configs" / "data" / "shared_en.yaml"
 ENGLISH_DOMAIN_SETS = ("pubmedqa", "medmcqa", "overruling", "fiqa")
 CENTRAL = "A fixed central prompt for the benchmark (no tokenizer is loaded)."
 
@@ -44,22 +43,10 @@ def peak_rss_mib() -> float:
 
 
 def shared_config():
-    import yaml
+    # p_c fixed to a placeholder: the build is measured without loading a model for its system prompt
+    from bench_training import corpus_config
 
-    from rega.data.corpus import CorpusConfig
-    from rega.data.loaders import DataSource
-    from rega.data.prompts import PromptConfig
-
-    raw = yaml.safe_load(SHARED_CONFIG.read_text())["corpus"]
-    return CorpusConfig(
-        strategy=raw["strategy"],
-        mix_ratio=raw["mix_ratio"],
-        seed=raw["seed"],
-        skip_invalid=raw["skip_invalid"],
-        prompts=PromptConfig(**raw["prompts"], central=CENTRAL),
-        domains=[DataSource(**d) for d in raw["domains"]],
-        general=[DataSource(**d) for d in raw["general"]],
-    )
+    return corpus_config(central=CENTRAL)
 
 
 def synthesize(work: Path, n_records: int) -> tuple[Path, Path, int, int]:

@@ -124,7 +124,8 @@ def load_average() -> list[float]:
 
 
 # --- data -------------------------------------------------------------------------------------------------------
-def corpus_config():
+def corpus_config(central: str | None = None):
+    """The corpus of configs/data/shared_en.yaml; ``central`` fixes p_c (default: the model's own system prompt)."""
     import yaml
 
     from rega.data.corpus import CorpusConfig
@@ -137,7 +138,7 @@ def corpus_config():
         mix_ratio=raw["mix_ratio"],
         seed=raw["seed"],
         skip_invalid=raw.get("skip_invalid", False),
-        prompts=PromptConfig(**raw["prompts"]),
+        prompts=PromptConfig(**raw["prompts"], central=central),
         domains=[DataSource(**d) for d in raw["domains"]],
         general=[DataSource(**d) for d in raw["general"]],
     )
