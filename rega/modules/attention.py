@@ -87,3 +87,20 @@ def use_packed_sdpa(model) -> None:
     AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)  # evaluation still gets its mask
     model.set_attn_implementation(PACKED_SDPA)
+
+
+def prepare_packed_attention(model, config) -> None:
+    """Make ``model`` (a transformers model, before LoRA) isolate the examples of a packed row in training."""
+    model.config.use_cache = False  # also required for packed sequences to stay isolated under SDPA
+    if config.attn_implementation == "sdpa":
+        use_packed_sdpa(model)
+
+
+def decoder_hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The last hidden states [B, L, H] of a training batch (packed or padded rows), without the LM head."""
+    return model.get_decoder()(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).last_hidden_state

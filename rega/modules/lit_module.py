@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import grad_norm
 
 from rega.data.chat import IGNORE_INDEX, ChatFormat
 from rega.io import write_json
-from rega.modules.attention import packed_rows, use_packed_sdpa
+from rega.modules.attention import decoder_hidden_states, packed_rows, prepare_packed_attention
 from rega.modules.model import LoraSettings, ModelConfig, add_lora, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -100,9 +100,7 @@ class REGAModule(L.LightningModule):
         if self.model is not None:
             return
         base = load_model(self.model_config)
-        base.config.use_cache = False  # also required for packed sequences to stay isolated under SDPA
-        if self.model_config.attn_implementation == "sdpa":
-            use_packed_sdpa(base)
+        prepare_packed_attention(base, self.model_config)
         self.model = add_lora(base, self.lora, self.model_config.gradient_checkpointing)
         # from_pretrained returns eval mode and Lightning keeps submodule modes: without this, LoRA dropout is off.
         self.model.train()
@@ -117,12 +115,7 @@ class REGAModule(L.LightningModule):
         targets = batch["labels"][:, 1:]
         mask = targets != IGNORE_INDEX
         base = self.model.get_base_model()
-        hidden = base.get_decoder()(
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch["position_ids"],
-            use_cache=False,
-        ).last_hidden_state
+        hidden = decoder_hidden_states(base, batch)
         logits = base.get_output_embeddings()(hidden[:, :-1][mask])
         return F.cross_entropy(logits.float(), targets[mask], reduction="none"), mask
 
