@@ -1,106 +1,306 @@
-"""Attention for padding-free packed training rows: causal SDPA per packed sequence.
+"""Attention for padding-free packed training rows, one contract per architecture.
 
-A packed row of 512 tokens holds several examples. transformers isolates them with a block-diagonal L x L mask
-built from restarting ``position_ids``; given a mask, SDPA computes every one of the L x L scores (the CPU kernel
-cannot skip masked blocks, and a mask rules out its causal fast path). Running each packed sequence as its own
-causal attention computes only the blocks on the diagonal, with grouped-query heads handled by SDPA itself instead
-of ``repeat_kv`` copies. The outputs are the same (tests/test_training.py compares them).
+A packed row holds several examples whose ``position_ids`` restart at 0; right padding continues the last
+example's positions (``collate_rows``). Each example must see only its own earlier tokens. How that is made
+true depends on the architecture (:data:`ARCHITECTURES`):
 
-The path is taken only inside :func:`packed_rows`, which REGAModule enters around the forward and backward of
-its own batches (right-padded rows whose position ids restart at every example, as ``collate_rows`` builds them).
-Everything else, e.g. generation with left padding and a KV cache, keeps transformers' SDPA with its mask.
+* ``rope`` (LLaMA: Vicuna, SmolLM2; Mistral; Qwen2): attention goes through transformers' attention interface
+  and the position ids carry the restart (rotary embeddings). Under ``sdpa`` the model is switched to
+  :func:`packed_attention`: inside :func:`packed_rows` it attends within each packed sequence only, on CUDA
+  in bf16/fp16 with one ``varlen_attn`` call per layer (flash-attention varlen kernels; cumulative sequence
+  lengths built once per forward), elsewhere (CPU, fp32, attention dropout) with exact causal SDPA per
+  sequence; and transformers builds no B x L x L mask. Outside :func:`packed_rows` (evaluation, generation
+  with a KV cache) it is transformers' SDPA with its mask. Under ``eager``: transformers' own block-diagonal
+  mask (exact, O(L^2)).
+* ``alibi`` (BLOOM: BELLE-7B-2M): ALiBi ignores position ids and transformers builds its bias from a running
+  count over the row, so the decoder runs here with the bias from the restarting position ids and a
+  block-diagonal causal mask. ALiBi is shift-invariant per query row: each example gets its scores alone.
+* anything else: rows with one example each (``--data.batching grouped``) go through transformers with their
+  padding mask; a packed batch is refused with a :class:`~rega.data.prompts.ConfigError`.
+
+``flash_attention_*`` is refused for training: transformers isolates packed examples under flash attention
+only at batch size 1, and ``sdpa`` already runs flash kernels on CUDA (above). tests/test_architectures.py
+checks each architecture's packed losses and LoRA gradients against each example alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import inspect
+import logging
+import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-PACKED_SDPA = "sdpa_packed"
-# Set inside packed_rows(): the sequence bounds of the position ids seen last, shared by all layers of a forward.
+from rega.data.prompts import ConfigError
+
+log = logging.getLogger(__name__)
+
+PACKED = "rega_packed_sdpa"  # the attention implementation name registered with transformers
+ARCHITECTURES = {"llama": "rope", "mistral": "rope", "qwen2": "rope", "bloom": "alibi"}
+# Set inside packed_rows(): the layouts of the batches forwarded there, by the identity of their position ids.
 _PACKED_ROWS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("rega_packed_rows", default=None)
 
 
 @contextlib.contextmanager
 def packed_rows():
-    """Declare that the batches run inside are packed rows: attention per packed sequence is exact for them.
+    """Declare that the batches run inside are packed training rows (``collate_rows``).
 
-    Also wrap the backward pass: gradient checkpointing recomputes the forward there."""
-    token = _PACKED_ROWS.set({})
+    Also wrap the backward pass: gradient checkpointing recomputes the forward there, with the layouts kept
+    here."""
+    token = _PACKED_ROWS.set({"layouts": {}, "skip_mask": False})
     try:
         yield
     finally:
         _PACKED_ROWS.reset(token)
 
 
-def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Same contract as ``transformers.integrations.sdpa_attention.sdpa_attention_forward``.
+@dataclass
+class PackedLayout:
+    """Where each packed sequence starts, computed once per forward from ``position_ids`` [B, L]."""
 
-    A sequence starts wherever ``position_ids`` is 0 (the rule transformers uses for the packed mask). Right
-    padding continues the last sequence's positions (``collate_rows``), so it sees only real tokens and no real
-    token sees it.
-    """
+    position_ids: torch.Tensor  # held, so its id() is not reused while the layout is looked up by it
+    starts: torch.Tensor  # [B, L] bool on the batch's device: True at the first token of each packed sequence
+    _cache: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, position_ids: torch.Tensor) -> PackedLayout:
+        starts = position_ids == 0
+        starts[:, 0] = True
+        return cls(position_ids, starts)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.starts.shape)
+
+    def cu_seqlens(self) -> torch.Tensor:
+        """Cumulative sequence lengths over the flattened rows (int32, on device): one host sync a forward."""
+        if "cu" not in self._cache:
+            flat = self.starts.flatten().nonzero().flatten()
+            end = torch.tensor([self.starts.numel()], device=flat.device)
+            self._cache["cu"] = torch.cat([flat, end]).to(torch.int32)
+        return self._cache["cu"]
+
+    def lengths(self) -> list[list[int]]:
+        """Per row, its packed sequences' lengths (host ints: free on CPU, one sync a forward on GPU)."""
+        if "lengths" not in self._cache:
+            rows: list[list[int]] = [[] for _ in range(self.shape[0])]
+            for row, col in self.starts.nonzero().tolist():
+                rows[row].append(col)
+            self._cache["lengths"] = [
+                [e - s for s, e in zip(cols, cols[1:] + [self.shape[1]])] for cols in rows
+            ]
+        return self._cache["lengths"]
+
+    def same_sequence(self) -> torch.Tensor:
+        """[B, L, L] bool: query i and key j are in the same packed sequence and j <= i."""
+        seq = self.starts.cumsum(1)
+        length = self.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=seq.device).tril()
+        return (seq[:, :, None] == seq[:, None, :]) & causal
+
+
+# --- kernels ------------------------------------------------------------------------------------------------
+@functools.cache
+def _varlen():
+    """torch's varlen_attn and its parameters' names (the signature changed between releases), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def varlen_kwargs(params: frozenset, window: int | None) -> dict | None:
+    """Keyword arguments making ``varlen_attn`` causal (within ``window`` keys if given), or None."""
+    if (
+        "window_size" in params
+    ):  # torch >= 2.11: (-1, 0) is causal; (W-1, 0) keeps W keys, as transformers does
+        return {"window_size": (-1 if window is None else window - 1, 0)}
+    if "is_causal" in params and window is None:  # torch 2.10
+        return {"is_causal": True}
+    return None
+
+
+def _use_varlen(query: torch.Tensor, window: int | None, dropout: float) -> dict | None:
+    found = _varlen()
+    if found is None or dropout or not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if query.shape[-1] > 256:  # flash-attention's largest head size
+        return None
+    return varlen_kwargs(found[1], window)
+
+
+def varlen_packed(query, key, value, layout: PackedLayout, scaling, kwargs: dict) -> torch.Tensor:
+    """All rows' sequences in one varlen call: [B, H, L, D] in, [B, L, H, D] out."""
+    varlen_attn, params = _varlen()
+    batch, heads, length, dim = query.shape
+    q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value))
+    if k.shape[1] != heads:
+        if "enable_gqa" in params:
+            kwargs = {**kwargs, "enable_gqa": True}
+        else:
+            k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+    if scaling is not None:
+        if "scale" in params:
+            kwargs = {**kwargs, "scale": scaling}
+        else:
+            q = q * (scaling * math.sqrt(dim))
+    cu = layout.cu_seqlens()
+    # The row length bounds every sequence: no host sync for the true maximum.
+    out = varlen_attn(q, k, v, cu, cu, length, length, **kwargs)
+    return out.view(batch, length, heads, dim)
+
+
+def _causal(q, k, v, scaling, window: int | None, dropout: float) -> torch.Tensor:
+    length = q.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    if window is None or length <= window:
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa
+        )
+    i = torch.arange(length, device=q.device)
+    keep = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=keep, dropout_p=dropout, scale=scaling, enable_gqa=gqa
+    )
+
+
+def per_sequence_packed(query, key, value, layout: PackedLayout, scaling, window, dropout) -> torch.Tensor:
+    """Exact causal SDPA per packed sequence: [B, H, L, D] in, [B, L, H, D] out.
+
+    Rows are unbound and sequences split (not sliced): their backward stacks and concatenates the pieces'
+    gradients instead of adding a full-size zero tensor per slice."""
+    rows = []
+    for q_row, k_row, v_row, lengths in zip(
+        query.unbind(0), key.unbind(0), value.unbind(0), layout.lengths()
+    ):
+        pieces = zip(q_row.split(lengths, 1), k_row.split(lengths, 1), v_row.split(lengths, 1))
+        outs = [_causal(q[None], k[None], v[None], scaling, window, dropout)[0] for q, k, v in pieces]
+        rows.append(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0])
+    return torch.stack(rows).transpose(1, 2).contiguous()
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Same contract as ``transformers.integrations.sdpa_attention.sdpa_attention_forward``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    state = _PACKED_ROWS.get()
     position_ids = kwargs.get("position_ids")
-    length = query.shape[2]
-    cache = _PACKED_ROWS.get()
-    if (
-        cache is None
-        or position_ids is None
-        or position_ids.shape != query.shape[::2]  # [B, L]; transformers' own default ids are [1, L]
-        or key.shape[2] != length  # a KV cache
-        or dropout
-    ):
+    layout = (
+        state["layouts"].get(id(position_ids)) if state is not None and position_ids is not None else None
+    )
+    if layout is None:
+        if state is not None and state["skip_mask"] and attention_mask is None:
+            raise RuntimeError(
+                "packed rows: attention without its layout; forward through decoder_hidden_states"
+            )
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    # The bounds once per forward, not per layer (on GPU each .tolist() waits for the device).
-    if cache.get("position_ids") is not position_ids:
-        starts = position_ids == 0
-        starts[:, 0] = True
-        cache["bounds"] = [[i for i, flag in enumerate(row) if flag] + [length] for row in starts.tolist()]
-        cache["position_ids"] = position_ids  # held, so its identity is not reused by another tensor
-    gqa = query.shape[1] != key.shape[1]
-    rows = []
-    for b, bounds in enumerate(cache["bounds"]):
-        pieces = [
-            F.scaled_dot_product_attention(
-                query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e],
-                is_causal=True, scale=scaling, enable_gqa=gqa,
-            )
-            for s, e in zip(bounds, bounds[1:])
-        ]  # fmt: skip
-        rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
-    out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
-    return out.transpose(1, 2).contiguous(), None
+    if layout.shape != (query.shape[0], query.shape[2]) or key.shape[2] != query.shape[2]:
+        raise RuntimeError(
+            f"packed rows: layout {layout.shape} does not fit attention over {tuple(query.shape)}"
+        )
+    window = kwargs.get("sliding_window")
+    varlen = _use_varlen(query, window, dropout)
+    if varlen is not None:
+        return varlen_packed(query, key, value, layout, scaling, varlen), None
+    return per_sequence_packed(query, key, value, layout, scaling, window, dropout), None
 
 
-def use_packed_sdpa(model) -> None:
-    """Switch a transformers model (not a peft wrapper) from ``sdpa`` to :func:`packed_sdpa_attention`."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+def _packed_mask(*args, **kwargs):
+    """SDPA's mask, except while decoder_hidden_states forwards packed rows (the layout replaces it)."""
+    from transformers.masking_utils import sdpa_mask
 
-    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)  # evaluation still gets its mask
-    model.set_attn_implementation(PACKED_SDPA)
+    state = _PACKED_ROWS.get()
+    if state is not None and state["skip_mask"]:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+# --- the two functions REGAModule calls ---------------------------------------------------------------------
+def architecture(model) -> str | None:
+    """The packing contract of a transformers model: ``rope``, ``alibi`` or None (packed rows refused)."""
+    return ARCHITECTURES.get(getattr(model.config, "model_type", None))
 
 
 def prepare_packed_attention(model, config) -> None:
     """Make ``model`` (a transformers model, before LoRA) isolate the examples of a packed row in training."""
-    model.config.use_cache = False  # also required for packed sequences to stay isolated under SDPA
-    if config.attn_implementation == "sdpa":
-        use_packed_sdpa(model)
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    model.config.use_cache = False  # with a cache, transformers' packed-sequence detection is off
+    requested = config.attn_implementation
+    if "flash" in requested:
+        raise ConfigError(
+            f"attn_implementation={requested} would mix the examples of packed training rows (transformers "
+            "isolates them only at batch size 1); use sdpa, which runs torch's varlen flash attention on CUDA"
+        )
+    kind = architecture(model)
+    if kind is None:
+        log.warning("model type %r: packed rows are not verified; train with --data.batching grouped",
+                    model.config.model_type)  # fmt: skip
+    if kind == "rope" and model.config._attn_implementation == "sdpa":
+        AttentionInterface.register(PACKED, packed_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, _packed_mask)
+        model.set_attn_implementation(PACKED)
 
 
 def decoder_hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The last hidden states [B, L, H] of a training batch (packed or padded rows), without the LM head."""
-    return model.get_decoder()(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch["position_ids"],
-        use_cache=False,
-    ).last_hidden_state
+    """The last hidden states [B, L, H] of a training batch (packed or padded rows), without the LM head.
+
+    Rows are right-padded (``collate_rows``): a row's padding belongs to its last sequence, so the packed
+    paths need only the position ids; ``attention_mask`` (one example per row) serves transformers' paths."""
+    kind = architecture(model)
+    if kind == "alibi":
+        return bloom_hidden_states(model.get_decoder(), batch)
+    if kind is None and "attention_mask" not in batch:
+        raise ConfigError(
+            f"model type {model.config.model_type!r} has no verified packed-row attention (supported: "
+            f"{', '.join(ARCHITECTURES)}); train it with --data.batching grouped"
+        )
+    state = _PACKED_ROWS.get()
+    decoder = model.get_decoder()
+    position_ids = batch["position_ids"]
+    if state is None or model.config._attn_implementation != PACKED:
+        return decoder(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+            position_ids=position_ids, use_cache=False,
+        ).last_hidden_state  # fmt: skip
+    state["layouts"][id(position_ids)] = PackedLayout.of(position_ids)
+    state["skip_mask"] = True
+    try:
+        # An all-ones 2D mask: transformers then skips scanning the position ids for packed sequences (a host
+        # sync); _packed_mask returns None for it.
+        ones = torch.ones_like(position_ids, dtype=torch.bool)
+        out = decoder(
+            input_ids=batch["input_ids"], attention_mask=ones, position_ids=position_ids, use_cache=False
+        )
+    finally:
+        state["skip_mask"] = False
+    return out.last_hidden_state
+
+
+def bloom_hidden_states(transformer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """BloomModel's forward with ALiBi from the restarting position ids and a block-diagonal causal mask."""
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    position_ids = batch["position_ids"]
+    hidden = transformer.word_embeddings_layernorm(transformer.word_embeddings(batch["input_ids"]))
+    rows, length = position_ids.shape
+    heads = transformer.num_heads
+    slopes = _get_alibi_slopes(heads, hidden.device)
+    # transformers' alibi for one example is slope * position; its own builder counts across a packed row.
+    alibi = (slopes[None, :, None] * position_ids[:, None, :].float()).reshape(rows * heads, 1, length)
+    keep = PackedLayout.of(position_ids).same_sequence()[:, None]
+    mask = torch.zeros(keep.shape, dtype=hidden.dtype, device=hidden.device)
+    mask.masked_fill_(~keep, torch.finfo(hidden.dtype).min)
+    alibi = alibi.to(hidden.dtype)
+    for block in transformer.h:
+        hidden = block(hidden, alibi=alibi, attention_mask=mask, layer_past=None, use_cache=False)[0]
+    return transformer.ln_f(hidden)

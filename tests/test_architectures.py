@@ -1,0 +1,280 @@
+"""The packing contract per architecture: inside a packed row, each example's loss and LoRA gradients equal
+its own alone (fp32, CPU), through REGAModule.token_losses inside packed_rows() as training runs it.
+
+Each architecture is a tiny random model built here with the embedded model's tokenizer (so REGAModule loads
+it the normal way). "Alone" is the plain peft/transformers forward of one unpadded example: an independent
+reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from rega.data.chat import IGNORE_INDEX
+from rega.data.prompts import ConfigError
+from rega.datamodules.tokenized import TokenizedExamples, collate_rows, pack_rows
+from rega.modules.attention import (
+    PackedLayout,
+    packed_rows,
+    per_sequence_packed,
+    prepare_packed_attention,
+    varlen_kwargs,
+)
+from rega.modules.lit_module import REGAModule
+from rega.modules.model import LoraSettings, ModelConfig, decoder_layer_classes, load_model, load_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+LENGTHS = [23, 9, 31, 14, 40, 5, 18, 27, 12]  # several longer than Mistral's test window (24)
+ROW = 64
+
+
+def tiny_config(arch: str, tokenizer):
+    import transformers
+
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer)}  # fmt: skip
+    rope = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 256, **ids}  # fmt: skip
+    if arch == "llama":
+        return transformers.LlamaConfig(**rope)
+    if arch == "mistral":
+        return transformers.MistralConfig(**rope, sliding_window=24)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**rope)
+    if arch == "bloom":
+        return transformers.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **ids)
+    if arch == "gpt2":
+        return transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **ids)
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """arch -> folder of a tiny random model of that architecture, saved with the embedded tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(ModelConfig())
+    made = {}
+
+    def make(arch: str) -> Path:
+        if arch not in made:
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(tiny_config(arch, tokenizer))
+            path = tmp_path_factory.mktemp(f"tiny-{arch}")
+            model.save_pretrained(path, safe_serialization=True)
+            tokenizer.save_pretrained(path)
+            made[arch] = path
+        return made[arch]
+
+    return make
+
+
+def random_examples(vocab: int, lengths=LENGTHS) -> TokenizedExamples:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab, size=sum(lengths)).astype(np.int32)
+    return TokenizedExamples(
+        tokens=tokens, offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        prompt_lens=np.array([n // 3 for n in lengths], dtype=np.int32),
+        domain_ids=np.zeros(len(lengths), dtype=np.int16), domains=["d"],
+    )  # fmt: skip
+
+
+def lora_module(path: Path, **model_options) -> REGAModule:
+    module = REGAModule(
+        model=ModelConfig(name_or_path=str(path), **model_options), lora=LoraSettings(dropout=0.0)
+    )
+    torch.manual_seed(1)
+    module.configure_model()
+    with torch.no_grad():  # B starts at zero, which would leave every A gradient zero
+        for name, param in module.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    return module
+
+
+def lora_params(module) -> list[torch.Tensor]:
+    return [p for n, p in module.model.named_parameters() if "lora_" in n]
+
+
+def alone(module, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per-token response losses and LoRA gradients of one example through the plain peft forward."""
+    logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    losses = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="none")
+    return losses.detach(), torch.autograd.grad(losses.sum(), lora_params(module))
+
+
+CASES = [
+    ("llama", "sdpa", False), ("llama", "sdpa", True), ("llama", "eager", False), ("mistral", "sdpa", False),
+    ("qwen2", "sdpa", False), ("bloom", "sdpa", False), ("bloom", "sdpa", True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("arch", "attn", "checkpointing"), CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_packed_examples_equal_themselves_alone(tiny_dirs, arch, attn, checkpointing):
+    module = lora_module(tiny_dirs(arch), attn_implementation=attn, gradient_checkpointing=checkpointing)
+    data = random_examples(len(module.tokenizer))
+    rows = pack_rows(data.lengths.tolist(), ROW)
+    assert any(len(r) > 1 for r in rows) and any(sum(data.lengths[r]) < ROW for r in rows)  # packs, and pads
+    batch = collate_rows(data, rows, pad_id=0)
+    params = lora_params(module)
+    with packed_rows():
+        losses, mask = module.token_losses(batch)
+        row_of, col_of = mask.nonzero(as_tuple=True)
+        checked = 0
+        for r, row in enumerate(rows):
+            start = 0
+            for i in row:
+                n = int(data.lengths[i])
+                sel = (row_of == r) & (col_of >= start) & (col_of < start + n - 1)
+                grads = torch.autograd.grad(losses[sel].sum(), params, retain_graph=True)
+                ref_losses, ref_grads = alone(module, collate_rows(data, [[i]], pad_id=0))
+                torch.testing.assert_close(losses[sel].detach(), ref_losses, rtol=1e-4, atol=1e-5)
+                for got, want in zip(grads, ref_grads):
+                    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
+                start, checked = start + n, checked + 1
+    assert checked == len(LENGTHS)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bloom"])
+def test_the_check_sees_a_leak(tiny_dirs, arch):
+    """Control: the same rows run as one causal sequence each (what BLOOM did before) give other losses, so
+    the equalities above are not trivial for these tiny models."""
+    module = lora_module(tiny_dirs(arch))
+    data = random_examples(len(module.tokenizer))
+    rows = pack_rows(data.lengths.tolist(), ROW)
+    batch = collate_rows(data, rows, pad_id=0)
+    with torch.no_grad(), packed_rows():
+        losses, _ = module.token_losses(batch)
+        logits = module.model(input_ids=batch["input_ids"]).logits  # no restart: examples see each other
+    targets = batch["labels"][:, 1:]
+    leaked = F.cross_entropy(
+        logits[:, :-1][targets != IGNORE_INDEX], targets[targets != IGNORE_INDEX], reduction="none"
+    )
+    assert not torch.allclose(leaked, losses, rtol=1e-3, atol=1e-4)
+
+
+def adapted_modules(module) -> set[str]:
+    return {
+        n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in module.model.named_parameters() if ".lora_A" in n
+    }
+
+
+def test_lora_targets_follow_the_architecture(tiny_dirs):
+    expected = {
+        "bloom": {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"},
+        "qwen2": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    }
+    for arch in expected:
+        module = lora_module(tiny_dirs(arch))
+        assert adapted_modules(module) == expected[arch], arch
+    explicit = REGAModule(
+        model=ModelConfig(name_or_path=str(tiny_dirs("llama"))), lora=LoraSettings(target_modules=["q_proj"])
+    )
+    explicit.configure_model()
+    assert adapted_modules(explicit) == {"q_proj"}
+
+
+def test_decoder_layer_classes_come_from_the_model(tiny_dirs):
+    from transformers.models.bloom.modeling_bloom import BloomBlock
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    assert decoder_layer_classes(lora_module(tiny_dirs("llama")).model) == (
+        LlamaDecoderLayer,
+    )  # through peft
+    assert decoder_layer_classes(load_model(ModelConfig(name_or_path=str(tiny_dirs("bloom"))))) == (
+        BloomBlock,
+    )
+
+
+def test_bloom_loads_with_eager_attention(tiny_dirs):
+    model = load_model(
+        ModelConfig(name_or_path=str(tiny_dirs("bloom")))
+    )  # sdpa requested: transformers refuses it
+    assert model.config._attn_implementation == "eager"
+
+
+def test_flash_attention_is_refused_not_leaked(tiny_dirs):
+    config = ModelConfig(name_or_path=str(tiny_dirs("llama")), attn_implementation="flash_attention_2")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="flash_attention_2"):
+            load_model(config)
+    base = load_model(ModelConfig(name_or_path=config.name_or_path))
+    with pytest.raises(ConfigError, match="mix the examples"):
+        prepare_packed_attention(base, config)
+
+
+def test_unverified_architecture_trains_one_example_per_row_only(tiny_dirs):
+    module = lora_module(tiny_dirs("gpt2"))
+    data = random_examples(len(module.tokenizer))
+    with torch.no_grad(), packed_rows():
+        with pytest.raises(ConfigError, match="batching grouped"):
+            module.token_losses(collate_rows(data, pack_rows(data.lengths.tolist(), ROW), pad_id=0))
+        grouped = collate_rows(
+            data, [[0], [1], [2]], pad_id=0
+        )  # padded rows with a mask: transformers' own path
+        losses, _ = module.token_losses(grouped)
+    assert torch.isfinite(losses).all()
+
+
+def test_varlen_causal_arguments_for_each_signature():
+    new = frozenset({"query", "window_size", "enable_gqa", "scale"})
+    assert varlen_kwargs(new, None) == {"window_size": (-1, 0)}
+    assert varlen_kwargs(new, 24) == {"window_size": (23, 0)}  # 24 keys, as transformers' sliding mask
+    old = frozenset({"query", "is_causal"})
+    assert varlen_kwargs(old, None) == {"is_causal": True}
+    assert varlen_kwargs(old, 24) is None  # no sliding window there: the exact per-sequence path instead
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_per_sequence_attention_equals_the_block_diagonal_mask(window):
+    torch.manual_seed(0)
+    position_ids = torch.tensor(
+        [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1], [*range(11), 0, 1, 2, 3, 4]]
+    )
+    layout = PackedLayout.of(position_ids)
+    q = torch.randn(2, 4, 16, 8, requires_grad=True)
+    k, v = (torch.randn(2, 2, 16, 8, requires_grad=True) for _ in range(2))  # grouped-query heads
+    out = per_sequence_packed(q, k, v, layout, None, window, 0.0)
+    keep = layout.same_sequence()
+    if window is not None:
+        i = torch.arange(16)
+        keep = keep & (i[None, :] > i[:, None] - window)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None], enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    weights = torch.randn_like(ref)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    for got, want in zip(grads, torch.autograd.grad((ref * weights).sum(), (q, k, v))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_belle_config_fits_a_tiny_bloom(tiny_dirs, tmp_path):
+    """configs/model/belle_7b.yaml through `cli.py fit` (a few steps), on a tiny random BLOOM in fp32."""
+    args = [
+        sys.executable, str(REPO / "cli.py"), "fit",
+        "--config", str(REPO / "configs/trainer/cpu.yaml"),
+        "--config", str(REPO / "tests/configs/tiny_fit.yaml"),
+        "--config", str(REPO / "configs/model/belle_7b.yaml"),
+        "--model.model.name_or_path", str(tiny_dirs("bloom")), "--model.model.dtype", "float32",
+        "--trainer.max_steps", "3", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--data.cache", str(tmp_path / "cache"), "--model.adapter_dir", str(tmp_path / "adapter"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(args, capture_output=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr.decode()[-4000:]
+    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # trained (B starts at zero)
