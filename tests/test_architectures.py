@@ -278,3 +278,49 @@ def test_belle_config_fits_a_tiny_bloom(tiny_dirs, tmp_path):
     assert set(adapter["target_modules"]) == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
     weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # trained (B starts at zero)
+
+
+def reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=None,
+                     is_causal=False, enable_gqa=False, scale=None, **unused):  # fmt: skip
+    """A CPU stand-in for torch's varlen_attn with flash-attention's semantics ([T, H, D] tensors, sequences
+    delimited by ``cu_seq_q``, window (left, right) keys around each query), to test the wrapper around it."""
+    left = window_size[0] if window_size is not None else -1
+    if not (is_causal or (window_size is not None and window_size[1] == 0)):
+        raise AssertionError("not causal")
+    bounds = cu_seq_q.tolist()
+    assert cu_seq_q is cu_seq_k and max_q >= max(e - s for s, e in zip(bounds, bounds[1:]))
+    outs = []
+    for s, e in zip(bounds, bounds[1:]):
+        i = torch.arange(e - s)
+        keep = (i[None, :] <= i[:, None]) & ((i[None, :] >= i[:, None] - left) if left >= 0 else True)
+        q, k, v = (t[s:e].transpose(0, 1)[None] for t in (query, key, value))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=enable_gqa)
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("signature", ["torch-2.13", "torch-2.10"])
+@pytest.mark.parametrize("window", [None, 6])
+def test_varlen_wrapper_feeds_the_kernel_flattened_rows(monkeypatch, signature, window):
+    """varlen_packed (flattening, cumulative lengths, GQA, scale, causal window) on CPU with a stand-in
+    kernel: the same outputs and gradients as the exact per-sequence path. Older signatures lack enable_gqa
+    and scale, which the wrapper then provides itself."""
+    import rega.modules.attention as attention
+
+    params = {"torch-2.13": {"window_size", "enable_gqa", "scale"}, "torch-2.10": {"is_causal"}}[signature]
+    monkeypatch.setattr(attention, "varlen_function", lambda: (reference_varlen, frozenset(params)))
+    kwargs = varlen_kwargs(frozenset(params), window)
+    if kwargs is None:
+        pytest.skip("this signature has no sliding window: the per-sequence path runs instead")
+    torch.manual_seed(0)
+    layout = PackedLayout.of(torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1], [*range(16)]]))
+    inputs = [torch.randn(2, h, 16, 8) for h in (4, 2, 2)]
+    scale = 0.3
+    results = []
+    for run in (lambda q, k, v: attention.varlen_packed(q, k, v, layout, scale, kwargs),
+                lambda q, k, v: per_sequence_packed(q, k, v, layout, scale, window, 0.0)):  # fmt: skip
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = run(*leaves)
+        results.append([out, *torch.autograd.grad((out * out).sum(), leaves)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -79,3 +79,87 @@ def test_fsdp_fit_on_gpu(tiny_model_dir, tmp_path):
         "1",
     )
     assert_trained(tmp_path, done)
+
+
+# --- packed attention on CUDA: the varlen kernel against the exact per-sequence path ---------------------
+def run_attention(fn, tensors, weight):
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, weight.to(out.dtype))
+    return [out.float(), *(g.float() for g in grads)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    ("kv_heads", "window"), [(8, None), (2, None), (8, 40)], ids=["mha", "gqa", "sliding"]
+)
+def test_varlen_attention_matches_the_per_sequence_path(dtype, kv_heads, window):
+    """Outputs and q/k/v gradients of the varlen path against fp32 per-sequence attention: as close as the
+    per-sequence path in the same low precision."""
+    from rega.modules.attention import PackedLayout, per_sequence_packed, varlen_arguments, varlen_packed
+
+    torch.manual_seed(0)
+    rows = [[37, 100, 5, 114], [256], [60, 196]]
+    position_ids = torch.cat([torch.cat([torch.arange(n) for n in row])[None] for row in rows])
+    layout = PackedLayout.of(position_ids.cuda())
+    exact = [torch.randn(3, h, 256, 64, device="cuda") for h in (8, kv_heads, kv_heads)]
+    low = [t.to(dtype) for t in exact]
+    weight = torch.randn(3, 256, 8, 64, device="cuda")
+    kwargs = varlen_arguments(low[0], window, 0.0)
+    assert kwargs is not None  # the fast path is available for these tensors
+
+    def per_sequence(*t):
+        return per_sequence_packed(*t, layout, None, window, 0.0)
+
+    reference = run_attention(per_sequence, exact, weight)
+    slow = run_attention(per_sequence, low, weight)
+    fast = run_attention(lambda *t: varlen_packed(*t, layout, None, kwargs), low, weight)
+    for name, got, same, ref in zip(["out", "dq", "dk", "dv"], fast, slow, reference):
+        error, baseline = (got - ref).abs().max(), (same - ref).abs().max()
+        assert error <= 2 * baseline + 1e-3 * ref.abs().max(), name
+        assert error <= (2e-2 if dtype == torch.bfloat16 else 5e-3) * ref.abs().max(), name
+
+
+@pytest.mark.gpu
+def test_packed_bf16_rows_on_gpu_run_varlen_and_equal_examples_alone(tiny_model_config, monkeypatch):
+    import numpy as np
+
+    import rega.modules.attention as attention
+    from rega.datamodules.tokenized import TokenizedExamples, collate_rows, pack_rows
+    from rega.modules.attention import packed_rows
+    from rega.modules.lit_module import REGAModule
+    from rega.modules.model import LoraSettings
+
+    calls = []
+    varlen = attention.varlen_packed
+    monkeypatch.setattr(attention, "varlen_packed", lambda *a: calls.append(1) or varlen(*a))
+    module = REGAModule(model=tiny_model_config, lora=LoraSettings(dropout=0.0))
+    module.configure_model()
+    module.cuda()
+    lengths = [23, 9, 31, 14, 40, 5, 18, 27, 12]
+    rng = np.random.default_rng(0)
+    data = TokenizedExamples(
+        tokens=rng.integers(0, len(module.tokenizer), size=sum(lengths)).astype(np.int32),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]), prompt_lens=np.array([n // 3 for n in lengths]),
+        domain_ids=np.zeros(len(lengths), dtype=np.int16), domains=["d"],
+    )  # fmt: skip
+    rows = pack_rows(lengths, 64)
+
+    def on_gpu(batch):
+        return {k: v.cuda() for k, v in batch.items()}
+
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with packed_rows():
+            losses, mask = module.token_losses(on_gpu(collate_rows(data, rows, pad_id=0)))
+        assert calls  # the packed rows took the varlen kernel
+        row_of, col_of = mask.nonzero(as_tuple=True)
+        for r, row in enumerate(rows):
+            start = 0
+            for i in row:
+                sel = (row_of == r) & (col_of >= start) & (col_of < start + lengths[i] - 1)
+                alone, _ = module.token_losses(
+                    on_gpu(collate_rows(data, [[i]], pad_id=0))
+                )  # transformers' SDPA
+                torch.testing.assert_close(losses[sel], alone, rtol=1e-2, atol=1e-2)
+                start += lengths[i]

@@ -106,7 +106,7 @@ class PackedLayout:
 
 # --- kernels ------------------------------------------------------------------------------------------------
 @functools.cache
-def _varlen():
+def varlen_function():
     """torch's varlen_attn and its parameters' names (the signature changed between releases), or None."""
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -117,17 +117,18 @@ def _varlen():
 
 def varlen_kwargs(params: frozenset, window: int | None) -> dict | None:
     """Keyword arguments making ``varlen_attn`` causal (within ``window`` keys if given), or None."""
-    if (
-        "window_size" in params
-    ):  # torch >= 2.11: (-1, 0) is causal; (W-1, 0) keeps W keys, as transformers does
+    # torch 2.11+: (-1, 0) is causal; (W-1, 0) keeps W keys (the query's, W-1 before), as transformers does.
+    if "window_size" in params:
         return {"window_size": (-1 if window is None else window - 1, 0)}
     if "is_causal" in params and window is None:  # torch 2.10
         return {"is_causal": True}
     return None
 
 
-def _use_varlen(query: torch.Tensor, window: int | None, dropout: float) -> dict | None:
-    found = _varlen()
+def varlen_arguments(query: torch.Tensor, window: int | None, dropout: float) -> dict | None:
+    """``varlen_attn``'s keyword arguments if it can run this attention (CUDA, bf16/fp16, no dropout), else
+    None (the per-sequence path runs instead)."""
+    found = varlen_function()
     if found is None or dropout or not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
         return None
     if query.shape[-1] > 256:  # flash-attention's largest head size
@@ -137,7 +138,7 @@ def _use_varlen(query: torch.Tensor, window: int | None, dropout: float) -> dict
 
 def varlen_packed(query, key, value, layout: PackedLayout, scaling, kwargs: dict) -> torch.Tensor:
     """All rows' sequences in one varlen call: [B, H, L, D] in, [B, L, H, D] out."""
-    varlen_attn, params = _varlen()
+    varlen_attn, params = varlen_function()
     batch, heads, length, dim = query.shape
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value))
     if k.shape[1] != heads:
@@ -206,8 +207,12 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         raise RuntimeError(
             f"packed rows: layout {layout.shape} does not fit attention over {tuple(query.shape)}"
         )
+    if query.is_cuda and torch.is_autocast_enabled("cuda"):
+        # As autocast does for SDPA: rotary embeddings of fp32 weights leave q and k in fp32 under bf16-mixed.
+        low = torch.get_autocast_dtype("cuda")
+        query, key, value = (t.to(low) for t in (query, key, value))
     window = kwargs.get("sliding_window")
-    varlen = _use_varlen(query, window, dropout)
+    varlen = varlen_arguments(query, window, dropout)
     if varlen is not None:
         return varlen_packed(query, key, value, layout, scaling, varlen), None
     return per_sequence_packed(query, key, value, layout, scaling, window, dropout), None

@@ -1,0 +1,51 @@
+"""scripts/gpu_check.py --dry-run: the one-command GPU check runs end to end on CPU (tiny fp32 shapes) and
+writes the JSON the GPU run will write, so the real run does not fail on a typo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CHECKS = ["environment", "attention", "train_1_layers", "train_2_layers", "extrapolation", "train_bf16_true",
+          "generation", "qlora", "fsdp2"]  # fmt: skip
+
+
+def test_dry_run_writes_every_check(tmp_path):
+    output = tmp_path / "gpu_check.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        [sys.executable, "scripts/gpu_check.py", "--dry-run", "--output", str(output)],
+        cwd=REPO, capture_output=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()[-4000:]
+    report = json.loads(output.read_text())
+    assert set(CHECKS) <= report.keys() and report["meta"]["dry_run"] is True
+    # On CPU only QLoRA is skipped (and varlen absent); FSDP2 depends on REGAModule's sharding, so it may
+    # record an error, which must not stop the checks before it.
+    failed = {name: report[name]["error"] for name in CHECKS if name != "fsdp2" and "error" in report[name]}
+    assert not failed
+    assert report["qlora"]["skipped"] == "QLoRA needs CUDA"
+    assert {"torch", "transformers", "peft", "lightning"} <= report["environment"]["versions"].keys()
+
+    for case in ("mha_llama7b", "gqa"):
+        paths = report["attention"][case]["paths"]
+        assert {"per_sequence", "masked_sdpa"} <= paths.keys()  # varlen needs CUDA
+        for path in paths.values():
+            assert path["fwd_bwd_ms_per_layer"] > 0
+            assert max(path["max_rel_error_vs_fp32"].values()) < 1e-4  # fp32 on CPU: the same numbers
+    assert report["attention"]["gqa"]["shape"]["kv_heads"] < report["attention"]["gqa"]["shape"]["heads"]
+
+    for name in ("train_1_layers", "train_2_layers", "train_bf16_true"):
+        run = report[name]
+        assert run["tokens_per_s"] > 0 and run["model_tflops_per_s"] > 0 and run["steps_timed"] > 0
+        assert run["attention_calls"]["per_sequence"] > 0 and run["attention_calls"]["varlen"] == 0
+        assert run["lora_dtype"] and run["loss_dtype"] and run["loss"] > 0
+    assert report["train_bf16_true"]["lora_dtype"] == "torch.bfloat16"
+    assert report["train_1_layers"]["lora_dtype"] == "torch.float32"
+    assert "error" in report["fsdp2"] or report["fsdp2"]["strategy"] != "SingleDeviceStrategy"
+    assert report["extrapolation"]["to_layers"] == 32 and report["extrapolation"]["step_seconds"] > 0
+    assert report["generation"]["new_tokens"] > 0
