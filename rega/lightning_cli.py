@@ -9,6 +9,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from rega.data.prompts import ConfigError
 from rega.datamodules import REGADataModule
+from rega.distill.runner import ensure_distilled
 from rega.modules.lit_module import REGAModule
 
 
@@ -32,6 +33,11 @@ class REGACLI(LightningCLI):
                 f"trainer.gradient_clip_val={trainer.gradient_clip_val}: not used by REGAModule; set "
                 f"model.max_grad_norm instead"
             )
+
+    def before_fit(self) -> None:
+        distill = self.datamodule.pending_distillation
+        if distill is not None:
+            ensure_distilled(distill, processes=self.trainer.num_devices * self.trainer.num_nodes)
 
     def after_fit(self) -> None:
         path = Path(self.trainer.log_dir or ".") / "summary.json"  # log_dir is a collective: every rank asks

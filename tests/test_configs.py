@@ -28,7 +28,9 @@ def command_for(path: Path) -> list[str]:
     if group in ("model", "trainer", "experiment"):
         layers = [*BASE, str(path)] if str(path) not in BASE else BASE
         return ["fit", *[arg for layer in layers for arg in ("--config", layer)], "--print_config"]
-    command = {"data": "corpus", "distill": "distill", "eval": "evaluate", "grid": "grid"}[group]
+    if group == "distill":  # a distill file is the DistillConfig itself, so a fit's data.distill can name it
+        return ["distill", "--distill", str(path), "--print_config"]
+    command = {"data": "corpus", "eval": "evaluate", "grid": "grid"}[group]
     return [command, "--config", str(path), "--print_config"]
 
 

@@ -1,17 +1,22 @@
-"""REGADataModule: builds the strategy's corpus (running self-distillation first when it needs D_g and none is
-given), renders every example with the model's chat template under its prompt, tokenizes with response-only labels,
-caches the result on disk, and serves padding-free batches.
+"""REGADataModule: builds the strategy's corpus, renders every example with the model's chat template under its
+prompt, tokenizes with response-only labels, caches the result on disk, and serves padding-free batches.
+
+D_g is read from ``distill.output_dir`` when the strategy needs it and ``corpus.general`` is empty; producing it is
+a stage of its own (``rega distill``, or ``rega fit`` itself before training when it runs as one process), never
+work that one rank does while the others wait.
 
 ``prepare_data`` (once per node) does the expensive work and writes the cache; ``setup`` (every rank) rebuilds
-the cheap corpus to derive the cache key and loads the cache.
+the cheap corpus to derive the cache key and loads the cache. Training batches resume mid-epoch exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -21,9 +26,16 @@ from torch.utils.data import DataLoader, DistributedSampler
 from rega.data.chat import ChatFormat
 from rega.data.corpus import Corpus, CorpusConfig, build_corpus, check_config
 from rega.data.loaders import DataSource, load_many
-from rega.data.prompts import CENTRAL, RolePrompts
+from rega.data.prompts import CENTRAL, ConfigError, RolePrompts
 from rega.data.strategies import ROLE, Example, as_examples, get_strategy
-from rega.datamodules.tokenized import BatchDataset, TokenizedExamples, cache_file, plan_batches
+from rega.datamodules.tokenized import (
+    EMPTY_BATCH,
+    BatchDataset,
+    TokenizedExamples,
+    cache_file,
+    host_counts,
+    plan_batches,
+)
 from rega.distill.runner import MERGED, DistillConfig
 from rega.io import stable_hash
 from rega.modules.model import ModelConfig, load_tokenizer
@@ -34,7 +46,8 @@ CACHE_VERSION = 1  # bump when the tokenized format or rendering changes
 
 
 class TrainerEpochSampler(DistributedSampler):
-    """A seeded per-epoch shuffle (for one process too) that takes its epoch from the trainer when iterated.
+    """A seeded per-epoch shuffle (for one process too) that takes its epoch from the trainer when iterated, and
+    skips the batches a resumed epoch has already trained on.
 
     On resume Lightning creates the iterator before it restores the epoch and calls ``set_epoch``, which would
     replay epoch 0's order; reading ``trainer.current_epoch`` at the first draw keeps a resumed run on the
@@ -42,16 +55,50 @@ class TrainerEpochSampler(DistributedSampler):
     """
 
     trainer = None
+    resume: dict | None = None  # {"epoch": e, "batches_done": k}, from a mid-epoch checkpoint
 
     def __iter__(self):
         # Lazy: the order is drawn at the first next(), after a resume has restored the trainer's epoch
         # (Lightning may create the iterator earlier, while estimating the number of steps).
         def indices():
+            skip = 0
             if self.trainer is not None:
                 self.set_epoch(self.trainer.current_epoch)
-            yield from super(TrainerEpochSampler, self).__iter__()
+                if self.resume and self.resume["epoch"] == self.trainer.current_epoch:
+                    skip = self.resume["batches_done"]
+                self.resume = None
+            yield from itertools.islice(super(TrainerEpochSampler, self).__iter__(), skip, None)
 
         return indices()
+
+
+class ResumableLoader(DataLoader):
+    """A training loader that Lightning checkpoints (``state_dict``) and restores mid-epoch.
+
+    The state is the number of batches the fit loop has started in this epoch, not how many the loader has
+    produced (Lightning fetches ahead). Restored, the sampler skips exactly those in the same epoch's order.
+    """
+
+    def state_dict(self) -> dict:
+        trainer = self.sampler.trainer
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches_done": progress.ready}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.resume = dict(state)
+
+
+class ShardedEvalSampler(DistributedSampler):
+    """Rank r takes batches r, r + world, ...: every batch once (DistributedSampler repeats some to even the
+    ranks out, which would count them twice in the metrics). Ranks with fewer batches get index -1, an empty
+    batch, so that all ranks run the same number of forwards (FSDP gathers weights in each)."""
+
+    def __iter__(self):
+        mine = list(range(self.rank, len(self.dataset), self.num_replicas))
+        return iter(mine + [EMPTY_BATCH] * (len(self) - len(mine)))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.num_replicas)
 
 
 class REGADataModule(L.LightningDataModule):
@@ -73,7 +120,8 @@ class REGADataModule(L.LightningDataModule):
         Args:
             corpus: strategy, domain sets D_i, general set D_g, prompts, mix ratio r and seed.
             val: dev sets for validation loss (logged per domain), rendered with the strategy's inference prompt.
-            distill: self-distillation settings, used when the strategy needs D_g and ``corpus.general`` is empty.
+            distill: self-distillation settings (or a distill YAML file: one file for ``rega distill`` and fit); D_g
+                is its ``output_dir``, read when the strategy needs D_g and ``corpus.general`` is empty.
             model: the model whose tokenizer and chat template render the data (linked from the model's config).
             max_length: longest example in tokens; longer responses are cut, prompts are kept whole.
             batch_size: rows per batch (per device).
@@ -97,6 +145,7 @@ class REGADataModule(L.LightningDataModule):
         self.cache_root = Path(cache) if cache else cache_dir()
         self.seed = seed
         check_config(self._effective_corpus_config())  # fail at configuration time, not mid-run
+        self._warn_if_distilled_by_another_model()
         self.strategy = self.corpus_config.strategy
         self.prompts: RolePrompts | None = None
         self.domains: list[str] = []
@@ -106,15 +155,22 @@ class REGADataModule(L.LightningDataModule):
         self._chat: ChatFormat | None = None
 
     # --- corpus -------------------------------------------------------------------------------------------
-    def _needs_distillation(self) -> bool:
-        return get_strategy(self.corpus_config.strategy).needs_general and not self.corpus_config.general
+    @property
+    def pending_distillation(self) -> DistillConfig | None:
+        """The distillation whose output this corpus reads as D_g, or None when it reads no distilled D_g."""
+        needs = get_strategy(self.corpus_config.strategy).needs_general and not self.corpus_config.general
+        return self.distill_config if needs else None
 
-    def _distill_config(self) -> DistillConfig:
-        # Distil with the model being trained: θ answers under its own p_c.
-        return dataclasses.replace(self.distill_config, model=self.model_config)
+    def _warn_if_distilled_by_another_model(self) -> None:
+        distill = self.pending_distillation
+        if distill is not None and distill.model.name_or_path != self.model_config.name_or_path:
+            log.warning(
+                "D_g is distilled by %s but %s is trained: self-distillation means the trained model's own "
+                "answers (set data.distill.model)", distill.model.name_or_path, self.model_config.name_or_path
+            )  # fmt: skip
 
     def _effective_corpus_config(self) -> CorpusConfig:
-        if not self._needs_distillation():
+        if self.pending_distillation is None:
             return self.corpus_config
         if self.distill_config is None:
             return self.corpus_config  # check_config reports the missing D_g
@@ -197,11 +253,6 @@ class REGADataModule(L.LightningDataModule):
         return data
 
     def prepare_data(self) -> None:
-        if self._needs_distillation() and self.distill_config is not None:
-            from rega.distill.runner import run_distillation
-
-            # In this process: a multi-device distill config must not relaunch the training command per rank.
-            run_distillation(self._distill_config(), in_process=True)
         self._load(create=True)
 
     def setup(self, stage: str | None = None) -> None:
@@ -214,6 +265,11 @@ class REGADataModule(L.LightningDataModule):
         self.prompts = corpus.prompts
         self.domains = sorted({e.domain for e in corpus.examples} | {e.domain for e in val})
         self.train_data = self._tokenized(corpus.examples, self.domains, create)
+        if len(self.train_data) == 0:
+            raise ConfigError(
+                f"no training example fits data.max_length={self.max_length}: all {self.train_data.dropped} "
+                "prompts leave no room for an answer (raise max_length)"
+            )
         self.val_data = self._tokenized(val, self.domains, create) if val else None
         lengths = self.train_data.lengths
         self.manifest = {
@@ -241,18 +297,25 @@ class REGADataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def _loader(self, data: TokenizedExamples, mode: str, shuffle: bool) -> DataLoader:
-        batches = plan_batches(data.lengths.tolist(), mode, self.batch_size, self.max_length, self.seed)
-        dataset = BatchDataset(data, batches, self.chat.tokenizer.pad_token_id)
-        world, rank = self._rank()
-        sampler = TrainerEpochSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
-        sampler.trainer = getattr(self, "trainer", None)
-        return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers)
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_data, self.batching, shuffle=True)
+        world, rank = self._rank()
+        dataset = self._batches(self.train_data, self.batching)
+        sampler = TrainerEpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        sampler.trainer = getattr(self, "trainer", None)
+        return ResumableLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_data is None:
             return []
-        return self._loader(self.val_data, "grouped", shuffle=False)
+        world, rank = self._rank()
+        dataset = self._batches(self.val_data, "grouped")
+        sampler = ShardedEvalSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers)
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        batch["host"] = host_counts(batch)  # counted before the batch moves to the GPU: no sync in the step
+        return batch
+
+    def _batches(self, data: TokenizedExamples, mode: str) -> BatchDataset:
+        batches = plan_batches(data.lengths.tolist(), mode, self.batch_size, self.max_length, self.seed)
+        return BatchDataset(data, batches, self.chat.tokenizer.pad_token_id)

@@ -41,6 +41,8 @@ class TokenizedExamples:
         return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
     def save(self, path: Path) -> None:
+        """One .npz written atomically; plain arrays only (domain names as fixed-width unicode, not objects), so
+        :meth:`load` never needs pickle."""
         with atomic_write(path, "wb") as handle:
             np.savez(
                 handle,
@@ -48,13 +50,14 @@ class TokenizedExamples:
                 offsets=self.offsets,
                 prompt_lens=self.prompt_lens,
                 domain_ids=self.domain_ids,
-                domains=np.array(self.domains, dtype=object),
+                domains=np.array(self.domains, dtype=np.str_),
                 stats=np.array([self.truncated, self.dropped]),
             )
 
     @classmethod
     def load(cls, path: Path) -> TokenizedExamples:
-        with np.load(path, allow_pickle=True) as data:
+        """Read a cache file without pickle (files of the older pickled format have another name: never read)."""
+        with np.load(path, allow_pickle=False) as data:
             truncated, dropped = (int(x) for x in data["stats"])
             return cls(
                 tokens=data["tokens"],
@@ -116,6 +119,9 @@ def plan_batches(
     return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
+EMPTY_BATCH = -1  # BatchDataset index of a batch that contributes no loss
+
+
 class BatchDataset(Dataset):
     """A map-style dataset whose items are whole batches, so a (Distributed)Sampler shards and shuffles batches."""
 
@@ -126,6 +132,10 @@ class BatchDataset(Dataset):
         return len(self.batches)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if index == EMPTY_BATCH:  # a stand-in that keeps ranks in step: the first batch with nothing to score
+            batch = collate_rows(self.data, self.batches[0], self.pad_id)
+            batch["labels"].fill_(IGNORE_INDEX)
+            return batch
         return collate_rows(self.data, self.batches[index], self.pad_id)
 
 
@@ -165,10 +175,18 @@ def collate_rows(data: TokenizedExamples, rows: list[list[int]], pad_id: int) ->
     return batch
 
 
-def padding_fraction(batch: dict[str, torch.Tensor]) -> float:
-    real = int((batch["token_domain"] >= 0).sum())
-    return 1.0 - real / max(1, batch["input_ids"].numel())
+def host_counts(batch: dict[str, torch.Tensor]) -> dict:
+    """What a training step needs to know of a batch, counted while it is still on the host: each row's width
+    without its right padding, and the real and supervised token counts (read on a GPU, each would be a sync)."""
+    real = batch["token_domain"] >= 0
+    return {
+        "widths": (real.cumsum(1) * real).argmax(1).add(1).tolist(),  # each row's last real column + 1
+        "supervised": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
+        "real": int(real.sum()),
+        "total": batch["input_ids"].numel(),
+    }
 
 
 def cache_file(cache_root: str | os.PathLike, key: str) -> Path:
-    return Path(cache_root) / "tokenized" / f"{key}.npz"
+    # ".v2": files without pickled arrays; the older pickled ones (plain ".npz") are never looked up again.
+    return Path(cache_root) / "tokenized" / f"{key}.v2.npz"

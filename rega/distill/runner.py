@@ -456,6 +456,24 @@ def run_distillation(cfg: DistillConfig, *, progress: bool = True, in_process: b
     return _run(cfg, progress, in_process)[0]
 
 
+def ensure_distilled(cfg: DistillConfig, processes: int) -> Path:
+    """D_g for a training run: generated here when the run is one process, else it must exist already.
+
+    A multi-process fit never distils: one rank would generate for hours while the others wait at a barrier (and
+    time out); ``rega distill`` spreads the work over every GPU instead.
+    """
+    if processes == 1:
+        return run_distillation(cfg, in_process=True)
+    check_config(cfg)
+    if not is_complete(cfg, build_context(cfg)):
+        raise ConfigError(
+            f"D_g ({Path(cfg.output_dir) / MERGED}) is missing or incomplete, and a fit on {processes} processes "
+            "does not generate it: first run `python cli.py distill --distill FILE` with the distill file your "
+            "experiment names under data.distill (scripts/distill_multi_gpu.sh uses every GPU)"
+        )
+    return Path(cfg.output_dir) / MERGED
+
+
 def summary_text(summary: dict) -> str:
     c = summary["counts"]
     run = summary["last_run"]

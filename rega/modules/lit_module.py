@@ -18,18 +18,27 @@ import json
 import logging
 import math
 import time
+import types
 from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import grad_norm
 
 from rega.data.chat import IGNORE_INDEX, ChatFormat
+from rega.datamodules.tokenized import host_counts
 from rega.io import write_json
 from rega.modules.attention import decoder_hidden_states, packed_rows, prepare_packed_attention
-from rega.modules.model import LoraSettings, ModelConfig, add_lora, load_model, load_tokenizer
+from rega.modules.fsdp import is_sharded, shard_model
+from rega.modules.model import (
+    LoraSettings,
+    ModelConfig,
+    add_lora,
+    decoder_layer_classes,
+    load_model,
+    load_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +110,16 @@ class REGAModule(L.LightningModule):
             return
         base = load_model(self.model_config)
         prepare_packed_attention(base, self.model_config)
-        self.model = add_lora(base, self.lora, self.model_config.gradient_checkpointing)
+        model = add_lora(base, self.lora, self.model_config.gradient_checkpointing)
+        # The loss runs the decoder and the LM head separately (head on response positions only); as a method of
+        # the root module it is a forward to FSDP, which all-gathers the root's weights around it.
+        model.response_logits = types.MethodType(response_logits, model)
+        if self.device_mesh is not None:  # ModelParallelStrategy (FSDP2): shard before the optimizer exists
+            shard_model(
+                model, self.device_mesh["data_parallel"], decoder_layer_classes(model), ("response_logits",)
+            )
         # from_pretrained returns eval mode and Lightning keeps submodule modes: without this, LoRA dropout is off.
-        self.model.train()
+        self.model = model.train()
 
     # --- loss ---------------------------------------------------------------------------------------------
     def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,60 +130,95 @@ class REGAModule(L.LightningModule):
         """
         targets = batch["labels"][:, 1:]
         mask = targets != IGNORE_INDEX
-        base = self.model.get_base_model()
-        hidden = decoder_hidden_states(base, batch)
-        logits = base.get_output_embeddings()(hidden[:, :-1][mask])
+        logits = self.model.response_logits(batch, mask)
         return F.cross_entropy(logits.float(), targets[mask], reduction="none"), mask
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         optimizer = self.optimizers()
+        counts = batch.pop("host", None) or host_counts(batch)  # REGADataModule counts on the host
         rows = batch["input_ids"].size(0)
-        supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         step = self.micro_batch_size or rows
-        starts = range(0, rows, step)
+        starts = self._micro_batch_starts(rows, step)
         loss = torch.zeros((), device=batch["input_ids"].device)
-        no_sync = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)
-        for start in starts:
-            micro = trim_padding({key: value[start : start + step] for key, value in batch.items()})
-            last = start + step >= rows
-            # DDP: gradients are all-reduced once, after the last micro-batch.
-            with contextlib.nullcontext() if last else no_sync(), packed_rows():
+        for i, start in enumerate(starts):
+            if start is None:  # FSDP: a stand-in forward/backward that adds nothing (see _micro_batch_starts)
+                micro = {key: value[:1] for key, value in batch.items()}
+                micro["labels"] = torch.full_like(micro["labels"], IGNORE_INDEX)
+            else:
+                width = max(counts["widths"][start : start + step])
+                micro = {key: value[start : start + step, :width] for key, value in batch.items()}
+            # Gradients are reduced across ranks once, after the last micro-batch.
+            with self._gradient_sync(i == len(starts) - 1), packed_rows():
                 losses, _ = self.token_losses(micro)
-                part = losses.sum() / max(1, supervised)
+                part = losses.sum() / max(1, counts["supervised"])
                 self.manual_backward(part)
             loss += part.detach()
-        if self.max_grad_norm:
-            self.clip_gradients(
-                optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
-            )
+        self.log("train/grad_norm", self._clip_gradients(), batch_size=1)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.lr_schedulers().step()
         self.log("train/loss", loss, prog_bar=True, batch_size=rows)
-        self._batch_tokens = (int((batch["token_domain"] >= 0).sum()), supervised, batch["input_ids"].numel())
+        self._batch_tokens = (counts["real"], counts["supervised"], counts["total"])
         return loss
+
+    def _micro_batch_starts(self, rows: int, step: int) -> list[int | None]:
+        """Row offsets of the micro-batches. Under FSDP every forward gathers weights from all ranks, so every
+        rank runs as many micro-batches as a full batch has; a shorter batch (an epoch's last) pads with None."""
+        starts: list[int | None] = list(range(0, rows, step))
+        if is_sharded(self.model) and self.micro_batch_size:
+            full = math.ceil(max(rows, self.trainer.datamodule.batch_size) / step)
+            starts += [None] * (full - len(starts))
+        return starts
+
+    def _gradient_sync(self, enabled: bool):
+        if enabled:
+            return contextlib.nullcontext()
+        if is_sharded(self.model):
+            return fsdp_no_sync(self.model)
+        return getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)()
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """The global L2 norm of the adapter gradients (all shards under FSDP), clipped to ``max_grad_norm``.
+
+        One fused reduction, left on the device: it is read only when Lightning logs.
+        """
+        from torch.distributed.tensor import DTensor
+
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm, foreach=True)
+        return norm
+
+    # --- validation: one reduction of per-domain sums, so every rank count gives the same numbers -----------
+    def on_validation_epoch_start(self) -> None:
+        domains = self._domain_names()
+        self._val_sums = torch.zeros(len(domains), 2, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         with packed_rows():
             losses, mask = self.token_losses(batch)
         domains = batch["token_domain"][:, 1:][mask]
-        names = self.trainer.datamodule.domains if self.trainer.datamodule is not None else []
-        self.log("val/loss", losses.mean(), prog_bar=True, batch_size=losses.numel(), sync_dist=True)
-        for index in domains.unique().tolist():
-            selected = domains == index
-            name = names[index] if index < len(names) else str(index)
-            self.log(
-                f"val/loss_{name}", losses[selected].mean(), batch_size=int(selected.sum()), sync_dist=True
-            )
+        values = torch.stack([losses.detach().double(), torch.ones_like(losses, dtype=torch.float64)], 1)
+        self._val_sums.index_add_(0, domains, values)
 
-    def on_fit_start(self) -> None:
-        from lightning.pytorch.strategies import FSDPStrategy
+    def on_validation_epoch_end(self) -> None:
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        total = sums.sum(0)
+        if total[1] == 0:  # nothing to validate (sanity check of an empty set)
+            return
+        self.log("val/loss", (total[0] / total[1]).float(), prog_bar=True, sync_dist=True)
+        for name, (loss_sum, count) in zip(self._domain_names(), sums):
+            if count > 0:
+                self.log(f"val/loss_{name}", (loss_sum / count).float(), sync_dist=True)
 
-        if isinstance(self.trainer.strategy, FSDPStrategy) and self.micro_batch_size is not None:
-            # Several backward passes inside one FSDP root forward are not verified here: run batches whole.
-            log.warning("FSDP: micro_batch_size=%s ignored; each batch runs in one forward/backward pass",
-                        self.micro_batch_size)  # fmt: skip
-            self.micro_batch_size = None
+    def _domain_names(self) -> list[str]:
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not getattr(datamodule, "domains", None):
+            raise RuntimeError("REGAModule validation needs a data module with .domains (REGADataModule)")
+        return list(datamodule.domains)
 
     # --- logging ------------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -190,11 +241,6 @@ class REGAModule(L.LightningModule):
         self.log("train/padding_fraction", 1.0 - real / max(1, total), batch_size=1)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], batch_size=1)
         self._last_batch_end = now
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        norms = grad_norm(self.model, norm_type=2)
-        if "grad_2.0_norm_total" in norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"], batch_size=1)
 
     # --- optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -248,12 +294,21 @@ class REGAModule(L.LightningModule):
         log.info("summary: %s", json.dumps(summary))
 
 
-def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the right-padding columns that no row of ``batch`` needs (rows are padded to the batch's longest)."""
-    width = int((batch["token_domain"] >= 0).any(0).nonzero().max()) + 1
-    if width == batch["input_ids"].size(1):
-        return batch
-    return {key: value[:, :width] for key, value in batch.items()}
+def response_logits(model, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Logits of the positions in ``mask`` (those that predict a response token); bound to the peft model."""
+    base = model.get_base_model()
+    hidden = decoder_hidden_states(base, batch)
+    return base.get_output_embeddings()(hidden[:, :-1][mask])
+
+
+@contextlib.contextmanager
+def fsdp_no_sync(model):
+    """FSDP2: accumulate this micro-batch's gradients locally (no reduce-scatter) until the last one."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def save_adapter(model, tokenizer, target: Path, state_dict: dict | None = None) -> None:
