@@ -1,8 +1,11 @@
 """The one entry point: ``python cli.py`` or ``rega``.
 
-``fit | validate | test | predict`` go to LightningCLI (model, data and trainer composed from YAML with repeated
-``--config``); the project's own commands are typed functions run through jsonargparse, so they take ``--config``
-files and explain every argument under ``--help``.
+``fit | validate`` go to LightningCLI (model, data and trainer composed from YAML with repeated ``--config``); the
+project's own commands are typed functions run through jsonargparse, so they take ``--config`` files and explain
+every argument under ``--help``.
+
+Every failure ends in one ``error: ...`` line on stderr: exit 2 for what the user can fix (:mod:`rega.errors`,
+missing files), 1 for anything else. ``--debug`` (or ``REGA_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -21,6 +24,25 @@ COMMANDS = {
     "grid": "rega.experiments.grid:grid_command",
     "report": "rega.experiments.report:report_command",
 }
+LIGHTNING_COMMANDS = ("fit", "validate")
+# LightningCLI offers these too, but REGAModule has no test or predict step yet: refuse them in one line.
+NOT_AVAILABLE = {
+    "test": "score a trained adapter with 'rega evaluate --adapter DIR'",
+    "predict": "generate answers with 'rega evaluate --adapter DIR' (predictions.jsonl)",
+}
+USAGE = (
+    "usage: rega {" + ",".join([*LIGHTNING_COMMANDS, *COMMANDS]) + "} [--config FILE ...] [--debug] [--help]"
+)
+SUMMARIES = {
+    "fit": "train LoRA adapters with a strategy's corpus (LightningCLI)",
+    "validate": "validation loss of a model on the configured dev sets (LightningCLI)",
+    "corpus": "build a strategy's training corpus and write it with its manifest",
+    "distill": "self-distillation: the base model answers general instructions (D_g)",
+    "evaluate": "evaluate the base model or a saved adapter: domain tasks, general ability, LLM judge",
+    "merge": "merge a LoRA adapter into its base model",
+    "grid": "run a grid of strategies: fit, then evaluate, each in its own process",
+    "report": "compare the finished runs of a grid: tables and plots",
+}
 
 
 def run_command(name: str, args: list[str]):
@@ -30,11 +52,24 @@ def run_command(name: str, args: list[str]):
     return CLI(getattr(importlib.import_module(module), func), args=args, as_positional=False)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (a handler bound to the stderr of its creation would write
+    into a closed stream once a caller, such as a test, swaps stderr)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure_logging() -> None:
     # Our own loggers only: Lightning and transformers bring their handlers, and a root handler would repeat them.
     logger = logging.getLogger("rega")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -44,34 +79,70 @@ def configure_logging() -> None:
 def load_plugins() -> None:
     """Import the modules named in ``$REGA_PLUGINS`` (comma-separated), e.g. ones that register strategies."""
     for name in filter(None, (n.strip() for n in os.environ.get("REGA_PLUGINS", "").split(","))):
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            from rega.errors import ConfigError
+
+            raise ConfigError(f"REGA_PLUGINS names {name!r}, which cannot be imported: {err}") from err
+
+
+def error_line(err: BaseException) -> tuple[int, str]:
+    """(exit code, one line) for an exception: 2 for user errors, 1 for bugs."""
+    from rega.errors import USER_OS_ERRORS, UserError
+
+    text = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the message holds
+    if isinstance(err, (UserError, *USER_OS_ERRORS)):
+        return 2, text
+    return (
+        1,
+        f"unexpected {type(err).__name__}: {text} (rerun with --debug or REGA_DEBUG=1 for the traceback)",
+    )
+
+
+def dispatch(argv: list[str]) -> None:
+    command = argv[0]
+    if command in NOT_AVAILABLE:
+        from rega.errors import ConfigError
+
+        raise ConfigError(f"'{command}' is not available; {NOT_AVAILABLE[command]}")
+    load_plugins()
+    if command in COMMANDS:
+        run_command(command, argv[1:])
+        return
+    if command not in LIGHTNING_COMMANDS and not command.startswith("-"):
+        from rega.errors import ConfigError
+
+        raise ConfigError(f"unknown command {command!r}; {USAGE[len('usage: ') :]}")
+    from rega.lightning_cli import run_lightning_cli
+
+    # LightningCLI warns when given args that equal the command line; let it read sys.argv itself then.
+    run_lightning_cli(None if argv == sys.argv[1:] else argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("REGA_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     configure_logging()
-    load_plugins()
-    from rega.data.prompts import ConfigError
-    from rega.data.records import RecordError
-
     if not argv or argv[0] in ("-h", "--help"):
-        print(
-            "usage: rega {fit,validate,test,predict," + ",".join(COMMANDS) + "} [--config FILE ...] [--help]"
-        )
+        print(USAGE)
         if not argv:
             sys.exit(2)
+        print("\n".join(f"  {name:<10}{text}" for name, text in SUMMARIES.items()))
+        print("'rega COMMAND --help' lists a command's options; --debug shows tracebacks.")
+        return
     try:
-        if argv and argv[0] in COMMANDS:
-            run_command(argv[0], argv[1:])
-            return
-        from rega.lightning_cli import run_lightning_cli
-
-        # LightningCLI warns when given args that equal the command line; let it read sys.argv itself then.
-        run_lightning_cli(None if argv == sys.argv[1:] else argv)
-    except (ConfigError, RecordError, FileNotFoundError) as err:
-        # Bad input is the user's to fix: one clear line, no traceback.
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        dispatch(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        if debug:
+            raise
+        code, line = error_line(err)
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

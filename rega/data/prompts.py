@@ -14,14 +14,17 @@ from pathlib import Path
 import yaml
 
 from rega.data.records import GENERAL
+from rega.errors import ConfigError  # defined in rega.errors; imported from here by older code
 from rega.paths import resolve_path
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "prompts"
 CENTRAL = "central"  # the prompt key of examples that carry p_c
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot work, reported before any data is read or any model is loaded."""
+class MissingPromptError(ConfigError, KeyError):
+    """A prompt asked for a domain the prompts were not resolved for (a KeyError too, for older callers)."""
+
+    __str__ = Exception.__str__  # KeyError would quote the message
 
 
 @dataclass
@@ -50,7 +53,14 @@ class RolePrompts:
 
     def text(self, key: str) -> str:
         """The prompt text for ``central`` or a domain name."""
-        return self.central if key == CENTRAL else self.roles[key]
+        if key == CENTRAL:
+            return self.central
+        if key not in self.roles:  # e.g. a validation set of a domain the corpus was not built for
+            known = ", ".join(sorted(self.roles)) or "none"
+            raise MissingPromptError(
+                f"no role prompt for domain {key!r}: the prompts were resolved for {known}"
+            )
+        return self.roles[key]
 
     def to_dict(self) -> dict:
         return {"central": self.central, "roles": dict(self.roles)}

@@ -12,18 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from rega.errors import RecordError  # defined in rega.errors; imported from here by older code
+
 DOMAIN_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 GENERAL = "general"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-class RecordError(ValueError):
-    """A bad record: the message names the file, the line (or row) and the field."""
-
-    def __init__(self, where: str, field_name: str | None, problem: str):
-        self.where, self.field, self.problem = where, field_name, problem
-        place = f"{where}: field '{field_name}'" if field_name else where
-        super().__init__(f"{place}: {problem}")
 
 
 @dataclass(frozen=True, slots=True)
