@@ -1,15 +1,88 @@
-"""Small file helpers: atomic writes and content hashes. Nothing the project writes is ever left half-written."""
+"""Small file helpers: atomic writes of files and folders, stale temporary files, content hashes.
+
+Nothing the project writes is ever left half-written: a file (or a whole folder) is written under a temporary
+name beside its target and renamed into place in one step. Temporary names carry the writer's host and process id
+(``.NAME.~HOST~PID~XXXX.tmp``), so the next writer of the same target removes what a killed one left behind,
+without touching the files of a writer that is still running. Written files follow the umask, like ``open``.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
+import shutil
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.~(?P<host>[^~]*)~(?P<pid>\d+)~[^~]*\.tmp$")
+STALE_AFTER_S = 24 * 3600  # temporary files of other hosts (shared filesystems) count as stale after a day
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (``os.umask`` sets it to read it)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_prefix(path: Path) -> str:
+    return f".{path.name}.~{HOST}~{os.getpid()}~"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def is_stale_temp(entry: Path, now: float | None = None) -> bool:
+    """A temporary file or folder whose writer is gone: a dead process of this host, or older than a day."""
+    match = TEMP_NAME.match(entry.name)
+    if match is None:
+        return False
+    if match["host"] == HOST and int(match["pid"]) != os.getpid():
+        return not _pid_alive(int(match["pid"]))
+    try:
+        age = (now or time.time()) - entry.lstat().st_mtime
+    except FileNotFoundError:
+        return False
+    return age > STALE_AFTER_S
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders that killed writers of ``path`` left beside it."""
+    path = Path(path)
+    removed: list[Path] = []
+    prefix = f".{path.name}.~"
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in path.parent.iterdir():
+            if entry.name.startswith(prefix) and is_stale_temp(entry):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        entry.unlink()
+                removed.append(entry)
+    return removed
 
 
 @contextlib.contextmanager
@@ -19,8 +92,10 @@ def atomic_write(
     """Write to a temporary file beside ``path`` and rename it into place only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp creates 0600: a plain open() would follow the umask
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
             handle.flush()
@@ -30,6 +105,74 @@ def atomic_write(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel, or a filesystem without it
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put the folder ``new`` at ``target``: one rename, or one exchange when ``target`` exists."""
+    if not target.exists() and not target.is_symlink():
+        os.rename(new, target)
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a folder")
+    if _exchange(new, target):
+        shutil.rmtree(new)  # now the old contents
+        return
+    # Without an atomic exchange: move the old folder aside under a temporary name, then the new one in.
+    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix(target), suffix=".tmp"))
+    os.rename(target, old / "old")
+    os.rename(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """An empty temporary folder beside ``target`` that replaces ``target`` as a whole if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix(target), suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp creates 0700
+        yield tmp
+        replace_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output_dir(path: str | os.PathLike, owned: Iterable[str], what: str) -> Path:
+    """Refuse an output folder that holds anything but ``owned`` names (it is replaced as a whole)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"output {path} is a file, not a folder")
+    owned = set(owned)
+    foreign = sorted(
+        p.name
+        for p in (path.iterdir() if path.is_dir() else [])
+        if p.name not in owned and not TEMP_NAME.match(p.name)
+    )
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise FileExistsError(
+            f"output folder {path} holds files that are not {what} ({shown}); it would be replaced as a whole: "
+            "choose a new or empty folder"
+        )
+    return path
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -48,7 +191,7 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:  # a byte-order mark is not part of the first row
         return [json.loads(line) for line in handle if line.strip()]
 
 
