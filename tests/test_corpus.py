@@ -399,6 +399,49 @@ def test_write_corpus_leaves_no_temporary_files(toy, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["corpus.jsonl", "manifest.json"]
 
 
+KILL_DURING_WRITE = """
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+import rega.data.corpus as corpus
+from test_corpus import toy_config
+
+def killed(path, obj):  # the new corpus file is written, its manifest is next: the process dies here
+    os._exit(9)
+
+corpus.write_json = killed
+toy = {name: Path(path) for name, path in json.loads(sys.argv[1]).items()}
+corpus.write_corpus(corpus.build_corpus(toy_config(toy, seed=7)), sys.argv[2])
+"""
+
+
+def test_killed_write_keeps_the_old_corpus_and_manifest_and_the_next_run_cleans_up(toy, tmp_path):
+    """A kill between the corpus and its manifest used to leave the new corpus beside the old manifest."""
+    out = tmp_path / "out"
+    write_corpus(build_corpus(toy_config(toy)), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    paths = json.dumps({name: str(path) for name, path in toy.items()})
+    args = [sys.executable, "-c", KILL_DURING_WRITE, paths, str(out), str(Path(__file__).parent)]
+    assert subprocess.run(args, cwd=REPO_ROOT, timeout=120).returncode == 9
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old pair, untouched
+    (stale,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert (stale / "corpus.jsonl").exists()  # what the killed run left behind
+
+    write_corpus(build_corpus(toy_config(toy, seed=7)), out)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # removed by the next run
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seed"] == 7 and manifest["sha256"] == file_sha256(out / "corpus.jsonl")
+
+
+def test_output_folder_with_other_files_is_refused_before_writing(toy, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds files that are not a corpus \(notes\.txt\)"):
+        write_corpus(build_corpus(toy_config(toy)), out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
 def test_zero_shot_writes_an_empty_corpus(toy, tmp_path):
     corpus = build_corpus(toy_config(toy, strategy="zero_shot", general=[]))
     path = write_corpus(corpus, tmp_path / "out")
@@ -417,7 +460,21 @@ def test_summary_table_lists_every_group_and_the_total(toy):
             line.split() == [row["kind"], row["prompt"], row["domain"], row["task"], str(row["count"])]
             for line in lines
         )
-    assert lines[-1].split() == ["total", str(manifest["num_examples"])]
+    assert ["total", str(manifest["num_examples"])] in [line.split() for line in lines]
+
+
+def test_summary_shows_every_tasks_d_i_and_integrated_d_i_with_zeros(toy, caplog):
+    """|D'_i| = round(r·|D_i|), halves up: at r = 0.04 medical/qa (13 -> 0.52) gets 1, finance (7 -> 0.28) none."""
+    manifest = build_corpus(toy_config(toy, mix_ratio=0.04)).manifest
+    lines = [line.split() for line in summary_table(manifest).splitlines()]
+    assert ["domain", "task", "|D_i|", "|D'_i|"] in lines
+    for (domain, task), n in TOY_SIZES.items():
+        assert [domain, task, str(n), str(half_up(0.04, n))] in lines
+    assert manifest["tasks"][0] == {"domain": "finance", "task": "fin_qa", "size": 7, "integrated": 0}
+    assert "finance/fin_qa gets no D'_i sample" in caplog.text and "legal/yesno" in caplog.text
+    assert "medical/qa" not in caplog.text
+    ft_lines = summary_table(build_corpus(toy_config(toy, strategy="ft")).manifest).splitlines()
+    assert ["domain", "task", "|D_i|"] in [line.split() for line in ft_lines]  # no D'_i without integration
 
 
 @pytest.fixture

@@ -21,7 +21,10 @@ problem, the field):
 15. an unsupported file extension
 16. a missing file
 17. ``fields`` mapping an unknown schema field, or a column the source lacks
-18. a UTF-8 byte-order mark at the start of a CSV (Excel's "CSV UTF-8"): a valid file, must load
+18. a UTF-8 byte-order mark at the start of a CSV (Excel's "CSV UTF-8"), a JSON or a JSONL file: valid, must load
+19. a UTF-16 file: refused with a hint to save it as UTF-8
+20. a CSV record whose quoted cell spans lines: reported at the line it starts on
+21. a source that yields no record: warned about by name
 
 With ``skip_invalid`` bad rows are counted and reported in ``LoadReport.skipped``, good rows kept.
 """
@@ -294,6 +297,65 @@ def test_csv_with_utf8_byte_order_mark_loads(tmp_path):
     path.write_bytes(b"\xef\xbb\xbfinstruction,output,domain\nWhat is X?,It is X.,medical\n")
     report = load_records(DataSource(str(path)))
     assert [r.instruction for r in report.records] == ["What is X?"]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_utf8_byte_order_mark_is_accepted_in_every_text_format(tmp_path, suffix):
+    """Windows editors write a BOM; JSONL used to reject it while JSON and CSV accepted it."""
+    item = {"instruction": "What is X?", "output": "It is X.", "domain": "medical"}
+    text = {
+        ".jsonl": json.dumps(item) + "\n",
+        ".json": json.dumps([item]),
+        ".csv": "instruction,output,domain\nWhat is X?,It is X.,medical\n",
+    }[suffix]
+    path = tmp_path / f"bom{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert [r.instruction for r in load_records(DataSource(str(path))).records] == ["What is X?"]
+
+
+def test_utf16_file_is_refused_with_a_hint(tmp_path):
+    path = tmp_path / "utf16.jsonl"
+    path.write_bytes(json.dumps(row()).encode("utf-16"))
+    with pytest.raises(RecordError, match="UTF-16 byte-order mark: save it as UTF-8") as info:
+        load_records(DataSource(str(path)))
+    assert str(info.value).startswith(f"{path}:1: undecodable bytes")
+
+
+@pytest.mark.parametrize(
+    ("end", "expected"),
+    [("\n", "at column 31: Invalid control character"), ("", "at column 28: Unterminated string starting")],
+)
+def test_malformed_json_message_says_at_once(tmp_path, end, expected):
+    """json's messages ending in "at" used to become "... starting at at column 28"."""
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"id": "x", "instruction": "Q?' + end, encoding="utf-8")
+    with pytest.raises(RecordError) as info:
+        load_records(DataSource(str(path)))
+    assert str(info.value) == f"{path}:1: malformed JSON {expected}"
+
+
+def test_csv_record_spanning_lines_is_reported_at_its_first_line(tmp_path):
+    path = tmp_path / "multi.csv"
+    path.write_text(
+        'id,instruction,output,domain\n\na,"a question\non two lines",fine,medical\n'
+        'b,"another\nlong\nquestion",,medical\nc,q,ok,medical\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(RecordError) as info:
+        load_records(DataSource(str(path)))
+    assert str(info.value).startswith(f"{path}:5: field 'output'"), str(info.value)  # record b: lines 5-7
+    report = load_records(DataSource(str(path)), skip_invalid=True)
+    assert [r.origin for r in report.records] == [f"{path}:3", f"{path}:8"]
+
+
+@pytest.mark.parametrize("case", ["empty", "all_invalid"])
+def test_source_without_records_is_warned_about_by_name(tmp_path, caplog, case):
+    path = tmp_path / f"{case}.jsonl"
+    path.write_text("" if case == "empty" else '{"id": 1}\n{"id": 2}\n', encoding="utf-8")
+    report = load_records(DataSource(str(path), domain="medical"), skip_invalid=True)
+    why = "holds no records" if case == "empty" else "all 2 rows invalid and skipped (first: "
+    assert report.records == [] and len(report.empty) == 1 and why in report.empty[0]
+    assert f"empty source: {path}" in caplog.text
 
 
 def test_malformed_json_file_names_line(tmp_path):

@@ -1,7 +1,10 @@
 """Build a strategy's training corpus from a config and write it with a manifest.
 
 ``rega corpus --config configs/data/shared_en.yaml --output runs/corpus`` writes ``corpus.jsonl`` (or
-``corpus.arrow``) and ``manifest.json``: counts per kind/prompt/domain/task, r, seed, and a hash of every input.
+``corpus.arrow``) and ``manifest.json``: counts per kind/prompt/domain/task, |D_i| and |D'_i| per task, r, seed,
+and a hash of every input. Both files are written into a temporary folder that then replaces the output folder in
+one step, so a corpus and its manifest always belong together. A corpus that would train on nothing is an error
+that names the sources that came up empty.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from pathlib import Path
 from rega.data.loaders import DataSource, LoadReport, load_many
 from rega.data.prompts import ConfigError, PromptConfig, RolePrompts, load_prompt_table, resolve_prompts
 from rega.data.records import GENERAL, Record
-from rega.data.strategies import CorpusInputs, Example, build_examples, get_strategy
-from rega.io import atomic_write, file_sha256, write_json, write_jsonl
+from rega.data.strategies import INTEGRATED, CorpusInputs, Example, build_examples, get_strategy, task_groups
+from rega.errors import EmptyDataError
+from rega.io import atomic_dir, atomic_write, check_output_dir, file_sha256, write_json, write_jsonl
 from rega.paths import resolve_path
 
 log = logging.getLogger(__name__)
@@ -87,13 +91,40 @@ def load_inputs(config: CorpusConfig) -> tuple[LoadReport, LoadReport | None]:
     allowed = frozenset(roles) | {s.domain for s in config.domains if s.domain}
     domain_report = load_many(config.domains, skip_invalid=config.skip_invalid, allowed_domains=allowed)
     if config.only_domains:
+        loaded = sorted({r.domain for r in domain_report.records})
         domain_report.records = [r for r in domain_report.records if r.domain in config.only_domains]
+        if loaded and not domain_report.records:
+            raise EmptyDataError(
+                f"only_domains {config.only_domains} keeps none of the loaded domains ({', '.join(loaded)})"
+            )
     general_report = None
     if config.general:
         general_report = load_many(
             config.general, skip_invalid=config.skip_invalid, allowed_domains=frozenset({GENERAL})
         )
+    check_not_empty(config, domain_report, general_report)
     return domain_report, general_report
+
+
+def check_not_empty(config: CorpusConfig, domains: LoadReport, general: LoadReport | None) -> None:
+    """A strategy that trains must get records; the error names every source that came up empty, and why."""
+    spec = get_strategy(config.strategy)
+    if spec.name != "zero_shot" and not domains.records:
+        raise EmptyDataError(f"nothing to train on: no domain records ({'; '.join(domains.empty)})")
+    if spec.needs_general and general is not None and not general.records:
+        raise EmptyDataError(
+            f"strategy {spec.name!r} needs self-distilled general data D_g, but the 'general' sources hold no "
+            f"records ({'; '.join(general.empty)})"
+        )
+
+
+def task_sizes(domain_records: list[Record], examples: list[Example]) -> list[dict]:
+    """|D_i| and |D'_i| of every (domain, task), zeros included."""
+    integrated = Counter((e.domain, e.task) for e in examples if e.kind == INTEGRATED)
+    return [
+        {"domain": d, "task": t, "size": len(group), "integrated": integrated.get((d, t), 0)}
+        for (d, t), group in sorted(task_groups(domain_records).items())
+    ]
 
 
 def build_corpus(config: CorpusConfig, model_default_prompt: str | None = None) -> Corpus:
@@ -131,6 +162,9 @@ def build_corpus(config: CorpusConfig, model_default_prompt: str | None = None) 
             "domain": dict(Counter(f"{r.domain}/{r.task}" for r in domain_records)),
             "general": len(general_report.records) if general_report else 0,
         },
+        "integrates": spec.integrates or any(e.kind == INTEGRATED for e in examples),
+        "tasks": task_sizes(domain_records, examples),
+        "empty_sources": domain_report.empty + (general_report.empty if general_report else []),
         "skipped_rows": domain_report.skipped + (general_report.skipped if general_report else []),
         "prompts": prompts.to_dict(),
         "inputs": {
@@ -155,24 +189,29 @@ def corpus_counts(examples: list[Example]) -> dict:
     }
 
 
-def write_corpus(corpus: Corpus, output: str | Path, fmt: str = "jsonl") -> Path:
-    """Write ``corpus.<fmt>`` then ``manifest.json`` (with the corpus file's hash), each atomically."""
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    if fmt == "jsonl":
-        path = out / "corpus.jsonl"
-        write_jsonl(path, (e.to_dict() for e in corpus.examples))
-    elif fmt == "arrow":
-        import pyarrow as pa
+CORPUS_FILES = ("corpus.jsonl", "corpus.arrow", "manifest.json")
 
-        path = out / "corpus.arrow"
-        table = pa.Table.from_pylist([e.to_dict() for e in corpus.examples])
-        with atomic_write(path, "wb") as handle, pa.ipc.new_file(handle, table.schema) as writer:
-            writer.write_table(table)
-    else:
+
+def write_corpus(corpus: Corpus, output: str | Path, fmt: str = "jsonl") -> Path:
+    """Write ``corpus.<fmt>`` and ``manifest.json`` (with the corpus file's hash) into a temporary folder that
+    replaces ``output`` in one step: a kill at any moment leaves the old pair or the new pair, never a mix."""
+    if fmt not in ("jsonl", "arrow"):
         raise ConfigError(f"unknown corpus format {fmt!r} (jsonl or arrow)")
-    write_json(out / "manifest.json", {**corpus.manifest, "file": path.name, "sha256": file_sha256(path)})
-    return path
+    out = check_output_dir(output, CORPUS_FILES, "a corpus")
+    name = f"corpus.{fmt}"
+    with atomic_dir(out) as tmp:
+        if fmt == "jsonl":
+            write_jsonl(tmp / name, (e.to_dict() for e in corpus.examples))
+        else:
+            import pyarrow as pa
+
+            table = pa.Table.from_pylist([e.to_dict() for e in corpus.examples])
+            with atomic_write(tmp / name, "wb") as handle, pa.ipc.new_file(handle, table.schema) as writer:
+                writer.write_table(table)
+        write_json(
+            tmp / "manifest.json", {**corpus.manifest, "file": name, "sha256": file_sha256(tmp / name)}
+        )
+    return out / name
 
 
 def summary_table(manifest: dict) -> str:
@@ -188,9 +227,35 @@ def summary_table(manifest: dict) -> str:
         )
         if n == 0 or n == len(cells) - 2:
             lines.append("  ".join("-" * w for w in widths))
+    lines += task_table(manifest)
     if manifest["skipped_rows"]:
         lines.append(f"skipped invalid rows: {len(manifest['skipped_rows'])} (listed in manifest.json)")
+    lines += [f"empty source: {why}" for why in manifest.get("empty_sources", [])]
     return "\n".join(lines)
+
+
+def task_table(manifest: dict) -> list[str]:
+    """|D_i| per task, and |D'_i| = round(r·|D_i|) (halves up) where the strategy integrates: zeros shown."""
+    tasks = manifest.get("tasks", [])
+    if not tasks:
+        return []
+    integrates = manifest.get("integrates", False)
+    header = ("domain", "task", "|D_i|") + (("|D'_i|",) if integrates else ())
+    cells = [header] + [
+        (t["domain"], t["task"], str(t["size"])) + ((str(t["integrated"]),) if integrates else ())
+        for t in tasks
+    ]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    lines = [""]
+    for n, row in enumerate(cells):
+        lines.append(
+            "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        )
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    if integrates and any(t["integrated"] == 0 for t in tasks):
+        lines.append("tasks with |D'_i| = 0: r·|D_i| < 0.5 rounds to none (round half up)")
+    return lines
 
 
 def corpus_command(

@@ -71,23 +71,42 @@ class DataSource:
 class LoadReport:
     records: list[Record]
     skipped: list[str] = field(default_factory=list)  # one "file:line: field 'x': problem" per skipped row
+    empty: list[str] = field(default_factory=list)  # one "source: why" per source that yielded no record
+
+
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def _not_utf8(path: Path, data: bytes, err: UnicodeDecodeError, line: int) -> RecordError:
+    hint = (
+        " (the file starts with a UTF-16 byte-order mark: save it as UTF-8)" if data[:2] in UTF16_BOMS else ""
+    )
+    return RecordError(f"{path}:{line}", None, f"undecodable bytes (not UTF-8) at byte {err.start}{hint}")
+
+
+def _json_problem(err: json.JSONDecodeError) -> str:
+    # json's messages may end in "at" ("Unterminated string starting at"): the column follows once, not twice.
+    return f"malformed JSON at column {err.colno}: {err.msg.removesuffix(' at')}"
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     with open(path, "rb") as handle:
+        head = handle.read(2)
+        handle.seek(0)
         for lineno, raw in enumerate(handle, start=1):
             where = f"{path}:{lineno}"
             try:
-                text = raw.decode("utf-8")
+                # A UTF-8 byte-order mark (Windows editors) is accepted, as for JSON and CSV files.
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as err:
-                yield where, RecordError(where, None, f"undecodable bytes (not UTF-8) at byte {err.start}")
+                yield where, _not_utf8(path, head, err, lineno)
                 continue
             if not text.strip():
                 continue
             try:
                 yield where, json.loads(text)
             except json.JSONDecodeError as err:
-                yield where, RecordError(where, None, f"malformed JSON: {err.msg} at column {err.colno}")
+                yield where, RecordError(where, None, _json_problem(err))
 
 
 def _read_text(path: Path) -> str:
@@ -96,19 +115,14 @@ def _read_text(path: Path) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise RecordError(
-            f"{path}:{line}", None, f"undecodable bytes (not UTF-8) at byte {err.start}"
-        ) from None
+        raise _not_utf8(path, data, err, data.count(b"\n", 0, err.start) + 1) from None
 
 
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as err:
-        raise RecordError(
-            f"{path}:{err.lineno}", None, f"malformed JSON: {err.msg} at column {err.colno}"
-        ) from None
+        raise RecordError(f"{path}:{err.lineno}", None, _json_problem(err)) from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -117,10 +131,41 @@ def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}:item {index}", row
 
 
+class _CountedLines:
+    """The lines of a text, counting which ones each CSV record used (a quoted cell may span several)."""
+
+    def __init__(self, text: str):
+        self._lines = iter(io.StringIO(text, newline=""))
+        self.consumed: list[tuple[int, bool]] = []  # (line number, blank) since the last record
+        self._count = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._lines)
+        self._count += 1
+        self.consumed.append((self._count, not line.strip()))
+        return line
+
+    def first_line(self) -> int:
+        """The first non-blank line the last record was read from (csv skips blank lines before a record)."""
+        return next((n for n, blank in self.consumed if not blank), self._count)
+
+
 def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
-    for row in reader:
-        yield f"{path}:{reader.line_num}", _parse_list_cells(row)
+    lines = _CountedLines(_read_text(path))
+    reader = csv.DictReader(lines)
+    if reader.fieldnames is None:  # reads the header now, so its lines are not counted as the first record's
+        return
+    while True:
+        lines.consumed.clear()
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        # A record is reported at the line it starts on, not the last line of a multi-line cell.
+        yield f"{path}:{lines.first_line()}", _parse_list_cells(row)
 
 
 def _parse_list_cells(row: dict[str, Any]) -> dict[str, Any]:
@@ -223,7 +268,18 @@ def load_records(
         log.warning(
             "%s: skipped %d invalid rows, first: %s", source.path, len(report.skipped), report.skipped[0]
         )
+    if not report.records:
+        report.empty.append(_why_empty(source, report.skipped))
+        log.warning("empty source: %s", report.empty[-1])
     return report
+
+
+def _why_empty(source: DataSource, skipped: list[str]) -> str:
+    if skipped:
+        return f"{source.path}: all {len(skipped)} rows invalid and skipped (first: {skipped[0]})"
+    if source.limit == 0:
+        return f"{source.path}: limit is 0"
+    return f"{source.path}: holds no records"
 
 
 def load_many(
@@ -235,5 +291,6 @@ def load_many(
         part = load_records(source, skip_invalid=skip_invalid, allowed_domains=allowed_domains)
         merged.records.extend(part.records)
         merged.skipped.extend(part.skipped)
+        merged.empty.extend(part.empty)
     check_unique_ids(merged.records)
     return merged

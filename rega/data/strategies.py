@@ -13,6 +13,7 @@ A new strategy is one function registered with :func:`register_strategy` (see th
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Callable, Iterable
@@ -22,6 +23,7 @@ from fractions import Fraction
 from rega.data.prompts import CENTRAL, ConfigError, RolePrompts
 from rega.data.records import Record
 
+log = logging.getLogger(__name__)
 # Example kinds: where a training example comes from.
 DOMAIN, GENERAL_KIND, INTEGRATED = "domain", "general", "integrated"
 ROLE = "role"  # inference rule: answer each input under its own domain's role prompt
@@ -68,22 +70,27 @@ class Strategy:
     needs_general: bool
     inference: tuple[str, ...]  # prompt rules at inference, first is the headline: "central" and/or "role"
     description: str
+    integrates: bool = False  # adds D'_i (role integration): the corpus summary shows |D'_i| per task
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
 def register_strategy(
-    name: str, *, needs_general: bool = False, inference: tuple[str, ...] = (CENTRAL,), description: str = ""
+    name: str,
+    *,
+    needs_general: bool = False,
+    inference: tuple[str, ...] = (CENTRAL,),
+    description: str = "",
+    integrates: bool = False,
 ) -> Callable[[Callable[[CorpusInputs], list[Example]]], Callable[[CorpusInputs], list[Example]]]:
     """Register ``build(inputs) -> examples`` under ``name``."""
 
     def decorate(build: Callable[[CorpusInputs], list[Example]]) -> Callable[[CorpusInputs], list[Example]]:
         if name in STRATEGIES:
             raise ValueError(f"strategy {name!r} is already registered")
-        STRATEGIES[name] = Strategy(
-            name, build, needs_general, inference, description or (build.__doc__ or "").strip()
-        )
+        text = description or (build.__doc__ or "").strip()
+        STRATEGIES[name] = Strategy(name, build, needs_general, inference, text, integrates)
         return build
 
     return decorate
@@ -120,33 +127,48 @@ def as_examples(records: Iterable[Record], prompt: str, prompts: RolePrompts, ki
 
 
 def integration_size(ratio: float, n: int) -> int:
-    """round(r·n), halves up, computed on the decimal r as written (0.29·50 = 14.5 -> 15, not float's 14.499…)."""
+    """|D'_i| of a task of n records: round(r·n) with halves rounded up, on the decimal r as written
+    (0.29·50 = 14.5 -> 15, not float's 14.499…). So a task gets none when r·n < 0.5, e.g. r = 0.1 and n <= 4."""
     return math.floor(Fraction(repr(ratio)) * n + Fraction(1, 2))
+
+
+def task_groups(records: list[Record]) -> dict[tuple[str, str], list[Record]]:
+    """Records per (domain, task), in first-seen order."""
+    groups: dict[tuple[str, str], list[Record]] = {}
+    for rec in records:
+        groups.setdefault((rec.domain, rec.task), []).append(rec)
+    return groups
 
 
 def sample_integration(records: list[Record], ratio: float, seed: int) -> list[Record]:
     """D'_i: round(r·n) records drawn from each (domain, task) so every task keeps its share; input order kept.
 
     Each task draws from its own generator seeded by (seed, domain, task), so adding a task does not change what
-    the others draw.
+    the others draw. A task that gets no record although r > 0 is warned about by name.
     """
     if not 0.0 <= ratio <= 1.0:
         raise ConfigError(f"mix_ratio must be within [0, 1], got {ratio}")
-    groups: dict[tuple[str, str], list[Record]] = {}
-    for rec in records:
-        groups.setdefault((rec.domain, rec.task), []).append(rec)
     chosen: set[str] = set()
-    for (domain, task), group in groups.items():
+    for (domain, task), group in task_groups(records).items():
         k = integration_size(ratio, len(group))
+        if k == 0 and ratio > 0:
+            log.warning(
+                "role integration: task %s/%s gets no D'_i sample (r·|D_i| = %g·%d < 0.5 rounds to 0)",
+                domain, task, ratio, len(group),
+            )  # fmt: skip
         rng = random.Random(f"{seed}/{domain}/{task}")
         chosen.update(group[i].id for i in rng.sample(range(len(group)), k))
     return [rec for rec in records if rec.id in chosen]
 
 
 def _require_general(inputs: CorpusInputs, name: str) -> list[Record]:
-    if not inputs.general_records:
+    if inputs.general_records is None:
         raise ConfigError(
             f"strategy {name!r} needs self-distilled general data D_g: set 'general' or 'distill'"
+        )
+    if not inputs.general_records:
+        raise ConfigError(
+            f"strategy {name!r} needs self-distilled general data D_g, but the 'general' sources hold no records"
         )
     return inputs.general_records
 
@@ -181,6 +203,7 @@ def ftrp(inputs: CorpusInputs) -> list[Example]:
     needs_general=True,
     inference=(CENTRAL, ROLE),
     description="REGA: (p_c ⊕ D_g) ∪ (p_c ⊕ ∪ D'_i) ∪ (p_i ⊕ ∪ D_i)",
+    integrates=True,
 )
 def rega(inputs: CorpusInputs) -> list[Example]:
     general = _require_general(inputs, "rega")
@@ -197,8 +220,6 @@ def build_examples(strategy: str, inputs: CorpusInputs) -> list[Example]:
     spec = get_strategy(strategy)
     if not 0.0 <= inputs.mix_ratio <= 1.0:
         raise ConfigError(f"mix_ratio must be within [0, 1], got {inputs.mix_ratio}")
-    if spec.needs_general and not inputs.general_records:
-        raise ConfigError(
-            f"strategy {strategy!r} needs self-distilled general data D_g: set 'general' or 'distill'"
-        )
+    if spec.needs_general:
+        _require_general(inputs, strategy)
     return spec.build(inputs)
