@@ -21,10 +21,9 @@ from rega.eval.judge import (
     JudgeError,
     cache_key,
     load_judge_config,
-    parse_bracket_rating,
     parse_retry_after,
-    summarize,
 )
+from rega.eval.ratings import first_error, missing_problem, parse_bracket_rating, summarize
 
 REPO = Path(__file__).resolve().parent.parent
 KEY_ENV = "REGA_TEST_JUDGE_KEY"
@@ -44,6 +43,19 @@ def default_reply(content: str, attempt: int) -> tuple[int, dict, object, float]
         return 400, {}, {"error": {"message": "context length exceeded"}}, 0.0
     if "GARBLE" in content:
         return 200, {}, "The answer is fine but I will not give a number.", 0.0
+    if "HTML200" in content:  # a proxy's or login page served with 200
+        return (
+            200,
+            {},
+            b"<!DOCTYPE html><html><head><title>Sign in</title></head><body>...</body></html>",
+            0.0,
+        )
+    if "HTML502" in content:
+        return 502, {}, b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>", 0.0
+    if "ALWAYS429" in content:
+        return 429, {"Retry-After": "1"}, {"error": {"message": "rate limited"}}, 0.0
+    if "WAIT600" in content:
+        return 429, {"Retry-After": "600"}, {"error": {"message": "come back later"}}, 0.0
     return 200, {}, "A fair answer. Rating: [[7]]", 0.0
 
 
@@ -65,9 +77,10 @@ class FakeJudgeServer:
 
             def _send(self, status: int, headers: dict, payload) -> None:
                 body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                html = body.lstrip().startswith(b"<")
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Type", "text/html" if html else "application/json")
                     self.send_header("Content-Length", str(len(body)))
                     for name, value in headers.items():
                         self.send_header(name, value)
@@ -97,7 +110,7 @@ class FakeJudgeServer:
                 status, headers, reply, delay = server.responder(content, attempt)
                 if delay:
                     time.sleep(delay)
-                if status != 200:
+                if status != 200 or isinstance(reply, bytes):
                     return self._send(
                         status, headers, reply if not isinstance(reply, str) else reply.encode()
                     )
@@ -171,6 +184,10 @@ class RecordingSleep:
     def __call__(self, seconds: float) -> None:
         self.delays.append(seconds)
         time.sleep(min(seconds, 0.01))
+
+    def clock(self) -> float:
+        """Time as the client sees it: every requested delay counts as waited."""
+        return time.monotonic() + sum(self.delays)
 
 
 def assert_secret_absent(root: Path, secret: str) -> None:
@@ -332,6 +349,88 @@ def test_server_without_auth(tmp_path):
     with FakeJudgeServer(api_key=None) as server:
         reply = JudgeClient(make_config(server, tmp_path, api_key_env=None)).complete(msgs("hello"))
     assert reply.content.endswith("[[7]]")
+
+
+def test_html_pages_are_retried_then_missing_with_a_readable_error(judge_server, tmp_path, secret):
+    client = JudgeClient(make_config(judge_server, tmp_path, max_retries=1), sleep=RecordingSleep())
+    page200, page502 = client.complete_many([msgs("HTML200"), msgs("HTML502")])
+    assert page200.content is None and "non-JSON body: an HTML page (Sign in)" in page200.error
+    assert page502.content is None and "HTTP 502: an HTML page (502 Bad Gateway)" in page502.error
+    assert "<html" not in page200.error + page502.error
+    assert judge_server.attempts["You are a helpful assistant.\nHTML200"] == 2  # retried once, then missing
+    assert secret not in page200.error + page502.error
+
+
+def test_request_budget_caps_the_total_time_of_one_request(judge_server, tmp_path):
+    """Endless 429s used to cost max_retries x (timeout + Retry-After): about 70 minutes with the defaults."""
+    sleep = RecordingSleep()
+    config = make_config(judge_server, tmp_path, max_retries=50, request_budget_s=2.5)
+    reply = JudgeClient(config, sleep=sleep, clock=sleep.clock).complete(msgs("ALWAYS429"))
+    assert reply.content is None and "request_budget_s=2.5" in reply.error and "HTTP 429" in reply.error
+    assert len(sleep.delays) == 2 and all(1.0 <= d <= 1.1 for d in sleep.delays)  # Retry-After: 1, twice
+    assert (
+        judge_server.attempts["You are a helpful assistant.\nALWAYS429"] == 3
+    )  # the 4th would end past 2.5 s
+
+
+def test_retry_after_beyond_the_budget_gives_up_without_waiting(judge_server, tmp_path):
+    sleep = RecordingSleep()
+    client = JudgeClient(
+        make_config(judge_server, tmp_path, request_budget_s=60), sleep=sleep, clock=sleep.clock
+    )
+    reply = client.complete(msgs("WAIT600"))
+    assert (
+        reply.content is None
+        and "gave up after 1 tries" in reply.error
+        and "request_budget_s=60" in reply.error
+    )
+    assert sleep.delays == []
+
+
+def test_progress_counts_ok_retried_and_missing(judge_server, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="rega.eval.judge")
+    client = JudgeClient(make_config(judge_server, tmp_path, max_retries=1), sleep=RecordingSleep())
+    client.complete_many([msgs("FAIL429ONCE x"), msgs("ALWAYS503 y"), msgs("plain z")])
+    assert "judge judge-test: 3/3 done (ok 2, retried 2, missing 1)" in caplog.text
+    assert client.stats.to_dict()["retried"] == 2 and client.stats.failures == 1
+
+
+def test_run_stops_after_too_many_failures_in_a_row(judge_server, tmp_path):
+    config = make_config(judge_server, tmp_path, max_retries=0, concurrency=1, abort_after_failures=3)
+    with pytest.raises(JudgeError, match=r"3 requests in a row failed, stopping .*last: .*HTTP 503"):
+        JudgeClient(config).complete_many([msgs(f"ALWAYS503 {i}") for i in range(10)])
+    assert len(judge_server.hits) < 10
+
+
+def test_without_the_openai_package_the_judge_fails_in_one_line(judge_server, tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "openai", None)  # import openai now raises ImportError
+    with pytest.raises(JudgeError, match=r"needs the 'openai' package: pip install 'rega\[judge\]'"):
+        JudgeClient(make_config(judge_server, tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("scores", "share", "problem"),
+    [
+        ([None, None], None, "x: 2 of 2 judge scores missing (all of them); first error: boom"),
+        ([7.0, None], None, None),
+        (
+            [7.0, None, None],
+            0.5,
+            "x: 2 of 3 judge scores missing (more than max_missing_share=0.5); first error: boom",
+        ),
+        ([7.0, None], 0.5, None),
+        ([], None, "x: no item was judged"),
+    ],
+)
+def test_missing_problem(scores, share, problem):
+    assert missing_problem("x", {"overall": summarize(scores), "first_error": "boom"}, share) == problem
+    assert missing_problem("x", {"error": "HTTP 401"}, None) == "x: HTTP 401"
+
+
+def test_first_error_prefers_request_errors_then_names_unparsable_ratings():
+    assert first_error([{"score": 7}, {"score": None, "error": "HTTP 429"}]) == "HTTP 429"
+    assert "without a valid rating" in first_error([{"score": None, "judgment": "fine"}])
+    assert first_error([{"score": 5}]) is None
 
 
 # -- general evaluation judge prompts (pure) -----------------------------------------------------------------

@@ -35,9 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rega.data.loaders import DataSource, load_records
-from rega.data.prompts import ConfigError
 from rega.data.records import Record
-from rega.eval.judge import JudgeClient, JudgeConfig, chat_messages, parse_bracket_rating, summarize
+from rega.errors import ConfigError, EmptyDataError
+from rega.eval.judge import JudgeClient, JudgeConfig
+from rega.eval.ratings import chat_messages, first_error, parse_bracket_rating, summarize
 from rega.io import read_jsonl, write_json, write_jsonl
 from rega.paths import resolve_path
 
@@ -264,6 +265,8 @@ def run_general_eval(
     if style not in PROMPT_STYLES:
         raise ConfigError(f"unknown prompt_style {style!r}; choose from {', '.join(PROMPT_STYLES)}")
     records = load_general_eval(data_path, lang=lang, limit=limit)
+    if not records:
+        raise EmptyDataError(f"general evaluation set {data_path} has no items to evaluate")
     belle_prompts = None
     if style == "belle":
         prompts_file = belle_prompts_path or resolve_path(data_path).parent / "eval_prompt.json"
@@ -333,6 +336,7 @@ def run_general_eval(
         judge=client.config.describe(),
         judgments_path=str(judgments_path),
         judge_stats=client.stats.to_dict(),
+        first_error=first_error(judgments),
         **score_items(judgments),
     )
     write_json(output / "scores.json", result)

@@ -1,24 +1,23 @@
 """An LLM judge behind any OpenAI-compatible chat-completions endpoint (GPT-4, a local vLLM or llama.cpp server).
 
-Standard library only (``urllib`` + a thread pool). Every request is ``POST {base_url}/chat/completions``; 429,
-408, 5xx, timeouts and connection errors are retried with exponential backoff and jitter, honouring
-``Retry-After``; 401/403/404 abort the run (a wrong key or URL fails every request the same way); other 4xx fail
-that one request. Successful replies go to a disk cache (one JSON file per request, written atomically), keyed by
-the judge model, the base URL, the full messages, the temperature and max_tokens, so a rerun costs nothing and a
-run that was interrupted resumes where it stopped. Failures are never cached.
-
-The API key is read from the environment variable named by ``JudgeConfig.api_key_env`` when the client is built
-and only ever sent as the ``Authorization`` header: it is not part of the config, the cache, the logs or any result.
+HTTP, authentication, timeouts and error classes are the ``openai`` package's (the ``judge`` extra). Retries are
+ours, because a request gets a time budget (``request_budget_s``: every try and wait included) within which
+``Retry-After`` is honoured, which openai's own loop cannot do (fixed retry count, ``Retry-After`` above two
+minutes ignored). 429, 408, 409, 425, 5xx, timeouts, connection errors and non-JSON pages are retried with
+exponential backoff and jitter; 401/403/404 stop the run (a wrong key or URL fails every request alike); other 4xx
+fail one request. Replies are cached on disk (one JSON file per request, keyed by model, base URL, messages,
+temperature and max_tokens), so a rerun costs nothing; failures are never cached. Progress is logged with counts of
+ok / retried / missing requests. The API key comes only from the environment variable ``api_key_env`` names and is
+only ever sent as the ``Authorization`` header: never in the config, the cache, the logs or a result.
 
 A rating that cannot be parsed, or a request that failed, is a *missing* score (``None``), never 0: means skip
-missing values and report how many there were (:func:`summarize`).
+missing values and count them (:func:`summarize`); :func:`missing_problem` turns too many into a failed run.
 """
 
 from __future__ import annotations
 
 import email.utils
 import hashlib
-import http.client
 import json
 import logging
 import math
@@ -27,17 +26,15 @@ import random
 import re
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
-from rega.data.prompts import ConfigError
+from rega.errors import ConfigError, JudgeError
 from rega.io import atomic_write
 from rega.paths import cache_dir as default_cache_root
 from rega.paths import resolve_path
@@ -45,18 +42,17 @@ from rega.paths import resolve_path
 log = logging.getLogger(__name__)
 
 FATAL_STATUS = frozenset({401, 403, 404})  # the same for every request: stop at once
+RETRY_STATUS = frozenset({408, 409, 425, 429})  # and every 5xx
 MAX_RETRY_AFTER_S = 600.0  # a server asking for a longer pause is treated as asking for this one
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_*\-]{4,}")
-
-
-class JudgeError(RuntimeError):
-    """A judge failure that no retry can fix (missing key, wrong URL, rejected key)."""
+PROGRESS_EVERY_S = 30.0
+HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.I | re.S)
 
 
 @dataclass
 class JudgeConfig:
-    """How to reach the judge.
+    """How to reach the judge, and how long to try.
 
     Args:
         base_url: the API root that ``/chat/completions`` is appended to, e.g. ``https://api.openai.com/v1`` or
@@ -67,10 +63,14 @@ class JudgeConfig:
         temperature: sampling temperature of the judge (0: as deterministic as the server allows).
         max_tokens: cap on the judge's reply (FastChat uses 2048).
         concurrency: requests in flight at once (threads).
-        timeout_s: per-request timeout in seconds.
+        timeout_s: timeout of one try, in seconds.
         max_retries: retries per request after the first try (429 / 5xx / timeout / connection errors).
         backoff_s: delay before the first retry; doubled each retry, with jitter, capped at ``backoff_max_s``.
         backoff_max_s: cap on the exponential backoff delay (a server's ``Retry-After`` is honoured beyond it).
+        request_budget_s: total time one request may take, tries and waits included; then its score is missing.
+        abort_after_failures: stop the run after this many requests in a row ended missing (0: never).
+        max_missing_share: a benchmark with a larger share of missing scores fails the evaluation (exit non-zero,
+            outputs kept); ``None`` fails only a benchmark whose scores are all missing.
         cache_dir: where replies are cached; ``None`` uses ``$REGA_CACHE/judge``.
     """
 
@@ -84,13 +84,20 @@ class JudgeConfig:
     max_retries: int = 6
     backoff_s: float = 1.0
     backoff_max_s: float = 60.0
+    request_budget_s: float = 300.0
+    abort_after_failures: int = 20
+    max_missing_share: float | None = None
     cache_dir: str | None = None
 
     def __post_init__(self):
         if self.concurrency < 1:
             raise ConfigError(f"judge concurrency must be >= 1, got {self.concurrency}")
-        if self.max_retries < 0:
-            raise ConfigError(f"judge max_retries must be >= 0, got {self.max_retries}")
+        if self.max_retries < 0 or self.abort_after_failures < 0:
+            raise ConfigError("judge max_retries and abort_after_failures must be >= 0")
+        if not (self.timeout_s > 0 and self.request_budget_s > 0):
+            raise ConfigError("judge timeout_s and request_budget_s must be > 0")
+        if self.max_missing_share is not None and not 0.0 <= self.max_missing_share <= 1.0:
+            raise ConfigError(f"judge max_missing_share must be within [0, 1], got {self.max_missing_share}")
         if not urllib.parse.urlparse(self.base_url).scheme.startswith("http"):
             raise ConfigError(f"judge base_url must be an http(s) URL, got {self.base_url!r}")
 
@@ -100,17 +107,16 @@ class JudgeConfig:
 
     def describe(self) -> dict:
         """What a result file records about the judge (no key, no cache location)."""
-        return {
-            "model": self.model,
-            "base_url": self.base_url,
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-        }
+        keys = ("model", "base_url", "temperature", "max_tokens")
+        return {key: getattr(self, key) for key in keys}
 
 
 def load_judge_config(path: str | os.PathLike) -> JudgeConfig:
     """A :class:`JudgeConfig` from a YAML file of its fields (``configs/eval/judge_*.yaml``)."""
-    data = yaml.safe_load(resolve_path(path).read_text(encoding="utf-8")) or {}
+    resolved = resolve_path(path)
+    if not resolved.is_file():
+        raise FileNotFoundError(f"judge config {path} not found (resolved to {resolved})")
+    data = yaml.safe_load(resolved.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of JudgeConfig fields")
     known = set(JudgeConfig.__dataclass_fields__)
@@ -127,15 +133,17 @@ class JudgeReply:
     content: str | None
     cached: bool = False
     error: str | None = None
+    retried: bool = False
 
 
 @dataclass
 class JudgeStats:
     requests: int = 0  # replies asked for (after de-duplication)
     cache_hits: int = 0
-    http_calls: int = 0  # including retries
-    retries: int = 0
-    failures: int = 0
+    http_calls: int = 0  # every try
+    retries: int = 0  # every retry
+    retried: int = 0  # requests that needed at least one retry
+    failures: int = 0  # requests that ended without a reply (missing)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -159,19 +167,13 @@ class _RetryableError(Exception):
 class _RequestFailed(Exception):
     """Not worth retrying, but only this request is affected (e.g. 400: the prompt is too long)."""
 
+    retries = 0  # how many retries came before
+
 
 def cache_key(config: JudgeConfig, messages: Sequence[dict]) -> str:
-    blob = json.dumps(
-        {
-            "model": config.model,
-            "base_url": config.base_url.rstrip("/"),
-            "messages": list(messages),
-            "temperature": config.temperature,
-            "max_tokens": config.max_tokens,
-        },
-        sort_keys=True,
-        ensure_ascii=False,
-    )
+    request = {"model": config.model, "base_url": config.base_url.rstrip("/"), "messages": list(messages)}
+    request.update(temperature=config.temperature, max_tokens=config.max_tokens)
+    blob = json.dumps(request, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -179,24 +181,38 @@ def parse_retry_after(value: str | None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
     if not value:
         return None
-    value = value.strip()
     try:
-        seconds = float(value)
+        seconds = float(value.strip())
     except ValueError:
         try:
-            when = email.utils.parsedate_to_datetime(value)
+            seconds = email.utils.parsedate_to_datetime(value.strip()).timestamp() - time.time()
         except (TypeError, ValueError):
             return None
-        seconds = when.timestamp() - time.time()
-    if not math.isfinite(seconds):
-        return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S) if math.isfinite(seconds) else None
+
+
+def _openai_client(config: JudgeConfig, api_key: str | None):
+    try:
+        import openai
+    except ImportError:
+        raise JudgeError("the LLM judge needs the 'openai' package: pip install 'rega[judge]'") from None
+    host = urllib.parse.urlparse(config.base_url).hostname or ""
+    # A local judge server must not be sent through an HTTP proxy from the environment.
+    http_client = openai.DefaultHttpxClient(trust_env=False) if host in LOOPBACK_HOSTS else None
+    return openai.OpenAI(
+        api_key=api_key or "none",  # servers without authentication ignore it; openai insists on one
+        base_url=config.base_url,
+        timeout=config.timeout_s,
+        max_retries=0,  # retries are ours: see the module docstring
+        http_client=http_client,
+    )
 
 
 class JudgeClient:
     """Sends chat-completions requests to the judge, with retries, a disk cache and a thread pool.
 
-    ``sleep`` and ``rng`` are injectable so tests can observe backoff delays without waiting them out.
+    ``sleep``, ``clock`` and ``rng`` are injectable so tests can observe backoff delays and the time budget
+    without waiting them out.
     """
 
     def __init__(
@@ -204,11 +220,12 @@ class JudgeClient:
         config: JudgeConfig,
         *,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ):
         self.config = config
         self.stats = JudgeStats()
-        self._sleep = sleep
+        self._sleep, self._clock = sleep, clock
         self._rng = rng or random.Random()
         self._rng_lock = threading.Lock()
         self._cache_dir = (
@@ -216,17 +233,13 @@ class JudgeClient:
         )
         self._api_key: str | None = None
         if config.api_key_env:
-            key = os.environ.get(config.api_key_env, "")
-            if not key.strip():
+            self._api_key = os.environ.get(config.api_key_env, "").strip() or None
+            if self._api_key is None:
                 raise JudgeError(
-                    f"the judge API key is read from the environment variable {config.api_key_env}, which is not set; "
-                    "export it, or set api_key_env: null for a server without authentication"
+                    f"the judge API key is read from the environment variable {config.api_key_env}, which is "
+                    "not set; export it, or set api_key_env: null for a server without authentication"
                 )
-            self._api_key = key.strip()
-        host = urllib.parse.urlparse(config.base_url).hostname or ""
-        # A local judge server must not be sent through an HTTP proxy from the environment.
-        handlers = [urllib.request.ProxyHandler({})] if host in LOOPBACK_HOSTS else []
-        self._opener = urllib.request.build_opener(*handlers)
+        self._client = _openai_client(config, self._api_key)
 
     def __repr__(self) -> str:  # never show the key
         return f"JudgeClient(model={self.config.model!r}, base_url={self.config.base_url!r})"
@@ -236,30 +249,18 @@ class JudgeClient:
         return self._cache_dir / key[:2] / f"{key}.json"
 
     def _cache_get(self, key: str) -> str | None:
-        path = self._cache_path(key)
         try:
-            entry = json.loads(path.read_text(encoding="utf-8"))
+            entry = json.loads(self._cache_path(key).read_text(encoding="utf-8"))
         except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
             return None
         content = entry.get("content") if isinstance(entry, dict) else None
         return content if isinstance(content, str) else None
 
     def _cache_put(self, key: str, messages: Sequence[dict], content: str, finish_reason: str | None) -> None:
-        entry = {
-            "key": key,
-            "request": {
-                "model": self.config.model,
-                "base_url": self.config.base_url,
-                "temperature": self.config.temperature,
-                "max_tokens": self.config.max_tokens,
-                "messages": list(messages),
-            },
-            "content": content,
-            "finish_reason": finish_reason,
-            "created": time.time(),
-        }
+        request = {**self.config.describe(), "messages": list(messages)}
+        entry = {"key": key, "request": request, "content": content, "finish_reason": finish_reason}
         with atomic_write(self._cache_path(key)) as handle:
-            json.dump(entry, handle, ensure_ascii=False)
+            json.dump({**entry, "created": time.time()}, handle, ensure_ascii=False)
 
     def _redact(self, text: str) -> str:
         """Error bodies may echo the key (OpenAI's 401 shows part of it): keep it out of messages and logs."""
@@ -276,174 +277,145 @@ class JudgeClient:
         base = min(self.config.backoff_max_s, self.config.backoff_s * (2**attempt))
         return base * (0.5 + 0.5 * jitter)
 
-    def _post_once(self, body: bytes) -> dict:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        request = urllib.request.Request(self.config.endpoint, data=body, headers=headers, method="POST")
+    def _try_once(self, messages: Sequence[dict], timeout: float) -> tuple[str, str | None]:
+        import openai
+
         self.stats.add(http_calls=1)
         try:
-            with self._opener.open(request, timeout=self.config.timeout_s) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as err:
-            detail = self._redact(_error_detail(err))
-            if err.code in FATAL_STATUS:
-                raise JudgeError(
-                    f"judge endpoint {self.config.endpoint} answered HTTP {err.code}: {detail}"
-                ) from None
-            if err.code in (408, 409, 425, 429) or err.code >= 500:
-                raise _RetryableError(
-                    f"HTTP {err.code}: {detail}", parse_retry_after(err.headers.get("Retry-After"))
-                ) from None
-            raise _RequestFailed(f"HTTP {err.code}: {detail}") from None
-        except (
-            TimeoutError,
-            urllib.error.URLError,
-            http.client.HTTPException,
-            ConnectionError,
-            OSError,
-        ) as err:
-            reason = getattr(err, "reason", err)
-            raise _RetryableError(f"{type(err).__name__}: {reason}") from None
+            response = self._client.chat.completions.create(
+                model=self.config.model,
+                messages=list(messages),
+                temperature=self.config.temperature,
+                max_tokens=self.config.max_tokens,
+                timeout=timeout,
+            )
+        except openai.APIStatusError as err:
+            self._status_error(err.status_code, err.response)
+        except openai.APITimeoutError:
+            raise _RetryableError(f"no answer within {timeout:.1f} s") from None
+        except openai.APIConnectionError as err:
+            raise _RetryableError(f"connection error: {err.__cause__ or err}") from None
+        return self._content(response)
+
+    def _status_error(self, status: int, response) -> None:
+        detail = self._redact(_body_summary(response))
+        if status in FATAL_STATUS:
+            raise JudgeError(f"judge endpoint {self.config.endpoint} answered HTTP {status}: {detail}")
+        if status in RETRY_STATUS or status >= 500:
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+            raise _RetryableError(f"HTTP {status}: {detail}", retry_after)
+        raise _RequestFailed(f"HTTP {status}: {detail}")
+
+    def _content(self, response) -> tuple[str, str | None]:
+        if isinstance(response, str):  # a 200 that is not JSON: a proxy's or gateway's page
+            raise _RetryableError(f"HTTP 200 with a non-JSON body: {_text_summary(response)}")
         try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise _RetryableError(f"unreadable response body ({len(raw)} bytes)") from None
+            choice = response.choices[0]
+            content = choice.message.content
+        except (AttributeError, IndexError, TypeError):
+            raise _RequestFailed(
+                f"response without choices[0].message.content: {str(response)[:200]}"
+            ) from None
+        if not isinstance(content, str):
+            raise _RequestFailed("response content is not a string")
+        usage = getattr(response, "usage", None)
+        if usage is not None:
+            self.stats.add(
+                prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+                completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            )
+        return content, choice.finish_reason
 
-    def _request(self, messages: Sequence[dict]) -> tuple[str, str | None]:
-        payload = {
-            "model": self.config.model,
-            "messages": list(messages),
-            "temperature": self.config.temperature,
-            "max_tokens": self.config.max_tokens,
-        }
-        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        last = "no attempt"
+    def _request(self, messages: Sequence[dict]) -> tuple[str, str | None, int]:
+        """(content, finish_reason, retries), within the request's time budget."""
+        start = self._clock()
+        deadline = start + self.config.request_budget_s
         for attempt in range(self.config.max_retries + 1):
+            timeout = max(min(self.config.timeout_s, deadline - self._clock()), 0.001)
             try:
-                data = self._post_once(body)
+                return (*self._try_once(messages, timeout), attempt)
+            except _RequestFailed as err:
+                err.retries = attempt
+                raise
             except _RetryableError as err:
-                last = str(err)
-                if attempt == self.config.max_retries:
-                    break
-                delay = self._delay(attempt, err.retry_after)
-                log.debug("judge request failed (%s); retry %d in %.2fs", last, attempt + 1, delay)
-                self.stats.add(retries=1)
-                self._sleep(delay)
-                continue
-            try:
-                choice = data["choices"][0]
-                content = choice["message"]["content"]
-            except (KeyError, IndexError, TypeError):
-                raise _RequestFailed(
-                    f"response without choices[0].message.content: {str(data)[:200]}"
-                ) from None
-            if not isinstance(content, str):
-                raise _RequestFailed("response content is not a string")
-            usage = data.get("usage") if isinstance(data, dict) else None
-            if isinstance(usage, dict):
-                self.stats.add(
-                    prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                    completion_tokens=int(usage.get("completion_tokens") or 0),
-                )
-            return content, choice.get("finish_reason")
-        raise _RequestFailed(f"gave up after {self.config.max_retries + 1} tries: {last}")
+                last, delay = str(err), self._delay(attempt, err.retry_after)
+            spent = self._clock() - start
+            over_budget = self._clock() + delay >= deadline
+            if attempt == self.config.max_retries or over_budget:
+                budget = f" (request_budget_s={self.config.request_budget_s:g})" if over_budget else ""
+                failed = _RequestFailed(f"gave up after {attempt + 1} tries in {spent:.0f} s{budget}: {last}")
+                failed.retries = attempt
+                raise failed
+            log.debug("judge request failed (%s); retry %d in %.2fs", last, attempt + 1, delay)
+            self.stats.add(retries=1)
+            self._sleep(delay)
+        raise AssertionError("unreachable")
 
+    def _fetch(self, key: str, messages: Sequence[dict]) -> JudgeReply:
+        try:
+            content, finish_reason, retries = self._request(messages)
+        except _RequestFailed as err:
+            self.stats.add(failures=1, retried=int(err.retries > 0))
+            log.warning("judge request failed: %s", err)
+            return JudgeReply(content=None, error=str(err), retried=err.retries > 0)
+        self.stats.add(retried=int(retries > 0))
+        self._cache_put(key, messages, content, finish_reason)
+        return JudgeReply(content=content, retried=retries > 0)
+
+    # -- many requests -------------------------------------------------------------------------------------
     def complete(self, messages: Sequence[dict]) -> JudgeReply:
         """One judge reply, from the cache when this exact request was answered before."""
         return self.complete_many([messages])[0]
 
-    def _fetch(self, key: str, messages: Sequence[dict]) -> JudgeReply:
-        try:
-            content, finish_reason = self._request(messages)
-        except _RequestFailed as err:
-            self.stats.add(failures=1)
-            log.warning("judge request failed: %s", err)
-            return JudgeReply(content=None, error=str(err))
-        self._cache_put(key, messages, content, finish_reason)
-        return JudgeReply(content=content)
-
     def complete_many(self, batch: Sequence[Sequence[dict]], log_every: int = 50) -> list[JudgeReply]:
         """Replies for many requests, in order; identical requests are sent once, cached ones not at all."""
         keys = [cache_key(self.config, messages) for messages in batch]
-        unique: dict[str, Sequence[dict]] = {}
-        for key, messages in zip(keys, batch):
-            unique.setdefault(key, messages)
+        unique = dict(zip(keys, batch))
         self.stats.add(requests=len(unique))
         replies: dict[str, JudgeReply] = {}
-        todo = []
         for key in unique:
             content = self._cache_get(key)
             if content is not None:
                 replies[key] = JudgeReply(content=content, cached=True)
-            else:
-                todo.append(key)
-        self.stats.add(cache_hits=len(unique) - len(todo))
+        self.stats.add(cache_hits=len(replies))
+        todo = [key for key in unique if key not in replies]
         if todo:
-            log.info(
-                "judge %s: %d requests (%d cached)", self.config.model, len(todo), len(unique) - len(todo)
-            )
-            with ThreadPoolExecutor(max_workers=self.config.concurrency, thread_name_prefix="judge") as pool:
-                futures = {pool.submit(self._fetch, key, unique[key]): key for key in todo}
-                pending = set(futures)
-                done_count = 0
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                    for future in done:
-                        if future.exception() is not None:
-                            for other in pending:
-                                other.cancel()
-                            raise future.exception()
-                        replies[futures[future]] = future.result()
-                        done_count += 1
-                        if log_every and done_count % log_every == 0:
-                            log.info("judge: %d/%d done", done_count, len(todo))
+            log.info("judge %s: %d requests (%d cached)", self.config.model, len(todo), len(replies))
+            replies.update(self._run_pool(todo, unique, log_every))
         return [replies[key] for key in keys]
 
-
-def _error_detail(err: urllib.error.HTTPError) -> str:
-    try:
-        text = err.read().decode("utf-8", "replace")
-    except Exception:  # the body is only for the message
-        text = ""
-    return " ".join(text.split())[:300] or str(err.reason)
-
-
-# -- rating parsing and aggregation (pure) ----------------------------------------------------------------
-
-# FastChat llm_judge/common.py: "[[8]]" first, then "[8]" as fallback.
-ONE_SCORE_PATTERN = re.compile(r"\[\[(\d+\.?\d*)\]\]")
-ONE_SCORE_PATTERN_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
-
-
-def parse_bracket_rating(
-    text: str | None, low: float | None = None, high: float | None = None
-) -> float | None:
-    """The rating in ``[[x]]`` (else ``[x]``), FastChat's rule; None when absent or outside ``[low, high]``."""
-    if not text:
-        return None
-    match = ONE_SCORE_PATTERN.search(text) or ONE_SCORE_PATTERN_BACKUP.search(text)
-    if not match:
-        return None
-    try:
-        value = float(match.group(1))
-    except ValueError:
-        return None
-    if (low is not None and value < low) or (high is not None and value > high):
-        return None
-    return value
+    def _run_pool(self, todo: list[str], unique: dict, log_every: int) -> dict[str, JudgeReply]:
+        pool = ThreadPoolExecutor(max_workers=self.config.concurrency, thread_name_prefix="judge")
+        futures = {pool.submit(self._fetch, key, unique[key]): key for key in todo}
+        replies: dict[str, JudgeReply] = {}
+        counts, in_a_row, logged = {"ok": 0, "retried": 0, "missing": 0}, 0, time.monotonic()
+        try:
+            for done, future in enumerate(as_completed(futures), start=1):
+                reply = replies[futures[future]] = future.result()  # a JudgeError stops the run
+                counts["ok" if reply.content is not None else "missing"] += 1
+                counts["retried"] += reply.retried
+                in_a_row = in_a_row + 1 if reply.content is None else 0
+                if done == len(todo) or done % log_every == 0 or time.monotonic() - logged > PROGRESS_EVERY_S:
+                    logged = time.monotonic()
+                    level = logging.WARNING if done == len(todo) and counts["missing"] else logging.INFO
+                    log.log(level, "judge %s: %d/%d done (%s)", self.config.model, done, len(todo),
+                            ", ".join(f"{k} {v}" for k, v in counts.items()))  # fmt: skip
+                if self.config.abort_after_failures and in_a_row >= self.config.abort_after_failures:
+                    raise JudgeError(
+                        f"judge {self.config.endpoint}: {in_a_row} requests in a row failed, stopping "
+                        f"(abort_after_failures={self.config.abort_after_failures}); last: {reply.error}"
+                    )
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return replies
 
 
-def summarize(scores: Iterable[float | None]) -> dict:
-    """``{"mean", "n", "missing"}``: the mean of the present scores (None when there are none)."""
-    values = list(scores)
-    present = [float(v) for v in values if v is not None]
-    mean = round(sum(present) / len(present), 4) if present else None
-    return {"mean": mean, "n": len(present), "missing": len(values) - len(present)}
+def _text_summary(text: str) -> str:
+    if "<html" in text[:1000].lower() or "<!doctype" in text[:200].lower():
+        title = HTML_TITLE.search(text)
+        return f"an HTML page ({' '.join(title.group(1).split())[:100]})" if title else "an HTML page"
+    return " ".join(text.split())[:300] or "(empty body)"
 
 
-def chat_messages(system: str | None, user: str) -> list[dict]:
-    """OpenAI-style messages; an empty system prompt is left out, as FastChat does."""
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": user})
-    return messages
+def _body_summary(response) -> str:
+    return _text_summary(getattr(response, "text", None) or "")  # openai has read the error body already

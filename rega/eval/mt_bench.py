@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 import uuid
 from collections import defaultdict
@@ -37,15 +38,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from rega.data.prompts import ConfigError
-from rega.eval.judge import (
-    JudgeClient,
-    JudgeConfig,
-    chat_messages,
-    load_judge_config,
-    parse_bracket_rating,
-    summarize,
-)
+from rega.errors import ConfigError, EmptyDataError, JudgeError, UserError
+from rega.eval.judge import JudgeClient, JudgeConfig, load_judge_config
+from rega.eval.ratings import chat_messages, first_error, missing_problem, parse_bracket_rating, summarize
 from rega.io import read_jsonl, write_json, write_jsonl
 from rega.paths import resolve_path
 
@@ -83,6 +78,8 @@ def load_questions(path: str | os.PathLike = DEFAULT_QUESTIONS) -> list[dict]:
             f"MT-Bench questions {path} not found (resolved to {resolved}); get them from {FASTCHAT_SOURCE}"
         )
     questions = read_jsonl(resolved)
+    if not questions:
+        raise EmptyDataError(f"MT-Bench question file {resolved} holds no questions")
     for lineno, q in enumerate(questions, start=1):
         turns = q.get("turns")
         if (
@@ -458,6 +455,8 @@ def run_mt_bench(
         questions = [q for q in questions if q["question_id"] in wanted]
     if limit is not None:
         questions = questions[:limit]
+    if not questions:
+        raise EmptyDataError(f"MT-Bench: question_ids/limit select none of the questions in {questions_path}")
     answers_path = output / "model_answer" / f"{_safe_name(model_id)}.jsonl"
     if reuse_answers and answers_path.exists():
         answers = load_model_answers(answers_path)
@@ -511,6 +510,7 @@ def run_mt_bench(
         judge=client.config.describe(),
         judgments_path=str(judgments_path),
         judge_stats=client.stats.to_dict(),
+        first_error=first_error(judgments),
         **score_judgments(judgments, {q["question_id"]: q.get("category") for q in questions}),
     )
     write_json(output / "scores.json", result)
@@ -610,7 +610,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     scores = {"model_id": model_id, "judge": client.config.describe(), **score_judgments(judgments)}
     write_json(out / "scores.json", scores)
     print(json.dumps({k: scores[k] for k in ("turn_1", "turn_2", "overall")}, indent=2))
+    problem = missing_problem(
+        "mt_bench", {**scores, "first_error": first_error(judgments)}, client.config.max_missing_share
+    )
+    if problem:
+        raise JudgeError(f"{problem} (judgments kept in {out})")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:  # as the rega command does: one line, exit 2
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(2)

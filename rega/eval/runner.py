@@ -33,10 +33,12 @@ from rega.data.loaders import DataSource, load_records
 from rega.data.prompts import CENTRAL, ConfigError, PromptConfig, RolePrompts, resolve_prompts
 from rega.data.records import GENERAL, Record
 from rega.data.strategies import ROLE, get_strategy
+from rega.errors import EmptyDataError, JudgeError
 from rega.eval.domain import TaskData, check_rule, evaluate_domains, load_task_records
 from rega.eval.metrics import dist_info
 from rega.eval.retention import DEFAULT_MC, base_model, drift_scores, general_mc_scores, resolve_mc_set
-from rega.io import write_json, write_jsonl
+from rega.io import atomic_dir, check_output_dir, write_json, write_jsonl
+from rega.modules.export import check_adapter, load_adapter
 from rega.modules.model import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -389,6 +391,7 @@ def summary_text(result: dict) -> str:
 # --------------------------------------------------------------------------------------------- command
 
 
+EVAL_FILES = ("eval.json", "predictions.jsonl", "general_mc.jsonl")
 JUDGE_BENCHMARKS = {
     "mt_bench": ("rega.eval.mt_bench", "run_mt_bench"),
     "general_zh": ("rega.eval.general_zh", "run_general_zh"),
@@ -396,33 +399,67 @@ JUDGE_BENCHMARKS = {
 }
 
 
-def run_judge_benchmarks(
-    model,
-    tokenizer,
-    chat,
-    system: str,
-    names: Sequence[str],
-    judge_config: str | None,
-    limit: int | None,
-    out: Path,
-) -> dict:
-    """The LLM-judge evaluations (imported lazily: they are optional here). Without ``judge_config`` only the
-    answers are generated (no network)."""
-    import importlib
-
-    judge = None
-    if judge_config:
-        from rega.eval.judge import load_judge_config
-
-        judge = load_judge_config(judge_config)
-    results = {}
+def prepare_judge(names: Sequence[str], judge_config: str | None):
+    """(JudgeConfig, JudgeClient), or (None, None) without a config (answers only): built before any model loads,
+    so an unknown benchmark, a missing key or a missing ``openai`` package fails at once."""
     for name in names:
         if name not in JUDGE_BENCHMARKS:
             raise ConfigError(f"unknown judge benchmark {name!r}; use {', '.join(JUDGE_BENCHMARKS)}")
+    if not (names and judge_config):
+        return None, None
+    from rega.eval.judge import JudgeClient, load_judge_config
+
+    judge = load_judge_config(judge_config)
+    return judge, JudgeClient(judge)
+
+
+def run_judge_benchmarks(model, tokenizer, chat, system: str, names, judge, client, limit, out: Path) -> dict:
+    """The LLM-judge evaluations (imported lazily: they are optional here). Without a judge only the answers are
+    generated (no network). A benchmark whose judge fails is recorded with its ``error`` and the others still run:
+    the evaluation fails at the end (:func:`judge_problems`), with every output kept."""
+    import importlib
+
+    results = {}
+    for name in names:
         module, func = JUDGE_BENCHMARKS[name]
         run = getattr(importlib.import_module(module), func)
-        results[name] = run(model, tokenizer, chat, system, judge, output_dir=str(out / name), limit=limit)
+        kwargs = {"output_dir": str(out / name), "limit": limit, "judge_client": client}
+        try:
+            results[name] = run(model, tokenizer, chat, system, judge, **kwargs)
+        except JudgeError as err:
+            log.error("judge benchmark %s failed: %s", name, err)
+            results[name] = {"benchmark": name, "error": str(err)}
     return results
+
+
+def judge_problems(results: dict, judge) -> list[str]:
+    """One line per judged benchmark that failed or has too many missing scores (none without a judge)."""
+    from rega.eval.ratings import missing_problem
+
+    if judge is None:
+        return []
+    problems = (missing_problem(name, result, judge.max_missing_share) for name, result in results.items())
+    return [problem for problem in problems if problem]
+
+
+def _relocate(obj, old: str, new: str):
+    """``obj`` with every path under the temporary output folder ``old`` moved to the final folder ``new``."""
+    if isinstance(obj, str):
+        return new + obj[len(old) :] if obj.startswith(old) else obj
+    if isinstance(obj, dict):
+        return {key: _relocate(value, old, new) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [_relocate(value, old, new) for value in obj]
+    return obj
+
+
+def _check_inputs(settings: EvalSettings, data: TaskData, judge: Sequence[str] | None) -> None:
+    """An evaluation of zero items is an error that names the sources, before the model loads."""
+    if settings.tasks and not data.records:
+        sources = ", ".join(source.path for source in settings.tasks)
+        raise EmptyDataError(f"no evaluation items: the task sources hold no records ({sources})")
+    if not (data.records or mc_set_names(settings, data.records) or settings.drift or judge):
+        raise EmptyDataError("nothing to evaluate: set tasks, general_mc, drift or judge")
 
 
 def evaluate_command(
@@ -503,7 +540,12 @@ def evaluate_command(
         check_rule(rule)
     if compare_base and not adapter:
         raise ConfigError("compare_base needs an adapter (the base model is what is being evaluated)")
+    out = check_output_dir(output, [*EVAL_FILES, *JUDGE_BENCHMARKS], "evaluation outputs")
+    if adapter:
+        check_adapter(adapter)
+    judge_settings, judge_client = prepare_judge(judge or [], judge_config)
     data = load_task_records(settings.tasks, settings.limit_per_task)
+    _check_inputs(settings, data, judge)
     for spec in mc_set_names(settings, data.records):
         resolve_mc_set(spec)  # fail on a bad name before the model loads
     reference = json.loads(Path(baseline).read_text(encoding="utf-8")) if baseline else None
@@ -519,42 +561,53 @@ def evaluate_command(
     target = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     lm = load_model(model_config).to(target)
     if adapter:
-        from peft import PeftModel
-
-        lm = PeftModel.from_pretrained(lm, adapter)
+        lm = load_adapter(lm, adapter, model_config.name_or_path)
     lm.eval()
     load_s = round(time.perf_counter() - started, 1)
     if compare_base:
         reference = base_reference(lm, tokenizer, chat, role_prompts, settings, data.records)
-    out = Path(output)
-    result = evaluate_model(
-        lm,
-        tokenizer,
-        chat,
-        role_prompts,
-        inference,
-        settings,
-        data=data,
-        output_dir=out,
-        base_reference=reference,
-    )
-    if judge:
-        t0 = time.perf_counter()
-        result["judge"] = run_judge_benchmarks(
-            lm, tokenizer, chat, role_prompts.central, judge, judge_config, judge_limit, out
+    # Every output goes into a temporary folder that replaces `out` as a whole: never a mix of two runs.
+    with atomic_dir(out) as tmp:
+        result = evaluate_model(
+            lm,
+            tokenizer,
+            chat,
+            role_prompts,
+            inference,
+            settings,
+            data=data,
+            output_dir=tmp,
+            base_reference=reference,
         )
-        result["meta"]["timings"]["judge_s"] = round(time.perf_counter() - t0, 1)
-    result["meta"].update(
-        model=asdict(model_config),
-        adapter=adapter,
-        strategy=strategy,
-        baseline=baseline,
-        compare_base=compare_base,
-        device=target,
-        threads=torch.get_num_threads(),
-    )
-    result["meta"]["timings"]["load_s"] = load_s
-    result["meta"]["timings"]["wall_s"] = round(time.perf_counter() - started, 1)
-    write_json(out / "eval.json", result)
+        if judge:
+            t0 = time.perf_counter()
+            result["judge"] = run_judge_benchmarks(
+                lm,
+                tokenizer,
+                chat,
+                role_prompts.central,
+                judge,
+                judge_settings,
+                judge_client,
+                judge_limit,
+                tmp,
+            )
+            result["meta"]["timings"]["judge_s"] = round(time.perf_counter() - t0, 1)
+        result["meta"].update(
+            model=asdict(model_config),
+            adapter=adapter,
+            strategy=strategy,
+            baseline=baseline,
+            compare_base=compare_base,
+            device=target,
+            threads=torch.get_num_threads(),
+        )
+        result["meta"]["timings"]["load_s"] = load_s
+        result["meta"]["timings"]["wall_s"] = round(time.perf_counter() - started, 1)
+        result = _relocate(result, str(tmp), str(out))
+        write_json(tmp / "eval.json", result)
     print(summary_text(result))
     print(f"wrote {out / 'eval.json'}")
+    problems = judge_problems(result.get("judge", {}), judge_settings)
+    if problems:
+        raise JudgeError("; ".join(problems) + f" (outputs kept in {out})")
