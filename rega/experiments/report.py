@@ -4,6 +4,11 @@ Rows are strategies (REGA twice: REGA_c answers with p_c, REGA_r with each domai
 score (accuracy for closed tasks, unigram F1 for free-form ones), each domain's mean, the mean over domains, and the
 judge-free general scores (general multiple choice, drift of log-likelihood) next to the judge's where it ran.
 Plots: domain and general scores against r, and the prompt-by-domain matrix that shows inter-domain confusion.
+
+The output folder may hold other files (a README, run records), so it is not replaced as a whole: each file is
+written atomically, and ``report.json`` is removed first and written last. So a ``report.json`` vouches that every
+file it lists comes from the same run; without one, the report was interrupted (:func:`check_report`) and the
+next run rewrites it whole.
 """
 
 from __future__ import annotations
@@ -195,13 +200,7 @@ def _save_figure(fig, path: Path) -> None:
         handle.write(buffer.getvalue())
 
 
-def write_report(runs_dir: str | Path, output: str | Path) -> dict:
-    runs = load_runs(Path(runs_dir))
-    if not runs:
-        raise FileNotFoundError(f"no finished runs (done.json + eval/eval.json) under {runs_dir}")
-    rows = table_rows(runs)
-    columns = score_columns(rows)
-    out = Path(output)
+def markdown_report(runs: list[dict], rows: list[dict], columns: list[str]) -> str:
     markdown = [
         "Scores in % (accuracy for closed tasks, unigram F1 for free-form ones, general multiple-choice accuracy);",
         "logprob = mean log-likelihood per token of reference responses under the model (higher = closer to them).",
@@ -215,8 +214,19 @@ def write_report(runs_dir: str | Path, output: str | Path) -> dict:
             markdown.append(to_markdown(
                 [{"label": f"p_{p}", **dict(zip(domains, row))} for p, row in zip(prompts, grid)], domains, "prompt"
             ))  # fmt: skip
+    return "\n".join(markdown) + "\n"
+
+
+def write_report(runs_dir: str | Path, output: str | Path) -> dict:
+    runs = load_runs(Path(runs_dir))
+    if not runs:
+        raise FileNotFoundError(f"no finished runs (done.json + eval/eval.json) under {runs_dir}")
+    rows = table_rows(runs)
+    columns = score_columns(rows)
+    out = Path(output)
+    (out / "report.json").unlink(missing_ok=True)  # until the last write, the report is visibly incomplete
     with atomic_write(out / "results.md") as handle:
-        handle.write("\n".join(markdown) + "\n")
+        handle.write(markdown_report(runs, rows, columns))
     buffer = io.StringIO()
     writer = csv.DictWriter(
         buffer, fieldnames=["label", "run", "strategy", "rule", "mix_ratio", *columns], lineterminator="\n"
@@ -229,8 +239,24 @@ def write_report(runs_dir: str | Path, output: str | Path) -> dict:
         "mix_ratio": plot_mix_ratio(rows, out / "mix_ratio.png"),
         "prompt_matrix": plot_matrices(runs, out / "prompt_matrix.png"),
     }
+    for name, made in plots.items():
+        if not made:  # a plot of an earlier report must not stay beside this one's tables
+            (out / f"{name}.png").unlink(missing_ok=True)
     write_json(out / "report.json", {"runs": [r["name"] for r in runs], "columns": columns, "plots": plots})
     return {"rows": rows, "columns": columns, "plots": plots}
+
+
+def check_report(output: str | Path) -> list[str]:
+    """What is wrong with a written report: no ``report.json`` (an interrupted run) or a file it vouches for."""
+    out = Path(output)
+    try:
+        plots = json.loads((out / "report.json").read_text(encoding="utf-8"))["plots"]
+    except (FileNotFoundError, KeyError, TypeError, json.JSONDecodeError):
+        return [f"{out}: no complete report.json (an interrupted report? run report again)"]
+    names = ["results.md", "results.csv", *(f"{name}.png" for name, made in plots.items() if made)]
+    return [
+        f"{out / name}: missing although report.json lists it" for name in names if not (out / name).is_file()
+    ]
 
 
 def report_command(runs: str, output: str = "docs/results") -> None:
