@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
@@ -62,6 +63,12 @@ class REGACLI(LightningCLI):
 
 
 def run_lightning_cli(argv: list[str] | None) -> REGACLI:
+    # REGAModule steps its optimizer in training_step, so a checkpoint after step k holds the weights after k
+    # updates and global_step k: the consistent state to resume from, not the "pre-optimization state" Lightning
+    # warns about.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    # REGADataModule resumes a mid-epoch checkpoint at the next unseen batch itself (state_dict/load_state_dict).
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     return REGACLI(
         REGAModule,
         REGADataModule,

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from cluster_helpers import fit_args, read_scalars, run_env
 
 from rega.data.chat import IGNORE_INDEX, ChatFormat
 from rega.data.corpus import CorpusConfig
@@ -230,63 +227,45 @@ def test_training_changes_lora_weights_only(datamodule, tiny_model_config, tmp_p
     assert not torch.allclose(plain, adapted)
 
 
-def read_scalars(log_dir: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = {}
-    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
-
-
-def fit_args(tiny_model_dir: Path, root: Path, epochs: int) -> list[str]:
-    return [
-        sys.executable, str(REPO / "cli.py"), "fit",
-        "--config", str(REPO / "configs/trainer/cpu.yaml"),
-        "--config", str(REPO / "tests/configs/tiny_fit.yaml"),
-        "--model.model.name_or_path", str(tiny_model_dir),
-        "--trainer.max_epochs", str(epochs),
-        "--trainer.default_root_dir", str(root),
-        "--trainer.logger.init_args.save_dir", str(root),
-        "--data.cache", str(root / "cache"),
-        "--model.adapter_dir", str(root / "adapter"),
-    ]  # fmt: skip
-
-
-def run_env() -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
 def test_killed_run_resumes_like_an_uninterrupted_one(tiny_model_dir, tmp_path):
+    """Killed right after a mid-epoch checkpoint, a run resumed from it continues the uninterrupted loss curve."""
+    every_2_steps = [
+        "--config",
+        str(REPO / "tests/configs/step_checkpoints.yaml"),
+        "--trainer.max_epochs",
+        "3",
+    ]
     full, broken = tmp_path / "full", tmp_path / "broken"
-    subprocess.run(fit_args(tiny_model_dir, full, 3), check=True, env=run_env(), capture_output=True)
+    done = subprocess.run(fit_args(tiny_model_dir, full, *every_2_steps), env=run_env(), capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
     reference = read_scalars(full, "train/loss")
+    steps_per_epoch = json.loads(next(full.rglob("summary.json")).read_text())["optimizer_steps"] // 3
+    assert steps_per_epoch % 2 == 1  # so the checkpoint at step steps_per_epoch + 1 is mid-epoch
 
-    proc = subprocess.Popen(fit_args(tiny_model_dir, broken, 3), env=run_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not list(broken.rglob("epoch=0-*.ckpt")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    checkpoint = next(broken.rglob("epoch=0-*.ckpt"))
+    kill = [
+        "--trainer.callbacks+=cluster_helpers.ExitAtStep",
+        f"--trainer.callbacks.step={steps_per_epoch + 2}",
+    ]
+    killed = subprocess.run(
+        fit_args(tiny_model_dir, broken, *every_2_steps, *kill), env=run_env(), capture_output=True
+    )
+    assert killed.returncode == 17, killed.stderr.decode()[-3000:]
+    checkpoint = next(broken.rglob("last.ckpt"))
     state = torch.load(checkpoint, weights_only=False, map_location="cpu")
     assert state["state_dict"] and all("lora_" in k for k in state["state_dict"])  # only trainable weights
+    assert state["global_step"] == steps_per_epoch + 1 and state["epoch"] == 1  # in the middle of epoch 1
 
     resumed = subprocess.run(
-        [*fit_args(tiny_model_dir, broken, 3), "--ckpt_path", str(checkpoint)],
+        [*fit_args(tiny_model_dir, broken, *every_2_steps), "--ckpt_path", str(checkpoint)],
         env=run_env(),
         capture_output=True,
     )
     assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    assert b"not resumable" not in resumed.stderr
     after = read_scalars(broken, "train/loss")
-    later_steps = [s for s in reference if s >= state["global_step"]]
-    assert later_steps
-    for step in later_steps:
-        assert after[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-5), step
+    assert sorted(after) == sorted(reference)  # no step repeated, none skipped
+    for step in reference:
+        assert after[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
     for tag in ("val/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/padding_fraction"):
         assert read_scalars(full, tag), tag
     assert any(read_scalars(full, f"val/loss_{d}") for d in ("medical", "legal"))
@@ -296,8 +275,8 @@ def test_killed_run_resumes_like_an_uninterrupted_one(tiny_model_dir, tmp_path):
 
 
 def test_ddp_with_two_cpu_processes_trains(tiny_model_dir, tmp_path):
-    args = [*fit_args(tiny_model_dir, tmp_path, 1), "--config", str(REPO / "configs/trainer/ddp_cpu.yaml"),
-            "--trainer.max_steps", "3"]  # fmt: skip
+    args = fit_args(tiny_model_dir, tmp_path, "--config", str(REPO / "configs/trainer/ddp_cpu.yaml"),
+                    "--trainer.max_epochs", "1", "--trainer.max_steps", "3")  # fmt: skip
     done = subprocess.run(args, env=run_env(), capture_output=True, timeout=600)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()

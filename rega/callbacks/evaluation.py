@@ -26,7 +26,7 @@ across ranks and their torchmetrics sums are synced, per-example rows are gather
 only) is replaced by the native scorer (``general_mc_backend: auto``). Only rank 0 writes files and logs; a
 barrier ends the evaluation. The module's forward is called directly (not through the DDP wrapper), so no
 gradient sync is involved. Sharded strategies (FSDP/DeepSpeed ZeRO-3) need every rank in every forward pass and
-are not supported here: evaluate the saved adapter with ``rega evaluate`` instead.
+are refused in ``setup``, before training starts: evaluate the saved adapter with ``rega evaluate`` instead.
 """
 
 from __future__ import annotations
@@ -39,11 +39,18 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from rega.data.loaders import DataSource
-from rega.data.prompts import CENTRAL
+from rega.data.prompts import CENTRAL, ConfigError
 from rega.eval.runner import EvalSettings, base_reference, evaluate_model, samples_markdown, scalars
 from rega.io import write_json
 
 log = logging.getLogger(__name__)
+
+
+def is_sharding(strategy) -> bool:
+    """Whether a strategy shards the weights (FSDP1/2, DeepSpeed), so no rank can generate alone."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(strategy, FSDPStrategy | ModelParallelStrategy | DeepSpeedStrategy)
 
 
 class EvaluationCallback(Callback):
@@ -118,6 +125,12 @@ class EvaluationCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if is_sharding(trainer.strategy):
+            # Refused before the first step: generating on sharded weights would fail at the end, run lost.
+            raise ConfigError(
+                f"EvaluationCallback does not run under {type(trainer.strategy).__name__} (sharded weights): "
+                "remove it and evaluate the saved adapter with `python cli.py evaluate --adapter DIR`"
+            )
         # trainer.log_dir broadcasts from rank 0, so every rank resolves it here, together.
         root = self.output_dir or str(Path(trainer.log_dir or trainer.default_root_dir) / "eval")
         self._dir = Path(root)

@@ -47,45 +47,27 @@ CACHE_VERSION = 1  # bump when the tokenized format or rendering changes
 
 class TrainerEpochSampler(DistributedSampler):
     """A seeded per-epoch shuffle (for one process too) that takes its epoch from the trainer when iterated, and
-    skips the batches a resumed epoch has already trained on.
+    skips the batches that a resumed epoch trained on before its checkpoint.
 
     On resume Lightning creates the iterator before it restores the epoch and calls ``set_epoch``, which would
     replay epoch 0's order; reading ``trainer.current_epoch`` at the first draw keeps a resumed run on the
     uninterrupted run's order. Lightning leaves an existing DistributedSampler in place under DDP.
     """
 
-    trainer = None
-    resume: dict | None = None  # {"epoch": e, "batches_done": k}, from a mid-epoch checkpoint
+    datamodule = None  # the REGADataModule, whose checkpointed state says where a resumed epoch stopped
 
     def __iter__(self):
         # Lazy: the order is drawn at the first next(), after a resume has restored the trainer's epoch
         # (Lightning may create the iterator earlier, while estimating the number of steps).
         def indices():
             skip = 0
-            if self.trainer is not None:
-                self.set_epoch(self.trainer.current_epoch)
-                if self.resume and self.resume["epoch"] == self.trainer.current_epoch:
-                    skip = self.resume["batches_done"]
-                self.resume = None
+            if self.datamodule is not None and self.datamodule.trainer is not None:
+                epoch = self.datamodule.trainer.current_epoch
+                self.set_epoch(epoch)
+                skip = self.datamodule.batches_to_skip(epoch)
             yield from itertools.islice(super(TrainerEpochSampler, self).__iter__(), skip, None)
 
         return indices()
-
-
-class ResumableLoader(DataLoader):
-    """A training loader that Lightning checkpoints (``state_dict``) and restores mid-epoch.
-
-    The state is the number of batches the fit loop has started in this epoch, not how many the loader has
-    produced (Lightning fetches ahead). Restored, the sampler skips exactly those in the same epoch's order.
-    """
-
-    def state_dict(self) -> dict:
-        trainer = self.sampler.trainer
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": trainer.current_epoch, "batches_done": progress.ready}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.resume = dict(state)
 
 
 class ShardedEvalSampler(DistributedSampler):
@@ -153,6 +135,7 @@ class REGADataModule(L.LightningDataModule):
         self.val_data: TokenizedExamples | None = None
         self.manifest: dict = {}
         self._chat: ChatFormat | None = None
+        self._resume: dict | None = None
 
     # --- corpus -------------------------------------------------------------------------------------------
     @property
@@ -292,6 +275,25 @@ class REGADataModule(L.LightningDataModule):
             self.train_data.dropped,
         )
 
+    # --- exact resume ------------------------------------------------------------------------------------
+    # Lightning checkpoints a data module's state_dict and restores it before training resumes. (Its own
+    # mechanism for stateful loaders loads nothing once configure_optimizers has asked for the number of steps.)
+    def state_dict(self) -> dict:
+        """Where the running epoch stands: the batches the fit loop has started in it (the loader runs ahead)."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches_done": progress.ready}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state)
+
+    def batches_to_skip(self, epoch: int) -> int:
+        """Batches of ``epoch`` trained before the checkpoint this run resumed from (once; then 0)."""
+        resume, self._resume = self._resume, None
+        return resume["batches_done"] if resume and resume.get("epoch") == epoch else 0
+
     # --- loaders ------------------------------------------------------------------------------------------
     def _rank(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -301,8 +303,8 @@ class REGADataModule(L.LightningDataModule):
         world, rank = self._rank()
         dataset = self._batches(self.train_data, self.batching)
         sampler = TrainerEpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-        sampler.trainer = getattr(self, "trainer", None)
-        return ResumableLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers)
+        sampler.datamodule = self
+        return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_data is None:

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -103,13 +104,21 @@ def run_logged(command: list[str], log_path: Path) -> float:
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n$ {' '.join(command)}\n")
         log.flush()
-        done = subprocess.run(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-        )
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=stage_env(os.environ))
     if done.returncode != 0:
         tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
         raise RuntimeError(f"stage failed (exit {done.returncode}), see {log_path}:\n{tail}")
     return time.perf_counter() - start
+
+
+def stage_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a stage. A grid running as a SLURM job's single task (``--ntasks-per-node=1``) hides
+    that layout from its fits, which Lightning would otherwise reject with more than one GPU; a fit then starts one
+    process per GPU of the node itself."""
+    env = {**environ, "PYTHONUNBUFFERED": "1"}
+    if env.get("SLURM_NTASKS") == "1":
+        env.pop("SLURM_NTASKS")
+    return env
 
 
 def domains_of(grid: Grid) -> list[str]:
