@@ -5,6 +5,7 @@ that come before training, and the SLURM scripts' task layout under a simulated 
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 from pathlib import Path
@@ -84,6 +85,17 @@ def test_fsdp2_trains_like_ddp_clips_by_the_global_norm_and_resumes_exactly(tiny
     resumed = read_scalars(broken, "train/loss")
     for step in (2, 3):
         assert resumed[step] == pytest.approx(losses["fsdp"][step], rel=1e-5), step
+
+
+def test_fsdp2_shards_a_bf16_base_beside_fp32_lora_with_activation_checkpointing(tiny_model_dir, tmp_path):
+    """The shipped GPU dtypes (frozen bf16 base, fp32 LoRA in the same unit), which FSDP1 refused, on 2 ranks."""
+    extra = ["--model.model.dtype", "bfloat16", "--model.model.gradient_checkpointing", "true"]
+    root = fit(tiny_model_dir, tmp_path, tmp_path / "cache", *FSDP2, *NO_VAL, "--trainer.max_steps", "2", *extra)
+    state = lora_checkpoint(root)
+    assert state and all(t.dtype == torch.float32 for t in state.values())
+    assert all(math.isfinite(v) for v in read_scalars(root, "train/loss").values())
+    summary = json.loads(next(root.rglob("summary.json")).read_text())
+    assert summary["optimizer_steps"] == 2
 
 
 def test_ddp_resumes_mid_epoch_exactly(tiny_model_dir, tmp_path):
