@@ -87,17 +87,19 @@ def load_plugins() -> None:
             raise ConfigError(f"REGA_PLUGINS names {name!r}, which cannot be imported: {err}") from err
 
 
-def error_line(err: BaseException) -> tuple[int, str]:
-    """(exit code, one line) for an exception: 2 for user errors, 1 for bugs."""
+def error_lines(err: BaseException) -> tuple[int, list[str]]:
+    """(exit code, one line per problem) for an exception: 2 for user errors, 1 for bugs."""
     from rega.errors import USER_OS_ERRORS, UserError
 
-    text = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the message holds
+    def one_line(text) -> str:  # whatever the message holds
+        return " ".join(str(text).split()) or type(err).__name__
+
+    if isinstance(err, UserError) and len(err.problems) > 1:
+        return 2, [one_line(problem) for problem in err.problems]
     if isinstance(err, (UserError, *USER_OS_ERRORS)):
-        return 2, text
-    return (
-        1,
-        f"unexpected {type(err).__name__}: {text} (rerun with --debug or REGA_DEBUG=1 for the traceback)",
-    )
+        return 2, [one_line(err)]
+    hint = "(rerun with --debug or REGA_DEBUG=1 for the traceback)"
+    return 1, [f"unexpected {type(err).__name__}: {one_line(err)} {hint}"]
 
 
 def dispatch(argv: list[str]) -> None:
@@ -140,8 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:
         if debug:
             raise
-        code, line = error_line(err)
-        print(f"error: {line}", file=sys.stderr)
+        code, lines = error_lines(err)
+        print("\n".join(f"error: {line}" for line in lines), file=sys.stderr)
         sys.exit(code)
 
 

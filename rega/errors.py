@@ -8,7 +8,12 @@ from __future__ import annotations
 
 
 class UserError(Exception):
-    """Base of every error whose message alone tells the user what to fix."""
+    """Base of every error whose message alone tells the user what to fix; ``problems`` holds one line per
+    problem when there are several (the command line prints each on its own line)."""
+
+    def __init__(self, *problems: str):
+        super().__init__("; ".join(problems))
+        self.problems = tuple(problems)
 
 
 class ConfigError(UserError, ValueError):

@@ -521,6 +521,22 @@ def test_a_bug_exits_1_and_debug_shows_the_traceback(tmp_path, capsys, monkeypat
         main(corpus_args(tmp_path))
 
 
+def test_several_problems_get_one_line_each(tmp_path, capsys, monkeypatch):
+    import rega.data.corpus
+    from rega.errors import JudgeError
+
+    problems = ("mt_bench: 160 of 160 judge scores missing (all of them)", "general_en: no item was judged")
+
+    def fails(*args, **kwargs):
+        raise JudgeError(*problems)
+
+    monkeypatch.setattr(rega.data.corpus, "build_corpus", fails)
+    with pytest.raises(SystemExit) as info:
+        main(corpus_args(tmp_path))
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {problem}" for problem in problems]
+
+
 def test_real_process_exit_code_and_no_traceback(tmp_path):
     args = [sys.executable, str(REPO_ROOT / "cli.py"), "merge", "--model.name_or_path", str(tmp_path / "none"),
             "--adapter", str(tmp_path / "none"), "--output", str(tmp_path / "out")]  # fmt: skip

@@ -610,4 +610,4 @@ def evaluate_command(
     print(f"wrote {out / 'eval.json'}")
     problems = judge_problems(result.get("judge", {}), judge_settings)
     if problems:
-        raise JudgeError("; ".join(problems) + f" (outputs kept in {out})")
+        raise JudgeError(*(f"{problem} (outputs kept in {out})" for problem in problems))
