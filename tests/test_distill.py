@@ -299,8 +299,7 @@ def test_distill_configs_parse():
         )
         parser = ArgumentParser()
         parser.add_function_arguments(distill_command)
-        parser.add_argument("--config", action="config")
-        cfg = parser.parse_args(["--config", str(path)])
+        cfg = parser.parse_args(["--distill", str(path)])  # the file is the DistillConfig itself
         assert cfg.distill.source and cfg.distill.output_dir
 
 

@@ -31,6 +31,7 @@ from rega.datamodules.tokenized import host_counts
 from rega.io import write_json
 from rega.modules.attention import decoder_hidden_states, packed_rows, prepare_packed_attention
 from rega.modules.fsdp import is_sharded, shard_model
+from rega.modules.losses import build_loss_terms
 from rega.modules.model import (
     LoraSettings,
     ModelConfig,
@@ -56,6 +57,7 @@ class REGAModule(L.LightningModule):
         max_grad_norm: float | None = None,
         adapter_dir: str | None = None,
         seed: int = 1234,
+        loss_terms: dict[str, dict] | None = None,
     ):
         """
         Args:
@@ -73,6 +75,8 @@ class REGAModule(L.LightningModule):
                 ``Trainer(gradient_clip_val=...)``.
             adapter_dir: where the final peft adapter is saved (default ``<log_dir>/adapter``).
             seed: seeds each step's dropout from (seed, step, rank), so a resumed run draws the same masks.
+            loss_terms: terms added to the cross-entropy, by registered name with their settings, e.g.
+                ``{kl_to_base: {weight: 0.1}}`` (:mod:`rega.modules.losses`; plugins can register more).
         """
         super().__init__()
         self.model_config = model or ModelConfig()
@@ -81,7 +85,8 @@ class REGAModule(L.LightningModule):
         self.save_hyperparameters(
             {"model": asdict(self.model_config), "lora": asdict(self.lora), "learning_rate": learning_rate,
              "weight_decay": weight_decay, "warmup_ratio": warmup_ratio, "min_lr_ratio": min_lr_ratio,
-             "micro_batch_size": micro_batch_size, "max_grad_norm": max_grad_norm, "seed": seed}
+             "micro_batch_size": micro_batch_size, "max_grad_norm": max_grad_norm, "seed": seed,
+             "loss_terms": loss_terms}
         )  # fmt: skip
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
@@ -95,6 +100,7 @@ class REGAModule(L.LightningModule):
         self.automatic_optimization = False
         self.adapter_dir = adapter_dir
         self.seed = seed
+        self.loss_terms = build_loss_terms(loss_terms)
         self.tokenizer = load_tokenizer(self.model_config)
         self.chat = ChatFormat(
             self.tokenizer, self.model_config.chat_template, self.model_config.system_placement
@@ -128,47 +134,65 @@ class REGAModule(L.LightningModule):
         ``mask`` marks the input positions that predict a response token; ``losses`` follow ``mask``'s row-major
         order. The LM head runs on those positions' hidden states only.
         """
+        losses, mask, _ = self.response_losses(batch)
+        return losses, mask
+
+    def response_losses(self, batch: dict[str, torch.Tensor]):
+        """(losses [N], mask [B, L-1], logits [N, V]): :meth:`token_losses` and the logits, for loss terms."""
         targets = batch["labels"][:, 1:]
         mask = targets != IGNORE_INDEX
         logits = self.model.response_logits(batch, mask)
-        return F.cross_entropy(logits.float(), targets[mask], reduction="none"), mask
+        return F.cross_entropy(logits.float(), targets[mask], reduction="none"), mask, logits
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         optimizer = self.optimizers()
         counts = batch.pop("host", None) or host_counts(batch)  # REGADataModule counts on the host
         rows = batch["input_ids"].size(0)
-        step = self.micro_batch_size or rows
-        starts = self._micro_batch_starts(rows, step)
-        loss = torch.zeros((), device=batch["input_ids"].device)
-        for i, start in enumerate(starts):
-            if start is None:  # FSDP: a stand-in forward/backward that adds nothing (see _micro_batch_starts)
-                micro = {key: value[:1] for key, value in batch.items()}
-                micro["labels"] = torch.full_like(micro["labels"], IGNORE_INDEX)
-            else:
-                width = max(counts["widths"][start : start + step])
-                micro = {key: value[start : start + step, :width] for key, value in batch.items()}
+        scale = 1.0 / max(1, counts["supervised"])  # every micro-batch's sum over the batch's token count
+        device = batch["input_ids"].device
+        totals = {name: torch.zeros((), device=device) for name in ("loss", *self.loss_terms)}
+        micro_batches = self._micro_batches(batch, counts["widths"])
+        for i, micro in enumerate(micro_batches):
             # Gradients are reduced across ranks once, after the last micro-batch.
-            with self._gradient_sync(i == len(starts) - 1), packed_rows():
-                losses, _ = self.token_losses(micro)
-                part = losses.sum() / max(1, counts["supervised"])
-                self.manual_backward(part)
-            loss += part.detach()
+            with self._gradient_sync(i == len(micro_batches) - 1), packed_rows():
+                losses, mask, logits = self.response_losses(micro)
+                parts = {"loss": losses.sum() * scale}
+                parts.update(
+                    {n: term(self, micro, mask, logits) * scale for n, term in self.loss_terms.items()}
+                )
+                self.manual_backward(sum(parts.values()))
+            for name, part in parts.items():
+                totals[name] += part.detach()
         self.log("train/grad_norm", self._clip_gradients(), batch_size=1)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.lr_schedulers().step()
+        loss = totals.pop("loss")
         self.log("train/loss", loss, prog_bar=True, batch_size=rows)
+        for name, value in totals.items():
+            self.log(f"train/{name}", value, batch_size=rows)
         self._batch_tokens = (counts["real"], counts["supervised"], counts["total"])
         return loss
 
-    def _micro_batch_starts(self, rows: int, step: int) -> list[int | None]:
-        """Row offsets of the micro-batches. Under FSDP every forward gathers weights from all ranks, so every
-        rank runs as many micro-batches as a full batch has; a shorter batch (an epoch's last) pads with None."""
-        starts: list[int | None] = list(range(0, rows, step))
+    def _micro_batches(self, batch: dict[str, torch.Tensor], widths: list[int]) -> list[dict]:
+        """``micro_batch_size`` rows at a time, each cut to its longest row. Under FSDP every forward gathers
+        weights from all ranks, so every rank runs as many micro-batches as a full batch has: a shorter batch (an
+        epoch's last) is padded with stand-ins whose labels are all ignored (they add nothing)."""
+        rows = batch["input_ids"].size(0)
+        step = self.micro_batch_size or rows
+        micro = [
+            {
+                key: value[start : start + step, : max(widths[start : start + step])]
+                for key, value in batch.items()
+            }
+            for start in range(0, rows, step)
+        ]
         if is_sharded(self.model) and self.micro_batch_size:
+            stand_in = {key: value[:1] for key, value in batch.items()}
+            stand_in["labels"] = torch.full_like(stand_in["labels"], IGNORE_INDEX)
             full = math.ceil(max(rows, self.trainer.datamodule.batch_size) / step)
-            starts += [None] * (full - len(starts))
-        return starts
+            micro += [stand_in] * (full - len(micro))
+        return micro
 
     def _gradient_sync(self, enabled: bool):
         if enabled:
