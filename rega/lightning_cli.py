@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LightningCLI
 from rega.data.prompts import ConfigError
 from rega.datamodules import REGADataModule
 from rega.distill.runner import ensure_distilled
+from rega.modules.checkpoint_io import AtomicCheckpointIO
 from rega.modules.lit_module import REGAModule
 
 
@@ -75,5 +76,6 @@ def run_lightning_cli(argv: list[str] | None) -> REGACLI:
         args=argv,
         seed_everything_default=1234,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"plugins": [AtomicCheckpointIO()]},
         parser_kwargs={"default_env": False},
     )

@@ -287,3 +287,23 @@ def test_model_trains_with_dropout_active(tiny_model_config):
     module = REGAModule(model=tiny_model_config, lora=LoraSettings(dropout=0.5))
     module.configure_model()
     assert all(m.training for m in module.model.modules())
+
+
+def test_single_domain_ftrp_validates_the_domains_it_has_prompts_for(tiny_model_config, tmp_path):
+    dm = REGADataModule(
+        corpus=CorpusConfig(strategy="ftrp", domains=DEMO_DOMAINS, only_domains=["medical"]),
+        val=[DataSource("demo:medical.jsonl", limit=4), DataSource("demo:legal.jsonl", limit=4)],
+        model=tiny_model_config,
+        max_length=256,
+        cache=str(tmp_path),
+    )
+    dm.prepare_data()
+    assert dm.val_data is not None and {dm.domains[i] for i in dm.val_data.domain_ids} == {"medical"}
+
+
+def test_zero_shot_fit_is_refused_in_one_line(tiny_model_config, tmp_path):
+    from rega.data.prompts import ConfigError
+
+    dm = REGADataModule(corpus=CorpusConfig(strategy="zero_shot"), model=tiny_model_config, cache=str(tmp_path))
+    with pytest.raises(ConfigError, match="builds no training examples.*cli.py evaluate"):
+        dm.prepare_data()

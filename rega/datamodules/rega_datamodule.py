@@ -35,6 +35,7 @@ from rega.datamodules.tokenized import (
     cache_file,
     host_counts,
     plan_batches,
+    supervised_spans,
 )
 from rega.distill.runner import MERGED, DistillConfig
 from rega.io import stable_hash
@@ -42,7 +43,7 @@ from rega.modules.model import ModelConfig, load_tokenizer
 from rega.paths import cache_dir
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1  # bump when the tokenized format or rendering changes
+CACHE_VERSION = 2  # bump when the tokenized format or rendering changes (2: supervised spans, conversations)
 
 
 class TrainerEpochSampler(DistributedSampler):
@@ -184,15 +185,25 @@ class REGADataModule(L.LightningDataModule):
                 if seen[key] <= self.val_limit_per_task:
                     kept.append(rec)
             records = kept
-        headline = get_strategy(self.strategy).inference[0]
-        return as_examples(records, ROLE if headline == ROLE else CENTRAL, prompts, "domain")
+        rule = ROLE if get_strategy(self.strategy).inference[0] == ROLE else CENTRAL
+        if rule == ROLE:  # e.g. single-domain FTRP: no role prompt for the other domains' validation sets
+            unprompted = sorted({r.domain for r in records} - set(prompts.roles))
+            if unprompted:
+                log.warning("validation: no role prompt for %s (the corpus trains %s); left out",
+                            ", ".join(unprompted), ", ".join(sorted(prompts.roles)))  # fmt: skip
+                records = [r for r in records if r.domain in prompts.roles]
+        return as_examples(records, rule, prompts, "domain")
 
     # --- tokenization and cache ---------------------------------------------------------------------------
     def _cache_key(self, examples: list[Example]) -> str:
         digest = hashlib.sha256()
         for ex in examples:
+            # A conversation's earlier turns are part of what is tokenized; single-turn lines stay as they were.
+            history = [[list(pair) for pair in ex.history]] if ex.history else []
             digest.update(
-                json.dumps([ex.system, ex.user_text, ex.output, ex.domain], ensure_ascii=False).encode()
+                json.dumps(
+                    [ex.system, ex.user_text, ex.output, ex.domain, *history], ensure_ascii=False
+                ).encode()
             )
         tok = self.chat.tokenizer
         return stable_hash(
@@ -209,10 +220,11 @@ class REGADataModule(L.LightningDataModule):
     def tokenize(self, examples: list[Example], domains: list[str]) -> TokenizedExamples:
         index = {d: i for i, d in enumerate(domains)}
         encoded = self.chat.encode_many(
-            [(e.system, e.user_text, e.output) for e in examples], self.max_length
+            [(e.system, e.user_text, e.output, e.history) for e in examples], self.max_length
         )
         kept = [(e, enc) for e, enc in zip(examples, encoded) if enc is not None]
         lengths = np.array([len(enc.input_ids) for _, enc in kept], dtype=np.int64)
+        spans = [supervised_spans(enc.labels) for _, enc in kept]
         return TokenizedExamples(
             tokens=np.fromiter(
                 (t for _, enc in kept for t in enc.input_ids), dtype=np.int32, count=int(lengths.sum())
@@ -223,6 +235,8 @@ class REGADataModule(L.LightningDataModule):
             domains=domains,
             truncated=sum(enc.truncated for _, enc in kept),
             dropped=len(examples) - len(kept),
+            spans=np.array([s for row in spans for s in row], dtype=np.int32).reshape(-1, 2),
+            span_offsets=np.concatenate([[0], np.cumsum([len(row) for row in spans])]).astype(np.int64),
         )
 
     def _tokenized(self, examples: list[Example], domains: list[str], create: bool) -> TokenizedExamples:
@@ -247,6 +261,11 @@ class REGADataModule(L.LightningDataModule):
         val = self.val_examples(corpus.prompts)
         self.prompts = corpus.prompts
         self.domains = sorted({e.domain for e in corpus.examples} | {e.domain for e in val})
+        if not corpus.examples:
+            raise ConfigError(
+                f"strategy {self.strategy!r} builds no training examples; to score the base model use "
+                "`python cli.py evaluate` without --adapter"
+            )
         self.train_data = self._tokenized(corpus.examples, self.domains, create)
         if len(self.train_data) == 0:
             raise ConfigError(

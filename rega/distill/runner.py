@@ -133,7 +133,9 @@ class Context:
     input_id: str  # hash of the whole input (ids and texts, in order)
 
     def prompt_ids(self, record: Record) -> list[int]:
-        return self.chat.encode_prompt(self.central, record.user_text)
+        """The last user turn under p_c, after the conversation's earlier turns (its own system message is
+        dropped: D_g is the model's answer under p_c)."""
+        return self.chat.encode_prompt(self.central, record.user_text, record.history)
 
 
 def load_instructions(cfg: DistillConfig) -> list[Record]:
@@ -168,7 +170,11 @@ def build_context(cfg: DistillConfig) -> Context:
         "central_prompt": central,
         "sampling": asdict(cfg.sampling),
     }
-    user_sha = {r.id: stable_hash(r.user_text) for r in records}
+    # A conversation's answer depends on its earlier turns too; single-turn hashes stay as they were.
+    user_sha = {
+        r.id: stable_hash([[list(p) for p in r.history], r.user_text] if r.history else r.user_text)
+        for r in records
+    }
     return Context(
         records=records,
         tokenizer=tokenizer,
@@ -325,6 +331,8 @@ def merge(cfg: DistillConfig, ctx: Context, run_stats: dict) -> dict:
         if keeps(label, cfg.quality):
             kept.append(_distilled_record(rec, row, label, cfg, ctx).to_dict())
     path = out / MERGED
+    # summary.json vouches for distilled.jsonl (is_complete): gone while the merged file changes, written last.
+    (out / SUMMARY).unlink(missing_ok=True)
     write_jsonl(path, kept)
     answered = len(ctx.records) - counts["prompt_too_long"]
     summary = {

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from rega.data.chat import IGNORE_INDEX, ChatFormat
 from rega.datamodules.tokenized import host_counts
-from rega.io import write_json
+from rega.io import atomic_dir, write_json
 from rega.modules.attention import decoder_hidden_states, packed_rows, prepare_packed_attention
 from rega.modules.fsdp import is_sharded, shard_model
 from rega.modules.losses import build_loss_terms
@@ -336,6 +336,8 @@ def fsdp_no_sync(model):
 
 
 def save_adapter(model, tokenizer, target: Path, state_dict: dict | None = None) -> None:
-    """Save the LoRA adapter in peft's format (``PeftModel.from_pretrained`` loads it) plus the tokenizer."""
-    model.save_pretrained(str(target), state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(str(target))
+    """Save the LoRA adapter in peft's format (``PeftModel.from_pretrained`` loads it) plus the tokenizer, into a
+    temporary folder that replaces ``target`` whole: a kill never leaves a config beside partial weights."""
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))

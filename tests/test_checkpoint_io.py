@@ -1,0 +1,60 @@
+"""Training outputs replaced whole: Lightning checkpoints (AtomicCheckpointIO) and the peft adapter (save_adapter)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from rega.modules.checkpoint_io import AtomicCheckpointIO
+
+
+def test_a_checkpoint_killed_mid_write_leaves_the_previous_one_and_nothing_in_tmpdir(tmp_path):
+    target, tmpdir = tmp_path / "last.ckpt", tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, target)
+    script = textwrap.dedent(f"""
+        import os, torch
+        from rega.modules.checkpoint_io import AtomicCheckpointIO
+        def dies_midway(obj, handle):
+            handle.write(b"partial checkpoint bytes"); handle.flush(); os._exit(9)
+        torch.save = dies_midway
+        AtomicCheckpointIO().save_checkpoint({{"step": 2}}, {str(target)!r})
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env={"TMPDIR": str(tmpdir), "PATH": ""}, timeout=120
+    )
+    assert done.returncode == 9
+    assert torch.load(target, weights_only=True) == {"step": 1}  # the previous checkpoint, whole
+    assert not [p for p in tmpdir.iterdir() if p.is_file()]  # (torch keeps a compiler cache folder there)
+    leftovers = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(leftovers) == 1  # the dead writer's file sits beside the target, where the next save looks
+
+    AtomicCheckpointIO().save_checkpoint({"step": 3}, target)
+    assert torch.load(target, weights_only=True) == {"step": 3}
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    with pytest.raises(TypeError, match="storage_options"):
+        AtomicCheckpointIO().save_checkpoint({}, target, storage_options={"x": 1})
+
+
+def test_adapter_save_that_fails_keeps_the_previous_adapter(tiny_model_config, tmp_path):
+    from rega.modules.lit_module import REGAModule, save_adapter
+
+    module = REGAModule(model=tiny_model_config)
+    module.configure_model()
+    target = tmp_path / "adapter"
+    save_adapter(module.model, module.tokenizer, target)
+    before = sorted(p.name for p in target.iterdir())
+    assert "adapter_config.json" in before and "adapter_model.safetensors" in before
+
+    class Broken:
+        def save_pretrained(self, path):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(module.model, Broken(), target)  # weights written, tokenizer fails: nothing replaced
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert not [p for p in tmp_path.iterdir() if p.name != "adapter"]
