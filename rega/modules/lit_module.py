@@ -190,7 +190,7 @@ class REGAModule(L.LightningModule):
         if is_sharded(self.model) and self.micro_batch_size:
             stand_in = {key: value[:1] for key, value in batch.items()}
             stand_in["labels"] = torch.full_like(stand_in["labels"], IGNORE_INDEX)
-            full = math.ceil(max(rows, self.trainer.datamodule.batch_size) / step)
+            full = math.ceil(max(rows, getattr(self.trainer.datamodule, "batch_size", rows)) / step)
             micro += [stand_in] * (full - len(micro))
         return micro
 
