@@ -1,17 +1,23 @@
 """Render (prompt, user, response) with a model's chat template and tokenize with response-only labels.
 
-The prompt (p_c or a role prompt p_i) goes into the template's system slot, or is prefixed to the user turn for
-templates without one. Tokenizers without a chat template get the exact format their model was tuned with as a
+The prompt (p_c or a role prompt p_i) goes into the template's system slot, or is prefixed to the (first) user turn
+for templates without one. Tokenizers without a chat template get the exact format their model was tuned with as a
 named template (Vicuna v1.1, BELLE).
+
+A conversation (earlier (user, assistant) exchanges as ``history``) is rendered as segments: the text before each
+answer, then the answer with its end-of-turn. Segments are tokenized one by one, so the labels cover every answer
+and nothing else, and a single exchange gives exactly the tokens of ``prompt + response``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rega.data.prompts import ConfigError
 
 IGNORE_INDEX = -100
+History = Sequence[tuple[str, str]]  # earlier (user, assistant) exchanges, oldest first
 _SENTINEL = "\u2063REGA_SYSTEM\u2063"
 
 
@@ -101,33 +107,78 @@ class ChatFormat:
             return without[len(head) : len(without) - len(tail)]
         return None
 
-    def prompt_text(self, system: str, user: str) -> str:
+    def prompt_text(self, system: str, user: str, history: History = ()) -> str:
         """Everything before the answer: what generation starts from."""
+        if history:
+            return "".join(text for text, _ in self.segments(system, history, user))
+        if not self.named:
+            return self._render_hf(self._messages(system, (), user), generation=True)
         if not self.use_system_slot and system:
             user = f"{system}\n\n{user}"
+        text = self.named.prompt.format(system=system if self.use_system_slot else "", user=user)
+        return text.lstrip() if not (self.use_system_slot and system) else text
+
+    def _messages(self, system: str, history: History, user: str) -> list[dict]:
+        """HF messages: the system slot (or the prompt prefixed to the first user turn), then the exchanges."""
+        turns = [*history, (user, None)]
+        first = f"{system}\n\n{turns[0][0]}" if (system and not self.use_system_slot) else turns[0][0]
+        # The system message is passed even when empty, so templates with a built-in default do not insert theirs.
+        messages = [{"role": "system", "content": system}] if self.use_system_slot else []
+        for k, (question, answer) in enumerate(turns):
+            messages.append({"role": "user", "content": first if k == 0 else question})
+            if answer is not None:
+                messages.append({"role": "assistant", "content": answer})
+        return messages
+
+    def segments(
+        self, system: str, history: History, user: str, response: str | None = None
+    ) -> list[tuple[str, bool]]:
+        """(text, is_answer) pieces whose concatenation is the rendered conversation: before each answer the text
+        that leads to it, each answer with its end-of-turn; without ``response`` it ends at the last prompt."""
         if self.named:
-            text = self.named.prompt.format(system=system if self.use_system_slot else "", user=user)
-            return text.lstrip() if not (self.use_system_slot and system) else text
-        messages = [{"role": "user", "content": user}]
-        if self.use_system_slot:
-            # Passed even when empty, so templates with a built-in default do not insert theirs.
-            messages.insert(0, {"role": "system", "content": system})
-        return self._render_hf(messages, generation=True)
+            return self._named_segments(system, [*history, (user, response)])
+        messages = self._messages(system, history, user)
+        if response is not None:
+            messages.append({"role": "assistant", "content": response})
+        ends = [j for j, m in enumerate(messages) if m["role"] == "assistant"]
+        out: list[tuple[str, bool]] = []
+        done = ""
+        for j in ends if response is not None else [*ends, len(messages)]:
+            prompt = self._render_hf(messages[:j], generation=True)
+            if not prompt.startswith(done):
+                raise ConfigError(
+                    "chat template renders earlier turns differently later; set model.chat_template"
+                )
+            out.append((prompt[len(done) :], False))
+            if j == len(messages):
+                break
+            done = self._render_hf(messages[: j + 1], generation=False)
+            if not done.startswith(prompt):
+                raise ConfigError(
+                    "chat template renders the prompt differently with and without the answer; set model.chat_template"
+                )
+            out.append((done[len(prompt) :], True))
+        return out
+
+    def _named_segments(self, system: str, exchanges: list[tuple[str, str | None]]) -> list[tuple[str, bool]]:
+        # FastChat-style: later turns repeat the user/answer pattern without the system text.
+        out = [(self.prompt_text(system, exchanges[0][0]), False)]
+        for k, (question, answer) in enumerate(exchanges):
+            if k:
+                out.append((self.named.prompt.format(system="", user=question).lstrip(), False))
+            if answer is not None:
+                out.append(
+                    (self.named.response.format(response=answer, eos=self.tokenizer.eos_token or ""), True)
+                )
+        return out
 
     def response_text(self, system: str, user: str, response: str, prompt: str | None = None) -> str:
         """The answer as the template writes it after the prompt (with its end-of-turn tokens)."""
         if self.named:
             return self.named.response.format(response=response, eos=self.tokenizer.eos_token or "")
         prompt = prompt if prompt is not None else self.prompt_text(system, user)
-        messages = [
-            {
-                "role": "user",
-                "content": f"{system}\n\n{user}" if (system and not self.use_system_slot) else user,
-            }
-        ]
-        if self.use_system_slot:
-            messages.insert(0, {"role": "system", "content": system})
-        full = self._render_hf([*messages, {"role": "assistant", "content": response}], generation=False)
+        messages = [*self._messages(system, (), user), {"role": "assistant", "content": response}]
+        full = self._render_hf(messages, generation=False)
         if not full.startswith(prompt):
             raise ConfigError(
                 "chat template renders the prompt differently with and without the answer; set model.chat_template"
@@ -135,37 +186,47 @@ class ChatFormat:
         return full[len(prompt) :]
 
     def encode(
-        self, system: str, user: str, response: str, max_length: int, min_response_tokens: int = 8
+        self,
+        system: str,
+        user: str,
+        response: str,
+        max_length: int,
+        min_response_tokens: int = 8,
+        history: History = (),
     ) -> Encoded | None:
-        """Token ids with labels = -100 on every prompt token (see :meth:`encode_many`)."""
-        return self.encode_many([(system, user, response)], max_length, min_response_tokens)[0]
+        """Token ids with labels = -100 on every token that is not an answer (see :meth:`encode_many`)."""
+        return self.encode_many([(system, user, response, history)], max_length, min_response_tokens)[0]
 
     def encode_many(
-        self, items: list[tuple[str, str, str]], max_length: int, min_response_tokens: int = 8
+        self, items: Sequence[tuple], max_length: int, min_response_tokens: int = 8
     ) -> list[Encoded | None]:
-        """Encode (system, user, response) triples; texts are tokenized in batched calls.
+        """Encode (system, user, response) or (system, user, response, history) items; texts are tokenized in
+        batched calls, one segment at a time (see :meth:`segments`).
 
-        Truncation policy: the prompt is kept whole (it carries the role prompt and the answer marker); the
-        response is cut at its end to fit ``max_length``. When fewer than ``min_response_tokens`` answer tokens
-        would remain, the example is dropped (``None``). The caller counts both cases.
+        Truncation policy: the first prompt is kept whole (it carries the role prompt and the answer marker); the
+        rest is cut at ``max_length``, and a conversation cut inside a later user turn ends at the answer before
+        it. When fewer than ``min_response_tokens`` tokens of the first answer would remain, the example is
+        dropped (``None``). The caller counts both cases.
         """
-        prompts = [self.prompt_text(system, user) for system, user, _ in items]
-        responses = [self.response_text(s, u, r, p) for (s, u, r), p in zip(items, prompts)]
-        prompt_ids = self._ids_many(prompts, bos=True)
-        response_ids = self._ids_many(responses, bos=False)
-        out: list[Encoded | None] = []
-        for p_ids, r_ids in zip(prompt_ids, response_ids):
-            room = max_length - len(p_ids)
-            if room < min(min_response_tokens, len(r_ids)):
-                out.append(None)
-                continue
+        pieces = [self.segments(it[0], it[3] if len(it) > 3 else (), it[1], it[2]) for it in items]
+        firsts = self._ids_many([segs[0][0] for segs in pieces], bos=True)
+        rest = iter(self._ids_many([text for segs in pieces for text, _ in segs[1:]], bos=False))
+        out = []
+        for segs, first in zip(pieces, firsts):
+            ids = [first, *(next(rest) for _ in segs[1:])]
             out.append(
-                Encoded(p_ids + r_ids[:room], [IGNORE_INDEX] * len(p_ids) + r_ids[:room], len(r_ids) > room)
+                _fit(
+                    [(part, answer) for part, (_, answer) in zip(ids, segs)], max_length, min_response_tokens
+                )
             )
         return out
 
-    def encode_prompt(self, system: str, user: str) -> list[int]:
-        return self._ids(self.prompt_text(system, user), bos=True)
+    def encode_prompt(self, system: str, user: str, history: History = ()) -> list[int]:
+        """The ids generation starts from; a conversation's are tokenized segment by segment, as in training."""
+        if not history:
+            return self._ids(self.prompt_text(system, user), bos=True)
+        texts = [text for text, _ in self.segments(system, history, user)]
+        return [t for k, text in enumerate(texts) for t in self._ids(text, bos=k == 0)]
 
     def _ids(self, text: str, bos: bool) -> list[int]:
         return self._ids_many([text], bos)[0]
@@ -183,3 +244,19 @@ class ChatFormat:
         ):
             ids = [[self.tokenizer.bos_token_id, *row] for row in ids]
         return ids
+
+
+def _fit(parts: list[tuple[list[int], bool]], max_length: int, min_response_tokens: int) -> Encoded | None:
+    """Join (ids, is_answer) parts into ids and labels, cut to ``max_length`` (see ``ChatFormat.encode_many``)."""
+    input_ids = [t for ids, _ in parts for t in ids]
+    labels = [t if answer else IGNORE_INDEX for ids, answer in parts for t in ids]
+    start = len(parts[0][0])  # the first answer starts after the first prompt
+    first_answer = len(parts[1][0]) if len(parts) > 1 else 0
+    if max_length - start < min(min_response_tokens, first_answer):
+        return None
+    truncated = len(input_ids) > max_length
+    input_ids, labels = input_ids[:max_length], labels[:max_length]
+    while labels and labels[-1] == IGNORE_INDEX and len(labels) > start:  # no trailing unanswered user turn
+        input_ids.pop()
+        labels.pop()
+    return Encoded(input_ids, labels, truncated)

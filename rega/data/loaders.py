@@ -3,6 +3,7 @@
 Every format goes through the same validation (:func:`rega.data.records.record_from_dict`), so a bad row gets one
 error naming file, line (or row) and field. With ``skip_invalid`` bad rows are counted and reported, never silently
 dropped. ``fields`` maps schema names to other column names, e.g. ``{instruction: question, output: final_decision}``.
+Multi-turn rows (``messages`` or ``conversations``) are read as described in :mod:`rega.data.records`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from rega.data.prompts import ConfigError
-from rega.data.records import Record, RecordError, check_unique_ids, record_from_dict
+from rega.data.records import (
+    CONVERSATION_FIELDS,
+    Record,
+    RecordError,
+    check_unique_ids,
+    record_from_dict,
+)
 from rega.paths import resolve_path
 
 log = logging.getLogger(__name__)
@@ -35,6 +42,8 @@ SCHEMA_FIELDS = (
     "answer",
     "category",
     "meta",
+    "messages",
+    "conversations",
 )
 
 
@@ -48,7 +57,8 @@ class DataSource:
             the package's demo data.
         domain: domain of every row (fills rows without one; a row with another domain is an error).
         task: task name for rows without one (default: the domain).
-        lang: language code for rows without one (default ``en``).
+        lang: language code for rows without one; without it each row's language (``en`` or ``zh``) is
+            detected from its user turns, and a row where neither clearly dominates is an error.
         split: split of a hub or saved ``DatasetDict``.
         name: configuration name of a hub dataset.
         fields: schema field -> column name in this source, for columns named otherwise.
@@ -169,11 +179,12 @@ def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _parse_list_cells(row: dict[str, Any]) -> dict[str, Any]:
-    """CSV has no lists: a ``choices`` cell holds a JSON list; empty cells mean absent."""
+    """CSV has no lists: a ``choices``, ``messages`` or ``conversations`` cell holds JSON; empty cells mean absent."""
     out = {k: v for k, v in row.items() if v not in ("", None)}
-    if isinstance(out.get("choices"), str):
-        with contextlib.suppress(json.JSONDecodeError):  # validation reports it as a wrongly typed field
-            out["choices"] = json.loads(out["choices"])
+    for name in ("choices", *CONVERSATION_FIELDS):
+        if isinstance(out.get(name), str):
+            with contextlib.suppress(json.JSONDecodeError):  # validation reports it as a wrongly typed field
+                out[name] = json.loads(out[name])
     return out
 
 
@@ -264,6 +275,7 @@ def load_records(
         report.records.append(record)
         if source.limit is not None and len(report.records) >= source.limit:
             break
+    _warn_dropped_systems(source, report.records)
     if report.skipped:
         log.warning(
             "%s: skipped %d invalid rows, first: %s", source.path, len(report.skipped), report.skipped[0]
@@ -272,6 +284,17 @@ def load_records(
         report.empty.append(_why_empty(source, report.skipped))
         log.warning("empty source: %s", report.empty[-1])
     return report
+
+
+def _warn_dropped_systems(source: DataSource, records: list[Record]) -> None:
+    # The strategy's prompt (p_c or p_i) is what training and inference put in the system slot, so a
+    # conversation's own system message is not rendered; it stays in the record (and the corpus rows).
+    own = [r for r in records if r.system is not None]
+    if own:
+        log.warning(
+            "%s: %d conversations carry their own system message; it is dropped, the strategy's prompt takes "
+            "the system slot (first: %s)", source.path, len(own), own[0].origin,
+        )  # fmt: skip
 
 
 def _why_empty(source: DataSource, skipped: list[str]) -> str:

@@ -44,14 +44,26 @@ class Example:
     lang: str
     kind: str  # "domain" (D_i), "general" (D_g) or "integrated" (D'_i)
     source_id: str
+    # A conversation is one example: its earlier (user, assistant) exchanges, every answer trained on.
+    history: tuple[tuple[str, str], ...] = ()
+    dropped_system: str = ""  # the conversation's own system message, replaced by ``system``
 
     @property
     def user_text(self) -> str:
         return f"{self.instruction}\n\n{self.input}" if self.input else self.instruction
 
     def to_dict(self) -> dict:
-        # Every field is a string: a plain mapping, without asdict's deep copies (half the corpus write time).
-        return {name: getattr(self, name) for name in self.__slots__}
+        # A plain mapping of the string fields, without asdict's deep copies (half the corpus write time); the
+        # conversation fields only where set, so single-turn corpus files stay as they were.
+        row = {name: getattr(self, name) for name in _STRING_FIELDS}
+        if self.history:
+            row["history"] = [list(pair) for pair in self.history]
+        if self.dropped_system:
+            row["dropped_system"] = self.dropped_system
+        return row
+
+
+_STRING_FIELDS = tuple(name for name in Example.__slots__ if name not in ("history", "dropped_system"))
 
 
 @dataclass(frozen=True)
@@ -121,6 +133,8 @@ def as_examples(records: Iterable[Record], prompt: str, prompts: RolePrompts, ki
                 lang=rec.lang,
                 kind=kind,
                 source_id=rec.id,
+                history=rec.history,
+                dropped_system=rec.system or "",
             )
         )
     return out

@@ -1,8 +1,11 @@
 """Tokenized examples stored flat (one int32 token array plus offsets), cached on disk, and batched without
 wasting compute on padding.
 
-Labels are not stored: every example is ``prompt + response`` and its labels are -100 over the first
-``prompt_len`` tokens, so ``prompt_len`` is enough.
+Labels are not stored as tokens: an example's labels are its own ids on its supervised spans (the answers) and -100
+elsewhere. The spans are stored flat as ``[start, end)`` pairs within the example (``spans``, int32, k x 2) with
+``span_offsets`` (int64, n+1) saying which are whose: one span for a single-turn example (``[prompt_len, length)``),
+one per assistant turn for a conversation. Files written before spans existed hold only ``prompt_lens``: their
+spans are derived from it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,18 @@ class TokenizedExamples:
     domains: list[str]
     truncated: int = 0  # responses cut to fit max_length
     dropped: int = 0  # examples whose prompt left no room for an answer
+    # Supervised [start, end) spans within an example, int32 (k, 2), and int64 offsets (n+1) saying whose they
+    # are; None: one span per example, from prompt_lens to the example's end (every example prompt + response).
+    spans: np.ndarray | None = None
+    span_offsets: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.spans is None:
+            self.spans = np.stack([self.prompt_lens, self.lengths]).T.astype(np.int32).reshape(-1, 2)
+            self.span_offsets = np.arange(len(self.prompt_lens) + 1, dtype=np.int64)
+
+    def label_spans(self, i: int) -> np.ndarray:
+        return self.spans[self.span_offsets[i] : self.span_offsets[i + 1]]
 
     def __len__(self) -> int:
         return len(self.prompt_lens)
@@ -52,6 +67,8 @@ class TokenizedExamples:
                 domain_ids=self.domain_ids,
                 domains=np.array(self.domains, dtype=np.str_),
                 stats=np.array([self.truncated, self.dropped]),
+                spans=self.spans,
+                span_offsets=self.span_offsets,
             )
 
     @classmethod
@@ -67,7 +84,22 @@ class TokenizedExamples:
                 domains=[str(d) for d in data["domains"]],
                 truncated=truncated,
                 dropped=dropped,
+                spans=data["spans"] if "spans" in data.files else None,
+                span_offsets=data["span_offsets"] if "span_offsets" in data.files else None,
             )
+
+
+def supervised_spans(labels: Sequence[int]) -> list[tuple[int, int]]:
+    """The [start, end) runs of positions whose label is not IGNORE_INDEX (the answers), in order."""
+    spans: list[tuple[int, int]] = []
+    for k, label in enumerate(labels):
+        if label == IGNORE_INDEX:
+            continue
+        if spans and spans[-1][1] == k:
+            spans[-1] = (spans[-1][0], k + 1)
+        else:
+            spans.append((k, k + 1))
+    return spans
 
 
 def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
@@ -155,9 +187,10 @@ def collate_rows(data: TokenizedExamples, rows: list[list[int]], pad_id: int) ->
         pos = 0
         for i in row:
             ids = torch.from_numpy(data.ids(i).astype(np.int64))
-            n, p = len(ids), int(data.prompt_lens[i])
+            n = len(ids)
             input_ids[r, pos : pos + n] = ids
-            labels[r, pos + p : pos + n] = ids[p:]
+            for start, end in data.label_spans(i).tolist():
+                labels[r, pos + start : pos + end] = ids[start:end]
             position_ids[r, pos : pos + n] = torch.arange(n)
             seq_domain[r, pos : pos + n] = int(data.domain_ids[i])
             pos += n

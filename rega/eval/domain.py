@@ -182,7 +182,8 @@ def evaluate_domains(
             continue
         limit = closed_max_new_tokens if closed and closed_max_new_tokens else max_new_tokens
         sampling = SamplingConfig(do_sample=False, temperature=1.0, top_p=1.0, max_new_tokens=limit)
-        prompt_ids = [chat.encode_prompt(mine[k][2], mine[k][1].user_text) for k in idx]
+        # A conversation is answered after its earlier turns; its reference is the last assistant turn (output).
+        prompt_ids = [chat.encode_prompt(mine[k][2], mine[k][1].user_text, mine[k][1].history) for k in idx]
         for gen in generate(model, tokenizer, prompt_ids, sampling, batch_size=batch_size):
             responses[idx[gen.index]] = gen
 
@@ -194,7 +195,7 @@ def evaluate_domains(
             if spec is None:
                 continue
             candidates, gold = choice_candidates(rec, spec)
-            ctx = chat.encode_prompt(system, rec.user_text)
+            ctx = chat.encode_prompt(system, rec.user_text, rec.history)
             for cand in candidates:
                 cont = tokenizer(
                     continuation_text(chat, system, rec.user_text, cand), add_special_tokens=False
