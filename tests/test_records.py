@@ -83,7 +83,7 @@ def test_record_from_dict_fills_source_defaults_and_converts_int_ids():
     assert (rec.id, rec.domain, rec.task, rec.lang, rec.input) == ("7", "legal", "t", "zh", "")
     assert rec.user_text == "Q?"
     assert rec.origin == "f.jsonl:1"
-    # the task defaults to the domain, the language to English, the id to the given default
+    # the task defaults to the domain, the language comes from the text (English here), the id from the default
     rec = record_from_dict({"instruction": "Q?", "output": "A."}, "x", domain="legal", default_id="legal-3")
     assert (rec.id, rec.task, rec.lang) == ("legal-3", "legal", "en")
 
