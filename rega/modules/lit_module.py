@@ -30,6 +30,7 @@ from rega.data.chat import IGNORE_INDEX, ChatFormat
 from rega.datamodules.tokenized import host_counts
 from rega.io import atomic_dir, write_json
 from rega.modules.attention import decoder_hidden_states, packed_rows, prepare_packed_attention
+from rega.modules.fast_lora import speed_up_lora
 from rega.modules.fsdp import is_sharded, shard_model
 from rega.modules.losses import build_loss_terms
 from rega.modules.model import (
@@ -58,6 +59,7 @@ class REGAModule(L.LightningModule):
         adapter_dir: str | None = None,
         seed: int = 1234,
         loss_terms: dict[str, dict] | None = None,
+        fast_lora: bool = True,
     ):
         """
         Args:
@@ -77,6 +79,9 @@ class REGAModule(L.LightningModule):
             seed: seeds each step's dropout from (seed, step, rank), so a resumed run draws the same masks.
             loss_terms: terms added to the cross-entropy, by registered name with their settings, e.g.
                 ``{kl_to_base: {weight: 0.1}}`` (:mod:`rega.modules.losses`; plugins can register more).
+            fast_lora: run the adapters through :mod:`rega.modules.fast_lora` (one dropout mask per layer input
+                shared by the adapters reading it, fused A projections; same weights and adapter files).
+                ``False``: peft's own forward (independent masks per adapter).
         """
         super().__init__()
         self.model_config = model or ModelConfig()
@@ -86,7 +91,7 @@ class REGAModule(L.LightningModule):
             {"model": asdict(self.model_config), "lora": asdict(self.lora), "learning_rate": learning_rate,
              "weight_decay": weight_decay, "warmup_ratio": warmup_ratio, "min_lr_ratio": min_lr_ratio,
              "micro_batch_size": micro_batch_size, "max_grad_norm": max_grad_norm, "seed": seed,
-             "loss_terms": loss_terms}
+             "loss_terms": loss_terms, "fast_lora": fast_lora}
         )  # fmt: skip
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
@@ -101,6 +106,7 @@ class REGAModule(L.LightningModule):
         self.adapter_dir = adapter_dir
         self.seed = seed
         self.loss_terms = build_loss_terms(loss_terms)
+        self.fast_lora = fast_lora
         self.tokenizer = load_tokenizer(self.model_config)
         self.chat = ChatFormat(
             self.tokenizer, self.model_config.chat_template, self.model_config.system_placement
@@ -117,6 +123,7 @@ class REGAModule(L.LightningModule):
         base = load_model(self.model_config)
         prepare_packed_attention(base, self.model_config)
         model = add_lora(base, self.lora, self.model_config.gradient_checkpointing)
+        model = speed_up_lora(model, self.fast_lora)
         # The loss runs the decoder and the LM head separately (head on response positions only); as a method of
         # the root module it is a forward to FSDP, which all-gathers the root's weights around it.
         model.response_logits = types.MethodType(response_logits, model)
