@@ -17,8 +17,9 @@ Variants, each in a fresh child process so that its peak RSS is its own:
 * ``ours``: ``REGAModule`` + ``REGADataModule(batching="packed")`` under ``lightning.Trainer(max_steps=...)``
   as users run it: one packed row per forward/backward, one optimizer step per batch, LM head on response
   positions only, per-sequence causal attention.
-* ``ours+PATCH[+PATCH]``: ours with the named changes of :data:`PATCHES` (``whole``: the whole batch in one
-  forward/backward; ``maskedattn``: transformers' masked SDPA; ``bf16``, ``eager``, ``compile``): ablations,
+* ``ours+X[+Y]``: ours with the named settings of :data:`PATCHES` (``whole``: the whole batch in one
+  forward/backward; ``peftlora``: peft's LoRA forward instead of rega.modules.fast_lora; ``bf16``, ``eager``
+  (the masked attention path), ``compile``): ablations,
   and proposals measured before they are applied.
 
 Every variant runs ``--warmup`` steps, then ``--steps`` measured steps (CPU default: one epoch, so that every
@@ -269,47 +270,33 @@ def summarize(steps: list[dict], warmup: int) -> dict:
     }
 
 
-# --- patches to rega/ measured before they are applied ------------------------------------------------------------
-def _patch_maskedattn(REGAModule):
-    """Training forwards through transformers' SDPA with the block-diagonal packed mask (before
-    rega/modules/attention.py)."""
-    import rega.modules.lit_module as lit_module
-
-    lit_module.use_packed_sdpa = lambda model: None
-
-
-def _patch_compile(REGAModule):
-    """torch.compile each decoder layer (one graph reused by all layers; fuses the element-wise work)."""
-    configure = REGAModule.configure_model
-
-    def configure_model(self):
-        first = self.model is None
-        configure(self)
-        if first:
-            for layer in self.model.get_base_model().get_decoder().layers:
-                layer.compile()
-
-    REGAModule.configure_model = configure_model
-
-
-PATCHES = {
-    "maskedattn": _patch_maskedattn,
-    "compile": _patch_compile,
-    # settings rather than code: the whole batch in one forward/backward (micro_batch_size None),
-    # bf16 autocast (Lightning bf16-mixed), eager attention
-    "whole": lambda cls: None,
-    "bf16": lambda cls: None,
-    "eager": lambda cls: None,
-}
+# --- ablations: settings passed to REGAModule / the Trainer, no monkeypatching -------------------------------------
+# whole: the whole batch in one forward/backward (micro_batch_size None); bf16: Lightning bf16-mixed; eager: eager
+# attention (transformers' block-diagonal packed mask, the old masked path); compile: torch.compile per decoder
+# layer; peftlora: peft's own LoRA forward (REGAModule(fast_lora=False): a dropout mask per adapter, no fusion).
+PATCHES = {"whole", "bf16", "eager", "compile", "peftlora"}
 
 
 def apply_patches(variant: str) -> list[str]:
+    return variant.split("+")[1:]
+
+
+def module_class(patches: list[str]):
+    """REGAModule, or a subclass compiling each decoder layer (one graph reused by all layers)."""
     from rega.modules.lit_module import REGAModule
 
-    names = variant.split("+")[1:]
-    for name in names:
-        PATCHES[name](REGAModule)
-    return names
+    if "compile" not in patches:
+        return REGAModule
+
+    class CompiledLayers(REGAModule):
+        def configure_model(self):
+            first = self.model is None
+            super().configure_model()
+            if first:
+                for layer in self.model.get_base_model().get_decoder().layers:
+                    layer.compile()
+
+    return CompiledLayers
 
 
 # --- children ---------------------------------------------------------------------------------------------------
@@ -339,7 +326,6 @@ def run_ours(cfg: dict, variant: str) -> dict:
 
     from rega.data.corpus import Corpus
     from rega.datamodules.rega_datamodule import REGADataModule
-    from rega.modules.lit_module import REGAModule
     from rega.modules.model import LoraSettings
 
     patches = apply_patches(variant)
@@ -357,9 +343,9 @@ def run_ours(cfg: dict, variant: str) -> dict:
         corpus=corpus_config(), model=mc, max_length=cfg["max_length"], batch_size=cfg["batch_size"],
         batching=cfg["batching"], cache=str(work / "cache"), seed=cfg["seed"],
     )  # fmt: skip
-    module = REGAModule(
+    module = module_class(patches)(
         model=mc, lora=LoraSettings(**LORA), learning_rate=LEARNING_RATE, adapter_dir=str(work / "adapter"),
-        micro_batch_size=None if "whole" in patches else 1, seed=cfg["seed"],
+        micro_batch_size=None if "whole" in patches else 1, seed=cfg["seed"], fast_lora="peftlora" not in patches,
     )  # fmt: skip
     clock = StepClock(cfg["device"] == "cuda")
     profile = cfg.get("profile") and variant in cfg.get("profile_variants", [])

@@ -1,0 +1,109 @@
+"""Each LoRA-level change of rega.modules.fast_lora measured alone, side by side in one process (issue 15).
+
+Forward + backward of one packed 512-token row (3 examples, the profile's layout) through the embedded SmolLM2-135M
+cut to its first ``--layers`` decoder layers (the LM head on response positions, as in training), fp32, LoRA r16 on
+all 7 projections, dropout 0.05, in training mode. The same model is switched between three LoRA forwards, in
+rotating order each round:
+
+* ``peft``: peft's ``lora.Linear.forward`` (``F.dropout`` per adapter: 7 bernoulli masks a layer);
+* ``fast_alone``: fast_lora's forward with every adapter on its own: the mask from random bits and the B product
+  added inside one ``addmm`` (7 masks a layer, as peft);
+* ``fast``: fast_lora as trained: plus one mask per layer input shared by q/k/v and by gate/up, and their A
+  projections fused into one matmul each (4 masks a layer).
+
+Headline: per-round time ratios, median over rounds.
+
+    .venv/bin/python benchmarks/bench_lora_layer.py [--layers 4] [--rounds 7] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from peft.tuners.lora.layer import Linear as LoraLinear  # noqa: E402
+
+from benchmarks.bench_training import cpu_model, load_average  # noqa: E402
+from benchmarks.profile_step import packed_batch  # noqa: E402
+from rega.modules.attention import packed_rows  # noqa: E402
+from rega.modules.fast_lora import FastLoraLinear  # noqa: E402
+from rega.modules.lit_module import REGAModule  # noqa: E402
+from rega.modules.model import LoraSettings, ModelConfig  # noqa: E402
+
+PATHS = ("peft", "fast_alone", "fast")
+
+
+def switch(model, path: str, groups: dict) -> None:
+    """Put every adapter of ``model`` on ``path``'s forward (class and sibling groups; same parameters)."""
+    for module, group in groups.items():
+        module.__class__ = LoraLinear if path == "peft" else FastLoraLinear
+        module._fast_group = group if path == "fast" else None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "lora_layer.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start_load = load_average()
+    torch.manual_seed(0)
+    module = REGAModule(model=ModelConfig(), lora=LoraSettings())
+    module.configure_model()
+    module.train()
+    decoder = module.model.get_base_model().get_decoder()
+    decoder.layers = decoder.layers[: args.layers]
+    decoder.config.num_hidden_layers = args.layers
+    groups = {m: m._fast_group for m in module.model.modules() if isinstance(m, FastLoraLinear)}
+    batch = {k: v for k, v in packed_batch(1).items() if k != "token_domain"}
+
+    def run(path: str) -> float:
+        switch(module.model, path, groups)
+        start = time.perf_counter()
+        with packed_rows():
+            losses, _ = module.token_losses(batch)
+            losses.mean().backward()
+        module.model.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    for path in PATHS:
+        run(path)  # warm-up
+    seconds: dict[str, list[float]] = {p: [] for p in PATHS}
+    for r in range(args.rounds):
+        order = PATHS[r % 3 :] + PATHS[: r % 3]
+        for path in order:
+            seconds[path].append(run(path))
+    ratios = {
+        "fast_alone vs peft": statistics.median(p / f for p, f in zip(seconds["peft"], seconds["fast_alone"])),
+        "fast vs fast_alone": statistics.median(a / f for a, f in zip(seconds["fast_alone"], seconds["fast"])),
+        "fast vs peft": statistics.median(p / f for p, f in zip(seconds["peft"], seconds["fast"])),
+    }
+    report = {
+        "cpu": cpu_model(),
+        "threads": args.threads,
+        "layers": args.layers,
+        "rounds": args.rounds,
+        "median_s": {p: statistics.median(v) for p, v in seconds.items()},
+        "seconds": seconds,
+        "speedup": ratios,
+        "load_average": [start_load, load_average()],
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: report[k] for k in ("cpu", "median_s", "speedup", "load_average")}, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
