@@ -21,15 +21,15 @@ COMMANDS = {
     "distill": "rega.distill.runner:distill_command",
     "evaluate": "rega.eval.runner:evaluate_command",
     "merge": "rega.modules.export:merge_command",
+    "chat": "rega.use.chat:chat_command",
+    "predict": "rega.use.predict:predict_command",
     "grid": "rega.experiments.grid:grid_command",
     "report": "rega.experiments.report:report_command",
 }
 LIGHTNING_COMMANDS = ("fit", "validate")
-# LightningCLI offers these too, but REGAModule has no test or predict step yet: refuse them in one line.
-NOT_AVAILABLE = {
-    "test": "score a trained adapter with 'rega evaluate --adapter DIR'",
-    "predict": "generate answers with 'rega evaluate --adapter DIR' (predictions.jsonl)",
-}
+# LightningCLI offers test too, but REGAModule has no test step: refuse it in one line. (Lightning's predict is
+# not reachable: 'predict' is the project's own command.)
+NOT_AVAILABLE = {"test": "score a trained adapter with 'rega evaluate --adapter DIR'"}
 USAGE = (
     "usage: rega {" + ",".join([*LIGHTNING_COMMANDS, *COMMANDS]) + "} [--config FILE ...] [--debug] [--help]"
 )
@@ -40,6 +40,8 @@ SUMMARIES = {
     "distill": "self-distillation: the base model answers general instructions (D_g)",
     "evaluate": "evaluate the base model or a saved adapter: domain tasks, general ability, LLM judge",
     "merge": "merge a LoRA adapter into its base model",
+    "chat": "talk to the base model or an adapter: history, role or system prompt, streamed answers",
+    "predict": "answer a JSONL/CSV of records with the base model or an adapter (restartable)",
     "grid": "run a grid of strategies: fit, then evaluate, each in its own process",
     "report": "compare the finished runs of a grid: tables and plots",
 }
@@ -84,7 +86,13 @@ def load_plugins() -> None:
         except ImportError as err:
             from rega.errors import ConfigError
 
-            raise ConfigError(f"REGA_PLUGINS names {name!r}, which cannot be imported: {err}") from err
+            # `python cli.py` finds modules beside cli.py, the `rega` script only those on sys.path.
+            where = (
+                f" (put its folder on PYTHONPATH, e.g. PYTHONPATH=. when {name.split('.')[0]}.py is here)"
+                if err.name == name.split(".")[0]
+                else ""
+            )
+            raise ConfigError(f"REGA_PLUGINS names {name!r}, which cannot be imported: {err}{where}") from err
 
 
 def error_lines(err: BaseException) -> tuple[int, list[str]]:
