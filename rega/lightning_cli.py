@@ -1,13 +1,22 @@
-"""LightningCLI for fit / validate / test / predict with the REGA model and data module."""
+"""LightningCLI for fit / validate with the REGA model and data module.
+
+Evaluation during training has its own config key, ``evaluation`` (fields of
+:class:`rega.callbacks.EvaluationCallback`, inline or as a file: ``evaluation: ../eval/callback/cpu_en.yaml``;
+``null`` switches it off), appended to whatever ``trainer.callbacks`` lists: a config that adds it never re-lists
+the checkpoint callbacks.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 import warnings
 from pathlib import Path
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
+from rega.callbacks import EvaluationCallback
 from rega.data.prompts import ConfigError
 from rega.datamodules import REGADataModule
 from rega.distill.runner import ensure_distilled
@@ -15,15 +24,52 @@ from rega.modules.checkpoint_io import AtomicCheckpointIO
 from rega.modules.lit_module import REGAModule
 
 
+def shards_weights(strategy) -> bool:
+    """Whether a trainer.strategy config value (a registered name or a class_path spec) shards the weights."""
+    from lightning.pytorch.strategies import (
+        DeepSpeedStrategy,
+        FSDPStrategy,
+        ModelParallelStrategy,
+        StrategyRegistry,
+    )
+
+    sharded = (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)
+    if isinstance(strategy, str):
+        return strategy in StrategyRegistry and isinstance(StrategyRegistry.get(strategy), sharded)
+    class_path = strategy.get("class_path") if hasattr(strategy, "get") else None
+    if not class_path:
+        return isinstance(strategy, sharded)
+    module, _, name = class_path.rpartition(".")
+    return issubclass(getattr(importlib.import_module(module), name), sharded)
+
+
 class REGACLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # One model config drives both the network and the chat rendering of the data.
         parser.link_arguments("model.model", "data.model")
+        # Subclass mode makes the key optional (None: no callback); a plain dict of its fields is accepted too.
+        parser.add_lightning_class_args(EvaluationCallback, "evaluation", subclass_mode=True, required=False)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        # LightningCLI passes every callback key's value, an unset `evaluation` (None) included.
+        return super()._instantiate_trainer(config, [c for c in callbacks if c is not None])
 
     def before_instantiate_classes(self) -> None:
         # REGAModule steps its optimizer itself (micro-batches): Lightning's own options for this would fail later
         # with advice that does not apply here.
-        trainer = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        if (
+            config.get("evaluation") is not None
+            and self.subcommand == "fit"
+            and shards_weights(trainer.strategy)
+        ):
+            # The callback would refuse in setup, after the model loaded; say it here, with the way out.
+            raise ConfigError(
+                "evaluation during training does not run under a sharded strategy (FSDP, DeepSpeed): add "
+                "`--evaluation null` (or --config configs/trainer/no_evaluation.yaml after the experiment) and "
+                "evaluate the saved adapter with `python cli.py evaluate --adapter DIR`"
+            )
         if (trainer.accumulate_grad_batches or 1) != 1:
             raise ConfigError(
                 f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: not used by REGAModule; set "
@@ -69,7 +115,9 @@ def run_lightning_cli(argv: list[str] | None) -> REGACLI:
     # warns about.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     # REGADataModule resumes a mid-epoch checkpoint at the next unseen batch itself (state_dict/load_state_dict).
-    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    warnings.filterwarnings(
+        "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
+    )
     return REGACLI(
         REGAModule,
         REGADataModule,
