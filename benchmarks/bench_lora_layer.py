@@ -11,7 +11,10 @@ rotating order each round:
 * ``fast``: fast_lora as trained: plus one mask per layer input shared by q/k/v and by gate/up, and their A
   projections fused into one matmul each (4 masks a layer).
 
-Headline: per-round time ratios, median over rounds.
+Headline: per-round time ratios, median over rounds. Each round also times an fp32 GEMM at the MLP shape
+(512 x 576 @ 576 x 1536, the same threads, ~1 s) between the paths, so each path's useful matmul rate (decoder
+forward + backward to the inputs of every token, LM head on response positions; LoRA's own FLOPs not counted) is
+compared with the GEMM rate of the same moment: on a shared machine the load changes within minutes.
 
     .venv/bin/python benchmarks/bench_lora_layer.py [--layers 4] [--rounds 7] [--threads 2]
 """
@@ -49,8 +52,30 @@ def switch(model, path: str, groups: dict) -> None:
         module._fast_group = group if path == "fast" else None
 
 
+def gemm_gflops(threads: int, seconds: float = 1.0) -> float:
+    a, b = torch.randn(512, 576), torch.randn(576, 1536)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * 512 * 576 * 1536 * count / (time.perf_counter() - start) / 1e9
+
+
+def useful_gflop(module, batch) -> float:
+    """Decoder forward + backward to the inputs on every token, LM head on response positions (GFLOP)."""
+    decoder = module.model.get_base_model().get_decoder()
+    layer = sum(m.base_layer.weight.numel() for m in decoder.layers[0].modules() if hasattr(m, "base_layer"))
+    tokens = batch["input_ids"].numel()
+    head = module.model.get_base_model().get_output_embeddings().weight.numel()
+    response = int((batch["labels"][:, 1:] != -100).sum())
+    return 4 * (len(decoder.layers) * layer * tokens + head * response) / 1e9
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
@@ -70,24 +95,43 @@ def main(argv: list[str] | None = None) -> dict:
 
     def run(path: str) -> float:
         switch(module.model, path, groups)
+        cpu = time.process_time()
         start = time.perf_counter()
         with packed_rows():
             losses, _ = module.token_losses(batch)
             losses.mean().backward()
         module.model.zero_grad(set_to_none=True)
+        cpu_seconds[path].append(time.process_time() - cpu)
         return time.perf_counter() - start
 
+    cpu_seconds: dict[str, list[float]] = {p: [] for p in PATHS}
     for path in PATHS:
         run(path)  # warm-up
+        cpu_seconds[path].clear()
     seconds: dict[str, list[float]] = {p: [] for p in PATHS}
+    gemm: list[float] = []
+    gflop = useful_gflop(module, batch)
     for r in range(args.rounds):
         order = PATHS[r % 3 :] + PATHS[: r % 3]
-        for path in order:
+        for i, path in enumerate(order):
             seconds[path].append(run(path))
+            if i == 1:
+                gemm.append(gemm_gflops(args.threads))
     ratios = {
-        "fast_alone vs peft": statistics.median(p / f for p, f in zip(seconds["peft"], seconds["fast_alone"])),
-        "fast vs fast_alone": statistics.median(a / f for a, f in zip(seconds["fast_alone"], seconds["fast"])),
+        "fast_alone vs peft": statistics.median(
+            p / f for p, f in zip(seconds["peft"], seconds["fast_alone"])
+        ),
+        "fast vs fast_alone": statistics.median(
+            a / f for a, f in zip(seconds["fast_alone"], seconds["fast"])
+        ),
         "fast vs peft": statistics.median(p / f for p, f in zip(seconds["peft"], seconds["fast"])),
+    }
+    # CPU time of the process: less sensitive to other processes' load than wall time (exact with 1 thread)
+    c = cpu_seconds
+    cpu_ratios = {
+        "fast_alone vs peft": statistics.median(p / f for p, f in zip(c["peft"], c["fast_alone"])),
+        "fast vs fast_alone": statistics.median(a / f for a, f in zip(c["fast_alone"], c["fast"])),
+        "fast vs peft": statistics.median(p / f for p, f in zip(c["peft"], c["fast"])),
     }
     report = {
         "cpu": cpu_model(),
@@ -97,11 +141,26 @@ def main(argv: list[str] | None = None) -> dict:
         "median_s": {p: statistics.median(v) for p, v in seconds.items()},
         "seconds": seconds,
         "speedup": ratios,
+        "speedup_cpu_time": cpu_ratios,
+        "cpu_seconds": cpu_seconds,
+        "gemm_gflops": gemm,
+        "useful_gflop": gflop,
+        "gemm_share": {  # per round: the path's useful GFLOP/s over that round's GEMM rate
+            p: statistics.median(gflop / t / g for t, g in zip(v, gemm)) for p, v in seconds.items()
+        },
         "load_average": [start_load, load_average()],
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: report[k] for k in ("cpu", "median_s", "speedup", "load_average")}, indent=1))
+    print(
+        json.dumps(
+            {
+                k: report[k]
+                for k in ("cpu", "median_s", "speedup", "speedup_cpu_time", "gemm_share", "load_average")
+            },
+            indent=1,
+        )
+    )
     return report
 
 
