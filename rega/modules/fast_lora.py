@@ -19,7 +19,7 @@ that is seven dropout masks (q, k, v and gate, up read the same input) and seven
 Nothing else changes: the modules stay peft ``LoraLayer`` instances with the same parameters and state-dict names
 (the class is swapped for a subclass that only overrides ``forward``), so adapters save, load and shard (FSDP2)
 as before. Whatever the fast path does not cover (disabled or merged adapters, several active adapters, DoRA
-and other variants, per-sample adapter names) runs peft's own forward.
+and other variants, a bias on B, per-sample adapter names, 4-bit base layers) runs peft's own forward.
 """
 
 from __future__ import annotations
@@ -88,7 +88,11 @@ class FastLoraLinear(LoraLinear):
     _fast_group: InputGroup | None = None
 
     def _fast_ready(self, adapter: str) -> bool:
-        return adapter in self.lora_A and adapter not in self.lora_variant
+        return (
+            adapter in self.lora_A
+            and adapter not in self.lora_variant  # DoRA and other variants: peft's forward
+            and self.lora_B[adapter].bias is None  # lora_bias=True: peft's forward
+        )
 
     def _fast_p(self, adapter: str) -> float:
         dropout = self.lora_dropout[adapter]
