@@ -102,7 +102,7 @@ BAD_CONVERSATIONS = [
     ({"messages": [{"role": "user", "content": " "}]}, r"field 'messages\[0\]': the user turn has no text"),
     (
         {"messages": [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Q?"}]},
-        r"field 'messages\[0\]': is a assistant turn where a user turn belongs",
+        r"field 'messages\[0\]': role 'assistant' where 'user' belongs",
     ),
     (
         {
@@ -112,7 +112,7 @@ BAD_CONVERSATIONS = [
                 {"from": "system", "value": "T"},
             ]
         },
-        r"field 'conversations\[2\]': is a system turn where a assistant turn belongs",
+        r"field 'conversations\[2\]': role 'system' where 'assistant' belongs",
     ),  # fmt: skip
     ({"messages": [{"role": "user", "content": "Q?"}]}, r"field 'messages': ends with a user turn"),
     (

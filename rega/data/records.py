@@ -265,7 +265,7 @@ def conversation_texts(turns: Any, key: str, where: str, require_output: bool) -
         expected = "user" if k % 2 == 0 else "assistant"
         if role != expected:
             raise RecordError(
-                where, f"{key}[{k + offset}]", f"is a {role} turn where a {expected} turn belongs"
+                where, f"{key}[{k + offset}]", f"role {role!r} where {expected!r} belongs"
                 " (one optional system turn first, then user and assistant alternate, starting with the user)",
             )  # fmt: skip
     if require_output and parsed[-1][0] != "assistant":
