@@ -348,6 +348,13 @@ def test_distillation_answers_the_last_user_turn_after_the_history(tmp_path, tin
 
     assert ctx.user_sha["s1"] == stable_hash(LAST[0])
 
+    # D_g keeps the turns its answer was given after, so training sees the same context
+    from rega.distill.runner import _distilled_record
+
+    row = {"text": "NEW ANSWER", "finish_reason": "stop", "tokens": 2}
+    distilled = _distilled_record(c1, row, "ok", DistillConfig(source=[DataSource(str(pool))]), ctx)
+    assert distilled.history == c1.history and distilled.output == "NEW ANSWER" and distilled.domain == "general"
+
 
 # --------------------------------------------------------------------------------------------- evaluation
 

@@ -301,6 +301,8 @@ def _distilled_record(rec: Record, row: dict, label: str, cfg: DistillConfig, ct
         lang=rec.lang,
         category=rec.category,
         meta=meta,
+        history=rec.history,  # the answer was given after these turns: D_g trains on them too
+        system=rec.system,
     )
 
 
