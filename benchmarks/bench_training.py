@@ -137,14 +137,22 @@ def corpus_config(central: str | None = None):
     from rega.data.prompts import PromptConfig
 
     raw = yaml.safe_load(SHARED_CONFIG.read_text())["corpus"]
+
+    def sources(value) -> list:
+        # A source list inline, or the name of a YAML file holding it (relative to the file naming it).
+        if isinstance(value, str):
+            value = yaml.safe_load((SHARED_CONFIG.parent / value).read_text())
+        return [DataSource(**d) for d in value]
+
+    defaults = CorpusConfig()
     return CorpusConfig(
-        strategy=raw["strategy"],
-        mix_ratio=raw["mix_ratio"],
-        seed=raw["seed"],
+        strategy=raw.get("strategy", defaults.strategy),
+        mix_ratio=raw.get("mix_ratio", defaults.mix_ratio),
+        seed=raw.get("seed", defaults.seed),
         skip_invalid=raw.get("skip_invalid", False),
-        prompts=PromptConfig(**raw["prompts"], central=central),
-        domains=[DataSource(**d) for d in raw["domains"]],
-        general=[DataSource(**d) for d in raw["general"]],
+        prompts=PromptConfig(**raw.get("prompts", {}), central=central),
+        domains=sources(raw["domains"]),
+        general=sources(raw["general"]),
     )
 
 

@@ -37,7 +37,7 @@ def benchmarks(quick: bool, training_args: list[str]) -> dict[str, list[str]]:
                        "--threads", THREADS, "--repeats", "1" if quick else "3",
                        "--output", str(RESULTS / "generation.json")],
         "training": ["bench_training.py", *(["--quick"] if quick else []),
-                     "--variants", "hf_default", "hf_grouped", "ours", "ours+peftlora", "ours+whole+eager", "ours+bf16",
+                     "--variants", "hf_default", "hf_grouped", "hf_sorted", "ours", "ours+peftlora", "ours+whole+eager", "ours+bf16",
                      *training_args, "--output", str(RESULTS / "training.json")],
     }  # fmt: skip
 
