@@ -84,8 +84,8 @@ def source_lists(node, where: str):
             yield from source_lists(item, where)
 
 
-# Read as raw YAML by tests/test_corpus.py (_shared_config) and benchmarks/bench_training.py (corpus_config), so
-# its lists stay inline until those parse it the way `cli.py corpus` does (following nested-file references).
+# Read as raw YAML by tests/test_corpus.py (_shared_config), so its lists stay inline until that test follows
+# nested-file references as `cli.py corpus` does.
 RAW_READ = {"data/shared_en.yaml"}
 
 
