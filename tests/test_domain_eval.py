@@ -341,3 +341,76 @@ def test_embedded_model_zero_shot_dev(shared_data, tmp_path):
     assert tasks["pubmedqa"]["no_answer"] <= 3 and tasks["medmcqa"]["no_answer"] <= 3
     assert 0.0 <= result["general_mc"]["arc_easy"]["score"] <= 1.0
     assert -6.0 < result["drift"]["general_en"]["logprob_per_token"] < 0.0
+
+
+def test_closed_pass_answers_and_options_equal_the_separate_paths(tiny):
+    """One prefill per batch gives the same greedy tokens as model.generate and the same option log-likelihoods
+    as continuation_logprobs, for prompts of different lengths batched together."""
+    from rega.eval.closed_pass import closed_pass
+    from rega.eval.retention import continuation_logprobs
+    from rega.modules.generation import SamplingConfig, generate
+
+    model, tokenizer, chat = tiny
+    texts = ["Is it?", "A much longer question about the patient and the outcome, please answer", "Why?"]
+    contexts = [chat.encode_prompt(chat.default_system, t) for t in texts]
+    options = [[tokenizer(o, add_special_tokens=False)["input_ids"] for o in ("yes", "no", "maybe")]] * 3
+    gens, scores = closed_pass(model, tokenizer, contexts, options, max_new_tokens=5, batch_size=3)
+    sampling = SamplingConfig(do_sample=False, temperature=1.0, top_p=1.0, max_new_tokens=5)
+    plain = {g.index: g for g in generate(model, tokenizer, contexts, sampling, batch_size=3)}
+    assert [g.token_ids for g in gens] == [plain[i].token_ids for i in range(3)]
+    assert [g.finish_reason for g in gens] == [plain[i].finish_reason for i in range(3)]
+    pairs = [(c, o) for c, opts in zip(contexts, options) for o in opts]
+    separate = continuation_logprobs(model, tokenizer, pairs, batch_size=8)
+    flat = [s for row in scores for s in row]
+    assert [n for _, n in flat] == [n for _, n in separate]
+    assert [s for s, _ in flat] == pytest.approx([s for s, _ in separate], abs=1e-4)
+    only_options, _ = closed_pass(model, tokenizer, contexts, options, max_new_tokens=None)
+    assert only_options == [None, None, None]
+
+
+def test_loglik_scoring_generates_nothing_for_closed_tasks(tiny, task_file, monkeypatch):
+    model, tokenizer, chat = tiny
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("closed tasks scored by log-likelihood must not generate")
+
+    monkeypatch.setattr(domain_mod, "generate", no_generation)
+    data = load_task_records([DataSource(str(task_file))], limit_per_task=2)
+    data.records = [r for r in data.records if r.domain == "medical"]
+    results, rows = evaluate_domains(
+        model, tokenizer, chat, prompts_for(chat), ["central"], data, closed_scoring="loglik"
+    )
+    pubmedqa = results["central"]["domains"]["medical"]["tasks"]["pubmedqa"]
+    assert (
+        pubmedqa["metric"] == "ll_acc" and "acc" not in pubmedqa and pubmedqa["score"] == pubmedqa["ll_acc"]
+    )
+    for row in rows:  # the picked option is the answer: a letter for multiple choice, the label otherwise
+        assert row["pred"] == row["ll_label"] and row["score"] == float(row["ll_pred"] == row["ll_gold"])
+        assert row["pred"] in (
+            {"A", "B", "C", "D"}
+            if row["task"] == "medmcqa"
+            else {"yes", "no", "maybe", "Age", "Disease", "Sign"}
+        )
+    with pytest.raises(ConfigError, match="closed_scoring"):
+        evaluate_domains(model, tokenizer, chat, prompts_for(chat), ["central"], data, closed_scoring="guess")
+
+
+def test_identical_prompts_are_answered_once(tiny, task_file, monkeypatch):
+    """Under ``role`` and ``role:medical`` a medical record has the same prompt: generated once, scored twice."""
+    model, tokenizer, chat = tiny
+    prompts_seen: list[list[int]] = []
+
+    def counting_generate(model, tokenizer, prompts, sampling, batch_size=8, max_batch_tokens=None):
+        for index, ids in enumerate(prompts):
+            prompts_seen.append(ids)
+            marker = re.search(r"\[(q\d+)\]", tokenizer.decode(ids)).group(1)
+            yield Generation(index=index, token_ids=[1], text=CANNED.get(marker, "x"), finish_reason="stop")
+
+    monkeypatch.setattr(domain_mod, "generate", counting_generate)
+    data = load_task_records([DataSource(str(task_file))], limit_per_task=2)
+    data.records = [r for r in data.records if r.domain == "medical"]
+    results, rows = evaluate_domains(
+        model, tokenizer, chat, prompts_for(chat), ["role", "role:medical"], data
+    )
+    assert len(prompts_seen) == len(data.records) and len(rows) == 2 * len(data.records)
+    assert results["role"] == results["role:medical"]

@@ -198,3 +198,30 @@ def test_single_process_helpers():
     assert shard(items, 0, 2) == [0, 2, 4, 6] and shard(items, 1, 2) == [1, 3, 5]
     assert sorted(shard(items, 0, 2) + shard(items, 1, 2)) == items
     assert gather_rows([{"a": 1}]) == [{"a": 1}]
+
+
+# --------------------------------------------------------------------------------------------- progress
+
+
+def test_progress_lines_say_done_total_rate_and_time_left(caplog):
+    import logging
+
+    from rega.eval.progress import Progress, format_duration, progress_line
+
+    assert [format_duration(s) for s in (42, 185, 7620)] == ["42s", "3m05s", "2h07m"]
+    assert (
+        progress_line("domain generation", 120, 600, 40.0)
+        == "domain generation: 120/600 (20%), 3.00 item/s, 2m40s left"
+    )
+    assert progress_line("x", 0, 5, 0.0) == "x: 0/5 (0%)"
+    caplog.set_level(logging.INFO, logger="rega.progress")
+    with Progress(3, "scoring", unit="seq", every_s=0.0, bar=False, enabled=True) as progress:
+        for _ in range(3):
+            progress.update()
+    lines = [r.getMessage() for r in caplog.records if r.name == "rega.progress"]
+    assert lines[0].startswith("scoring: 1/3 (33%), ") and "seq/s" in lines[0] and lines[0].endswith("left")
+    assert lines[-1].startswith("scoring: 3/3 (100%)") and " in " in lines[-1]  # the closing line
+    caplog.clear()
+    with Progress(3, "quiet", enabled=False) as progress:
+        progress.update(3)
+    assert not caplog.records

@@ -26,6 +26,8 @@ from rega.data.loaders import DataSource, load_records
 from rega.data.prompts import CENTRAL, ConfigError, RolePrompts
 from rega.data.records import GENERAL, LETTERS, Record
 from rega.data.strategies import ROLE
+from rega.eval.closed_pass import closed_pass
+from rega.eval.items import option_label
 from rega.eval.metrics import (
     LABEL,
     ClosedAccuracy,
@@ -42,13 +44,15 @@ from rega.eval.metrics import (
     task_label_sets,
     unigram_f1,
 )
-from rega.eval.retention import continuation_logprobs, continuation_text
+from rega.eval.progress import Progress
+from rega.eval.retention import continuation_text
 from rega.modules.generation import SamplingConfig, generate
 
 log = logging.getLogger(__name__)
 RULES = (CENTRAL, ROLE)
 FIXED_ROLE = "role:"
 LOGLIK_NORMS = ("mean", "sum")
+CLOSED_SCORING = ("generate", "loglik")
 
 
 @dataclass
@@ -139,6 +143,154 @@ def _task_metrics(device) -> dict[str, WeightedMean]:
     }
 
 
+def _distinct(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """(distinct prompts, position of each prompt among them): identical prompts (a domain's records under
+    ``role`` and under ``role:<that domain>``) are answered once."""
+    seen: dict[tuple[int, ...], int] = {}
+    where = [seen.setdefault(tuple(p), len(seen)) for p in prompts]
+    return [list(p) for p in seen], where
+
+
+def _generate(model, tokenizer, prompts, limit: int, batch_size, max_batch_tokens, desc) -> list:
+    distinct, where = _distinct(prompts)
+    sampling = SamplingConfig(do_sample=False, temperature=1.0, top_p=1.0, max_new_tokens=limit)
+    answers: list = [None] * len(distinct)
+    with Progress(len(distinct), desc, unit="answer") as progress:
+        for gen in generate(
+            model, tokenizer, distinct, sampling, batch_size=batch_size, max_batch_tokens=max_batch_tokens
+        ):
+            answers[gen.index] = gen
+            progress.update()
+    return [answers[w] for w in where]
+
+
+def _answer(model, tokenizer, chat, mine, specs, settings: dict) -> tuple[dict, dict]:
+    """({k: Generation or None}, {k: (option picked, gold option, option scores, picked label)}) for this rank's
+    items: generated answers, and for closed items with log-likelihood scoring the options' scores, from one
+    prefill per distinct prompt (:func:`rega.eval.closed_pass.closed_pass`)."""
+    loglik, generate_closed = settings["loglik"], settings["closed_scoring"] == "generate"
+    responses: dict[int, object] = {}
+    ll_preds: dict[int, tuple] = {}
+    for closed in (True, False):
+        idx = [k for k, (_, rec, _) in enumerate(mine) if (specs[rec.id] is not None) == closed]
+        if not idx:
+            continue
+        closed_limit = settings["closed_max_new_tokens"]
+        limit = closed_limit if closed and closed_limit else settings["max_new_tokens"]
+        # A conversation is answered after its earlier turns; its reference is the last assistant turn (output).
+        prompt_ids = [chat.encode_prompt(mine[k][2], mine[k][1].user_text, mine[k][1].history) for k in idx]
+        kind = "closed" if closed else "free-form"
+        if not (closed and loglik):
+            gens = _generate(
+                model,
+                tokenizer,
+                prompt_ids,
+                limit,
+                settings["batch_size"],
+                settings["max_batch_tokens"],
+                f"domain generation ({kind})",
+            )
+            responses.update(zip(idx, gens))
+            continue
+        options, golds = [], []
+        for k in idx:
+            _, rec, system = mine[k]
+            candidates, gold = choice_candidates(rec, specs[rec.id])
+            options.append([
+                tokenizer(continuation_text(chat, system, rec.user_text, cand), add_special_tokens=False)["input_ids"]
+                for cand in candidates
+            ])  # fmt: skip
+            golds.append(gold)
+        distinct, where = _distinct(prompt_ids)
+        first = {w: n for n, w in reversed(list(enumerate(where)))}
+        gens, scores = closed_pass(
+            model, tokenizer, distinct, [options[first[w]] for w in range(len(distinct))],
+            limit if generate_closed else None, settings["batch_size"], settings["max_batch_tokens"],
+            desc="domain closed questions" + (" (answer + options)" if generate_closed else " (options)"),
+        )  # fmt: skip
+        for n, k in enumerate(idx):
+            responses[k] = gens[where[n]]
+            values = [t / max(1, c) if settings["loglik_norm"] == "mean" else t for t, c in scores[where[n]]]
+            choice = max(range(len(values)), key=values.__getitem__)
+            spec = specs[mine[k][1].id]
+            ll_preds[k] = (choice, golds[n], values, option_label(spec.kind, spec.options, choice))
+    return responses, ll_preds
+
+
+def _row(rule, rec, spec, gen, ll, bucket) -> dict:
+    """One item's row (response, extracted and gold answer, score), its metrics updated."""
+    row = {
+        "rule": rule,
+        "domain": rec.domain,
+        "task": rec.task,
+        "id": rec.id,
+        "prompt": None,
+        "response": gen.text if gen is not None else "",
+        "finish_reason": gen.finish_reason if gen is not None else None,
+    }
+    if spec is None:
+        bucket["f1"].update([gen.text], [rec.output], rec.lang)
+        return {
+            **row,
+            "kind": "open",
+            "gold": rec.output,
+            "pred": None,
+            "score": unigram_f1(gen.text, rec.output, rec.lang),
+        }
+    row.update(kind="closed", gold=spec.gold)
+    if gen is not None:
+        bucket["acc"].update([gen.text], [spec])
+        pred, score = grade_closed(gen.text, spec)
+        bucket["no_answer"].update([float(pred is None)])
+        row.update(pred=pred, score=score)
+    if ll is not None:
+        choice, gold, values, label = ll
+        bucket["ll_acc"].update([float(choice == gold)])
+        row.update(ll_pred=choice, ll_gold=gold, ll_label=label, ll_scores=[round(v, 4) for v in values])
+        if gen is None:  # scored by log-likelihood only: the picked option is the answer
+            row.update(pred=label, score=float(choice == gold))
+    return row
+
+
+def _task_entry(bucket, n_closed: int, n_open: int, loglik: bool, generated: bool) -> dict:
+    entry: dict = {"n": n_closed + n_open}
+    # every rank computes every metric, in the same order: each compute() is a collective under DDP
+    values = {name: metric_value(bucket[name]) for name in ("acc", "no_answer", "ll_acc", "f1")}
+    if n_closed:
+        if generated:
+            entry["acc"] = values["acc"]
+            entry["no_answer"] = (
+                round(values["no_answer"] * n_closed) if values["no_answer"] is not None else 0
+            )
+        if loglik:
+            entry["ll_acc"] = values["ll_acc"]
+    if n_open:
+        entry["f1"] = values["f1"]
+    entry["metric"] = ("acc" if generated else "ll_acc") if n_closed else "f1"
+    entry["score"] = entry[entry["metric"]]
+    return entry
+
+
+def _summarize(results: dict, rules: Sequence[str]) -> dict:
+    for rule in rules:
+        summary = results.setdefault(rule, {"domains": {}})
+        task_scores = []
+        for domain in summary["domains"].values():
+            scores = [t["score"] for t in domain["tasks"].values() if t["score"] is not None]
+            task_scores.extend(scores)
+            domain["score"] = sum(scores) / len(scores) if scores else None
+        domain_scores = [d["score"] for d in summary["domains"].values() if d["score"] is not None]
+        summary["overall"] = sum(domain_scores) / len(domain_scores) if domain_scores else None
+        summary["task_mean"] = sum(task_scores) / len(task_scores) if task_scores else None
+        # Keep the keys in a readable order: headline numbers first.
+        results[rule] = {
+            "overall": summary["overall"],
+            "task_mean": summary["task_mean"],
+            "domains": summary["domains"],
+        }
+    return results
+
+
 def evaluate_domains(
     model,
     tokenizer,
@@ -152,10 +304,21 @@ def evaluate_domains(
     batch_size: int = 8,
     loglik_choices: bool = False,
     loglik_norm: str = "mean",
+    closed_scoring: str = "generate",
+    max_batch_tokens: int | None = None,
 ) -> tuple[dict[str, dict], list[dict]]:
-    """({rule: {overall, task_mean, domains: {domain: {score, tasks: {task: {...}}}}}}, per-example rows)."""
+    """({rule: {overall, task_mean, domains: {domain: {score, tasks: {task: {...}}}}}}, per-example rows).
+
+    ``closed_scoring``: ``generate`` scores closed tasks by the greedy answer (``acc``, the paper's metric;
+    with ``loglik_choices`` also ``ll_acc``, from the same prefill), ``loglik`` by the options' log-likelihood
+    only (``ll_acc``; nothing generated). ``max_batch_tokens`` caps a batch's padded tokens (longest prompt times
+    rows), so short prompts go in larger batches.
+    """
     if loglik_norm not in LOGLIK_NORMS:
         raise ConfigError(f"loglik_norm must be mean or sum, got {loglik_norm!r}")
+    if closed_scoring not in CLOSED_SCORING:
+        raise ConfigError(f"closed_scoring must be {' or '.join(CLOSED_SCORING)}, got {closed_scoring!r}")
+    loglik, generated = loglik_choices or closed_scoring == "loglik", closed_scoring == "generate"
     items = [(rule, rec, system_prompt(rule, rec, prompts)) for rule in rules for rec in data.records]
     specs = {rec.id: closed_spec(rec, data.labels.get((rec.domain, rec.task))) for rec in data.records}
     rank, world = dist_info()
@@ -175,115 +338,29 @@ def evaluate_domains(
         list(rules),
         rank,
     )
-    responses: dict[int, object] = {}
-    for closed in (True, False):
-        idx = [k for k, (_, rec, _) in enumerate(mine) if (specs[rec.id] is not None) == closed]
-        if not idx:
-            continue
-        limit = closed_max_new_tokens if closed and closed_max_new_tokens else max_new_tokens
-        sampling = SamplingConfig(do_sample=False, temperature=1.0, top_p=1.0, max_new_tokens=limit)
-        # A conversation is answered after its earlier turns; its reference is the last assistant turn (output).
-        prompt_ids = [chat.encode_prompt(mine[k][2], mine[k][1].user_text, mine[k][1].history) for k in idx]
-        for gen in generate(model, tokenizer, prompt_ids, sampling, batch_size=batch_size):
-            responses[idx[gen.index]] = gen
-
-    ll_preds: dict[int, tuple[int, int, list[float]]] = {}
-    if loglik_choices:
-        pairs, owners = [], []
-        for k, (_, rec, system) in enumerate(mine):
-            spec = specs[rec.id]
-            if spec is None:
-                continue
-            candidates, gold = choice_candidates(rec, spec)
-            ctx = chat.encode_prompt(system, rec.user_text, rec.history)
-            for cand in candidates:
-                cont = tokenizer(
-                    continuation_text(chat, system, rec.user_text, cand), add_special_tokens=False
-                )["input_ids"]
-                pairs.append((ctx, cont))
-                owners.append((k, gold))
-        scored = continuation_logprobs(model, tokenizer, pairs, batch_size)
-        per_item: dict[int, list[float]] = defaultdict(list)
-        golds: dict[int, int] = {}
-        for (k, gold), (total, n) in zip(owners, scored):
-            per_item[k].append(total / max(1, n) if loglik_norm == "mean" else total)
-            golds[k] = gold
-        for k, values in per_item.items():
-            ll_preds[k] = (max(range(len(values)), key=values.__getitem__), golds[k], values)
-
+    settings = {
+        "max_new_tokens": max_new_tokens, "closed_max_new_tokens": closed_max_new_tokens, "batch_size": batch_size,
+        "max_batch_tokens": max_batch_tokens, "loglik": loglik, "closed_scoring": closed_scoring,
+        "loglik_norm": loglik_norm,
+    }  # fmt: skip
+    responses, ll_preds = _answer(model, tokenizer, chat, mine, specs, settings)
     rows = []
     for k, (rule, rec, _) in enumerate(mine):
-        gen = responses[k]
-        spec = specs[rec.id]
-        bucket = metrics[(rule, rec.domain, rec.task)]
-        row = {
-            "rule": rule,
-            "domain": rec.domain,
-            "task": rec.task,
-            "id": rec.id,
-            "prompt": prompt_key(rule, rec),
-            "response": gen.text,
-            "finish_reason": gen.finish_reason,
-        }
-        if spec is not None:
-            bucket["acc"].update([gen.text], [spec])
-            pred, score = grade_closed(gen.text, spec)
-            bucket["no_answer"].update([float(pred is None)])
-            row.update(kind="closed", gold=spec.gold, pred=pred, score=score)
-            if k in ll_preds:
-                choice, gold, values = ll_preds[k]
-                bucket["ll_acc"].update([float(choice == gold)])
-                row.update(ll_pred=choice, ll_gold=gold, ll_scores=[round(v, 4) for v in values])
-        else:
-            bucket["f1"].update([gen.text], [rec.output], rec.lang)
-            row.update(
-                kind="open", gold=rec.output, pred=None, score=unigram_f1(gen.text, rec.output, rec.lang)
-            )
-        rows.append(row)
+        row = _row(
+            rule, rec, specs[rec.id], responses[k], ll_preds.get(k), metrics[(rule, rec.domain, rec.task)]
+        )
+        rows.append({**row, "prompt": prompt_key(rule, rec)})
     rows = gather_rows(rows)
     order = {(rule, rec.id): k for k, (rule, rec, _) in enumerate(items)}
     rows.sort(key=lambda r: order[(r["rule"], r["id"])])
 
     results: dict[str, dict] = {}
     for (rule, domain, task), bucket in metrics.items():
-        n_closed, n_open = counts[(rule, domain, task)]
-        entry: dict = {"n": n_closed + n_open}
-        if n_closed:
-            entry["acc"] = metric_value(bucket["acc"])
-            no_answer = metric_value(bucket["no_answer"])
-            entry["no_answer"] = round(no_answer * n_closed) if no_answer is not None else 0
-            if loglik_choices:
-                entry["ll_acc"] = metric_value(bucket["ll_acc"])
-        else:
-            for name in ("acc", "no_answer", "ll_acc"):
-                metric_value(bucket[name])  # every rank joins every sync, in the same order
-        if n_open:
-            entry["f1"] = metric_value(bucket["f1"])
-        else:
-            metric_value(bucket["f1"])
-        entry["metric"] = "acc" if n_closed else "f1"
-        entry["score"] = entry[entry["metric"]]
-        tasks = results.setdefault(rule, {"domains": {}})["domains"].setdefault(domain, {"tasks": {}})[
-            "tasks"
-        ]
-        tasks[task] = entry
-    for rule in rules:
-        summary = results.setdefault(rule, {"domains": {}})
-        task_scores = []
-        for domain in summary["domains"].values():
-            scores = [t["score"] for t in domain["tasks"].values() if t["score"] is not None]
-            task_scores.extend(scores)
-            domain["score"] = sum(scores) / len(scores) if scores else None
-        domain_scores = [d["score"] for d in summary["domains"].values() if d["score"] is not None]
-        summary["overall"] = sum(domain_scores) / len(domain_scores) if domain_scores else None
-        summary["task_mean"] = sum(task_scores) / len(task_scores) if task_scores else None
-        # Keep the keys in a readable order: headline numbers first.
-        results[rule] = {
-            "overall": summary["overall"],
-            "task_mean": summary["task_mean"],
-            "domains": summary["domains"],
-        }
-    return results, rows
+        entry = _task_entry(bucket, *counts[(rule, domain, task)], loglik, generated)
+        results.setdefault(rule, {"domains": {}})["domains"].setdefault(domain, {"tasks": {}})["tasks"][
+            task
+        ] = entry
+    return _summarize(results, rules), rows
 
 
 __all__ = [

@@ -35,6 +35,7 @@ from pathlib import Path
 import yaml
 
 from rega.errors import ConfigError, JudgeError
+from rega.eval.progress import rate_and_time_left
 from rega.io import atomic_write
 from rega.paths import cache_dir as default_cache_root
 from rega.paths import resolve_path
@@ -389,6 +390,7 @@ class JudgeClient:
         futures = {pool.submit(self._fetch, key, unique[key]): key for key in todo}
         replies: dict[str, JudgeReply] = {}
         counts, in_a_row, logged = {"ok": 0, "retried": 0, "missing": 0}, 0, time.monotonic()
+        started = logged
         try:
             for done, future in enumerate(as_completed(futures), start=1):
                 reply = replies[futures[future]] = future.result()  # a JudgeError stops the run
@@ -398,8 +400,9 @@ class JudgeClient:
                 if done == len(todo) or done % log_every == 0 or time.monotonic() - logged > PROGRESS_EVERY_S:
                     logged = time.monotonic()
                     level = logging.WARNING if done == len(todo) and counts["missing"] else logging.INFO
-                    log.log(level, "judge %s: %d/%d done (%s)", self.config.model, done, len(todo),
-                            ", ".join(f"{k} {v}" for k, v in counts.items()))  # fmt: skip
+                    rate = rate_and_time_left(done, len(todo), logged - started, "request")
+                    log.log(level, "judge %s: %d/%d done (%s)%s", self.config.model, done, len(todo),
+                            ", ".join(f"{k} {v}" for k, v in counts.items()), rate)  # fmt: skip
                 if self.config.abort_after_failures and in_a_row >= self.config.abort_after_failures:
                     raise JudgeError(
                         f"judge {self.config.endpoint}: {in_a_row} requests in a row failed, stopping "

@@ -170,7 +170,9 @@ def _left_padded(
     return input_ids, attention, (attention.cumsum(-1) - 1).clamp(min=0)
 
 
-def _full_logprobs(model, pad_id: int, seqs: list[tuple[list[int], int]], batch_size: int, device) -> list:
+def _full_logprobs(
+    model, pad_id: int, seqs: list[tuple[list[int], int]], batch_size: int, device, progress=None
+):
     """Each sequence's last ``n`` tokens scored in one forward pass; only their logits are materialised."""
     out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
     for batch in length_sorted_batches([len(s) for s, _ in seqs], batch_size):
@@ -188,11 +190,62 @@ def _full_logprobs(model, pad_id: int, seqs: list[tuple[list[int], int]], batch_
         for row, i in enumerate(batch):
             n = seqs[i][1]
             out[i] = (float(token_lp[row, keep - n :].sum()) if n else 0.0, n)
+        if progress is not None:
+            progress.update(len(batch))
+    return out
+
+
+def prefill(model, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, device):
+    """One forward over left-padded contexts keeping the KV cache: (log-probabilities of the next token [B, V] on
+    the CPU, last logits [B, V], cache, the name the model takes the cache under)."""
+    first = model(
+        input_ids=input_ids.to(device),
+        attention_mask=attention.to(device),
+        position_ids=positions.to(device),
+        logits_to_keep=1,
+        use_cache=True,
+    )
+    # transformers 5 names the KV cache ``cache``; 4.x ``past_key_values``.
+    cache_key = "cache" if "cache" in first else "past_key_values"
+    last = first.logits[:, -1]
+    return torch.log_softmax(last.float(), dim=-1).cpu(), last, first[cache_key], cache_key
+
+
+def score_on_cache(model, cache, cache_key: str, attention, first_lp, conts, pad_id: int, device):
+    """(sum of log-probabilities, tokens) of every continuation of every row, on top of the rows' prefilled
+    cache (consumed: repeated in place for the continuations). ``conts[row]`` lists that row's continuations."""
+    k_max = max(1, max(len(c) for c in conts))
+    cache.batch_repeat_interleave(k_max)
+    flat = [conts[r][k] if k < len(conts[r]) else [pad_id] for r in range(len(conts)) for k in range(k_max)]
+    length = max(1, max(len(c) for c in flat))
+    cont_ids = torch.full((len(flat), length), pad_id, dtype=torch.long)
+    cont_mask = torch.zeros((len(flat), length), dtype=torch.long)
+    for row, cont in enumerate(flat):
+        cont_ids[row, : len(cont)] = torch.tensor(cont, dtype=torch.long)
+        cont_mask[row, : len(cont)] = 1
+    ctx_len = attention.sum(-1).repeat_interleave(k_max)
+    logits = model(
+        input_ids=cont_ids.to(device),
+        attention_mask=torch.cat([attention.repeat_interleave(k_max, 0), cont_mask], dim=-1).to(device),
+        position_ids=(ctx_len[:, None] + torch.arange(length)[None]).to(device),
+        use_cache=True,
+        **{cache_key: cache},
+    ).logits
+    rest_lp = torch.log_softmax(logits.float(), dim=-1)
+    rest_lp = rest_lp[:, :-1].gather(-1, cont_ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
+    out: list[list[tuple[float, int]]] = []
+    for r, row_conts in enumerate(conts):
+        scores = []
+        for k, cont in enumerate(row_conts):
+            row = r * k_max + k
+            total = float(first_lp[r, cont[0]]) + float(rest_lp[row, : len(cont) - 1].sum()) if cont else 0.0
+            scores.append((total, len(cont)))
+        out.append(scores)
     return out
 
 
 def _shared_prefix_logprobs(
-    model, pad_id: int, groups: list[tuple[list[int], list[list[int]]]], batch_size, device
+    model, pad_id: int, groups: list[tuple[list[int], list[list[int]]]], batch_size, device, progress=None
 ):
     """Per group (context, continuations): the context runs once, its KV cache is repeated for every
     continuation, and the continuations (right-padded) run on top of it."""
@@ -200,45 +253,14 @@ def _shared_prefix_logprobs(
     widest = max(len(conts) for _, conts in groups)
     for batch in length_sorted_batches([len(ctx) for ctx, _ in groups], max(1, batch_size // widest)):
         input_ids, attention, positions = _left_padded([groups[g][0] for g in batch], pad_id)
-        first = model(
-            input_ids=input_ids.to(device),
-            attention_mask=attention.to(device),
-            position_ids=positions.to(device),
-            logits_to_keep=1,
-            use_cache=True,
-        )
-        first_lp = torch.log_softmax(first.logits[:, -1].float(), dim=-1).cpu()
-        k_max = max(len(groups[g][1]) for g in batch)
-        # transformers 5 names the KV cache ``cache``; 4.x ``past_key_values``.
-        cache_key = "cache" if "cache" in first else "past_key_values"
-        cache = first[cache_key]
-        cache.batch_repeat_interleave(k_max)
-        conts = [groups[g][1][k] if k < len(groups[g][1]) else [pad_id] for g in batch for k in range(k_max)]
-        length = max(1, max(len(c) for c in conts))
-        cont_ids = torch.full((len(conts), length), pad_id, dtype=torch.long)
-        cont_mask = torch.zeros((len(conts), length), dtype=torch.long)
-        for row, cont in enumerate(conts):
-            cont_ids[row, : len(cont)] = torch.tensor(cont, dtype=torch.long)
-            cont_mask[row, : len(cont)] = 1
-        ctx_len = attention.sum(-1).repeat_interleave(k_max)
-        logits = model(
-            input_ids=cont_ids.to(device),
-            attention_mask=torch.cat([attention.repeat_interleave(k_max, 0), cont_mask], dim=-1).to(device),
-            position_ids=(ctx_len[:, None] + torch.arange(length)[None]).to(device),
-            use_cache=True,
-            **{cache_key: cache},
-        ).logits
-        rest_lp = torch.log_softmax(logits.float(), dim=-1)
-        rest_lp = rest_lp[:, :-1].gather(-1, cont_ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
-        for slot, g in enumerate(batch):
-            for k, cont in enumerate(groups[g][1]):
-                row = slot * k_max + k
-                total = (
-                    float(first_lp[slot, cont[0]]) + float(rest_lp[row, : len(cont) - 1].sum())
-                    if cont
-                    else 0.0
-                )
-                out[g].append((total, len(cont)))
+        first_lp, _, cache, cache_key = prefill(model, input_ids, attention, positions, device)
+        conts = [groups[g][1] for g in batch]
+        for g, scores in zip(
+            batch, score_on_cache(model, cache, cache_key, attention, first_lp, conts, pad_id, device)
+        ):
+            out[g] = scores
+        if progress is not None:
+            progress.update(sum(len(c) for c in conts))
     return out
 
 
@@ -250,14 +272,18 @@ def continuation_logprobs(
     batch_size: int = 8,
     max_length: int | None = None,
     share_prefix: bool = True,
+    desc: str | None = None,
 ) -> list[tuple[float, int]]:
     """(sum of log-probabilities, number of tokens) of each continuation given its context, batched.
 
     Pairs with the same context (the options of one question) share one pass over the context when
     ``share_prefix``: its KV cache is repeated for every option, so a question with k options costs about one
     forward pass instead of k. Other pairs run whole, left-padded so only the continuation's logits are
-    materialised. A pair longer than ``max_length`` loses context tokens from the left.
+    materialised. A pair longer than ``max_length`` loses context tokens from the left. With ``desc``, progress
+    is reported under that name (:class:`rega.eval.progress.Progress`).
     """
+    from rega.eval.progress import Progress
+
     device = next(model.parameters()).device
     pad_id = _pad_id(tokenizer)
     out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
@@ -274,6 +300,7 @@ def continuation_logprobs(
     groups = [(list(ctx), members) for ctx, members in grouped.items() if len(members) > 1]
     was_training = model.training
     model.eval()
+    progress = Progress(len(pairs), desc or "log-likelihood", unit="seq", enabled=None if desc else False)
     try:
         if groups:
             scored = _shared_prefix_logprobs(
@@ -282,6 +309,7 @@ def continuation_logprobs(
                 [(ctx, [list(pairs[i][1]) for i in members]) for ctx, members in groups],
                 batch_size,
                 device,
+                progress,
             )
             for (_, members), values in zip(groups, scored):
                 for i, value in zip(members, values):
@@ -294,9 +322,10 @@ def continuation_logprobs(
                 ids, n = ids[-max_length:], min(n, max_length - 1)
             seqs.append((ids, n))
         if seqs:
-            for i, value in zip(singles, _full_logprobs(model, pad_id, seqs, batch_size, device)):
+            for i, value in zip(singles, _full_logprobs(model, pad_id, seqs, batch_size, device, progress)):
                 out[i] = value
     finally:
+        progress.close()
         model.train(was_training)
     return out
 
@@ -318,7 +347,7 @@ def _native_mc(
             ]
             pairs.append((ctx, cont))
             owners.append(k)
-    scores = continuation_logprobs(model, tokenizer, pairs, batch_size)
+    scores = continuation_logprobs(model, tokenizer, pairs, batch_size, desc=f"general MC {mc.name}")
     device = next(model.parameters()).device
     acc, acc_norm = WeightedMean().to(device), WeightedMean().to(device)
     rows = []
@@ -473,27 +502,32 @@ def drift_scores(
     sources: dict[str, list[Record]],
     batch_size: int = 8,
     max_length: int = 1024,
+    rows: list[dict] | None = None,
 ) -> dict[str, dict]:
     """{source: {logprob_per_token, ppl, n_records, n_tokens, truncated}}: token-weighted mean log-probability of
-    each record's ``output`` as the answer to its instruction under ``system``. Sharded across ranks."""
+    each record's ``output`` as the answer to its instruction under ``system``. Sharded across ranks. ``rows``, when
+    given, receives one {source, id, logprob, tokens} per scored record (all ranks' rows, on every rank)."""
     import math
 
     rank, world = dist_info()
     device = next(model.parameters()).device
     out = {}
+    mine_rows: list[dict] = []
     for name, records in sources.items():
         mine = shard(records, rank, world)
         encoded = chat.encode_many(
             [(system, r.user_text, r.output) for r in mine], max_length, min_response_tokens=1
         )
-        pairs, truncated = [], 0
-        for enc in encoded:
+        pairs, ids, truncated = [], [], 0
+        for rec, enc in zip(mine, encoded):
             if enc is None:
                 continue
             start = next(k for k, label in enumerate(enc.labels) if label != IGNORE_INDEX)
             pairs.append((enc.input_ids[:start], enc.input_ids[start:]))
+            ids.append(rec.id)
             truncated += int(enc.truncated)
-        scores = continuation_logprobs(model, tokenizer, pairs, batch_size)
+        scores = continuation_logprobs(model, tokenizer, pairs, batch_size, desc=f"drift {name}")
+        mine_rows += [{"source": name, "id": i, "logprob": s, "tokens": n} for i, (s, n) in zip(ids, scores)]
         metric = WeightedMean().to(device)
         metric.update([s for s, _ in scores], [n for _, n in scores])
         value = metric_value(metric)  # synced across ranks by torchmetrics
@@ -507,6 +541,8 @@ def drift_scores(
             "n_tokens": int(n_tokens),
             "truncated": int(n_truncated),
         }
+    if rows is not None:
+        rows.extend(gather_rows(mine_rows))
     return out
 
 

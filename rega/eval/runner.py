@@ -21,7 +21,6 @@ answers: response, extracted answer, gold, score) and ``general_mc.jsonl`` (opti
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -34,9 +33,11 @@ from rega.data.prompts import CENTRAL, ConfigError, PromptConfig, RolePrompts, r
 from rega.data.records import GENERAL, Record
 from rega.data.strategies import ROLE, get_strategy
 from rega.errors import EmptyDataError, JudgeError
-from rega.eval.domain import TaskData, check_rule, evaluate_domains, load_task_records
+from rega.eval.domain import CLOSED_SCORING, TaskData, check_rule, evaluate_domains, load_task_records
+from rega.eval.items import item_results, trivial_baselines
 from rega.eval.metrics import dist_info
 from rega.eval.retention import DEFAULT_MC, base_model, drift_scores, general_mc_scores, resolve_mc_set
+from rega.eval.summary import samples_markdown, scalars, summary_text  # noqa: F401  (re-exported)
 from rega.io import atomic_dir, check_output_dir, write_json, write_jsonl
 from rega.modules.export import check_adapter, load_adapter
 from rega.modules.model import ModelConfig
@@ -56,6 +57,10 @@ class EvalSettings:
         batch_size: sequences per generation / scoring batch.
         loglik_choices: also score closed tasks by the log-likelihood of each option (``ll_acc``).
         loglik_norm: ``mean`` or ``sum`` of the option's token log-probabilities for ``ll_acc``.
+        closed_scoring: ``generate`` (closed tasks scored by the greedy answer, the paper's metric) or ``loglik``
+            (by the options' log-likelihood only, ``ll_acc``; nothing generated, about one prefill per question).
+        max_batch_tokens: cap on a batch's padded tokens (rows times longest prompt): short prompts then go in
+            batches of up to ``batch_size`` rows, long ones in fewer; ``None``: ``batch_size`` rows always.
         general_mc: general multiple-choice sets: built-in names (arc_easy, arc_challenge, piqa, boolq, hellaswag,
             winogrande, truthfulqa_mc1, commonsense_qa, openbookqa, ceval, cmmlu), JSONL paths (``name=PATH``,
             ``name:letters=PATH``) or ``lm_eval:<task>``; ``None`` picks two by the tasks' language (English:
@@ -76,6 +81,8 @@ class EvalSettings:
     batch_size: int = 8
     loglik_choices: bool = False
     loglik_norm: str = "mean"
+    closed_scoring: str = "generate"
+    max_batch_tokens: int | None = None
     general_mc: list[str] | None = None
     general_mc_limit: int | None = 100
     general_mc_backend: str = "auto"
@@ -83,6 +90,12 @@ class EvalSettings:
     drift_limit: int | None = 100
     drift_max_length: int = 1024
     sample_rows: int = 3
+
+    def __post_init__(self) -> None:
+        if self.closed_scoring not in CLOSED_SCORING:  # before any model loads
+            raise ConfigError(
+                f"closed_scoring must be {' or '.join(CLOSED_SCORING)}, got {self.closed_scoring!r}"
+            )
 
     @classmethod
     def from_arguments(cls, arguments: dict) -> EvalSettings:
@@ -205,6 +218,8 @@ def evaluate_model(
             batch_size=settings.batch_size,
             loglik_choices=settings.loglik_choices,
             loglik_norm=settings.loglik_norm,
+            closed_scoring=settings.closed_scoring,
+            max_batch_tokens=settings.max_batch_tokens,
         )
         timings["domain_s"] = round(time.perf_counter() - t0, 1)
 
@@ -228,6 +243,7 @@ def evaluate_model(
         }
         timings["general_mc_s"] = round(time.perf_counter() - t0, 1)
 
+    drift_rows: list[dict] = []
     drift_sources = load_drift_sources(settings)
     if drift_sources:
         t0 = time.perf_counter()
@@ -239,6 +255,7 @@ def evaluate_model(
             drift_sources,
             settings.batch_size,
             settings.drift_max_length,
+            rows=drift_rows,
         )
         base = (base_reference or {}).get("drift", {})
         result["drift"] = {
@@ -246,6 +263,8 @@ def evaluate_model(
         }
         timings["drift_s"] = round(time.perf_counter() - t0, 1)
 
+    result["items"] = item_results(rows, mc_rows, result["general_mc"], drift_rows)  # for the report's tests
+    result["baselines"] = trivial_baselines(settings.tasks, data.records, data.labels) if rows else {}
     result["samples"] = samples(rows, settings.sample_rows)
     timings["total_s"] = round(time.perf_counter() - started, 1)
     files = {}
@@ -279,113 +298,6 @@ def base_reference(
         return evaluate_model(
             model, tokenizer, chat, prompts, [CENTRAL], only_general, data=TaskData([], {}), domain_eval=False
         )
-
-
-# --------------------------------------------------------------------------------------------- reporting
-
-
-def scalars(result: dict, prefix: str = "eval") -> dict[str, float]:
-    """Flat ``name -> value`` for loggers:
-
-    ``eval/<rule>/overall``, ``eval/<rule>/task_mean``, ``eval/<rule>/<domain>/score``,
-    ``eval/<rule>/<domain>/<task>/{acc,f1,ll_acc}``, ``eval/general_mc/<name>`` (headline metric),
-    ``eval/general_mc/<name>/{acc,acc_norm,delta}``, ``eval/drift/<name>/{logprob_per_token,delta}``.
-    """
-    out: dict[str, float] = {}
-
-    def put(name: str, value) -> None:
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            out[f"{prefix}/{name}"] = float(value)
-
-    for rule, summary in result.get("rules", {}).items():
-        put(f"{rule}/overall", summary.get("overall"))
-        put(f"{rule}/task_mean", summary.get("task_mean"))
-        for domain, dsum in summary.get("domains", {}).items():
-            put(f"{rule}/{domain}/score", dsum.get("score"))
-            for task, tsum in dsum.get("tasks", {}).items():
-                for metric in ("acc", "f1", "ll_acc"):
-                    put(f"{rule}/{domain}/{task}/{metric}", tsum.get(metric))
-    for name, value in result.get("general_mc", {}).items():
-        put(f"general_mc/{name}", value.get("score"))
-        for metric in ("acc", "acc_norm", "delta"):
-            put(f"general_mc/{name}/{metric}", value.get(metric))
-    for name, value in result.get("drift", {}).items():
-        put(f"drift/{name}/logprob_per_token", value.get("logprob_per_token"))
-        put(f"drift/{name}/delta", value.get("delta"))
-    return out
-
-
-def _cell(value, width: int = 160) -> str:
-    text = "" if value is None else str(value)
-    text = " ".join(text.split()).replace("|", "\\|")
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def samples_markdown(result: dict) -> str:
-    """The sample answers as a markdown table (TensorBoard text)."""
-    lines = ["| rule | task | id | gold | extracted | score | response |", "|---|---|---|---|---|---|---|"]
-    for row in result.get("samples", []):
-        score = row.get("score")
-        lines.append(
-            "| "
-            + " | ".join(
-                _cell(v)
-                for v in (
-                    row["rule"],
-                    row["task"],
-                    row["id"],
-                    row["gold"],
-                    row.get("pred"),
-                    f"{score:.2f}" if isinstance(score, int | float) else score,
-                    row["response"],
-                )
-            )
-            + " |"
-        )
-    return "\n".join(lines)
-
-
-def _fmt(value, pct: bool = True) -> str:
-    if value is None:
-        return "-"
-    return f"{100 * value:6.1f}" if pct else f"{value:8.4f}"
-
-
-def summary_text(result: dict) -> str:
-    """A readable summary: domain scores per rule, general MC, drift."""
-    lines = []
-    for rule, summary in result.get("rules", {}).items():
-        lines.append(
-            f"prompt rule {rule}: overall {_fmt(summary['overall'])}  (task mean {_fmt(summary['task_mean'])})"
-        )
-        for domain, dsum in summary["domains"].items():
-            lines.append(f"  {domain:<12} {_fmt(dsum['score'])}")
-            for task, tsum in dsum["tasks"].items():
-                extra = f"  ll_acc {_fmt(tsum['ll_acc'])}" if "ll_acc" in tsum else ""
-                no_answer = f"  no answer {tsum['no_answer']}/{tsum['n']}" if "no_answer" in tsum else ""
-                lines.append(
-                    f"    {task:<20} {tsum['metric']:<4} {_fmt(tsum['score'])}  n={tsum['n']}{no_answer}{extra}"
-                )
-    if result.get("general_mc"):
-        lines.append("general multiple choice (log-likelihood, under p_c):")
-        for name, value in result["general_mc"].items():
-            delta = f"  Δ {100 * value['delta']:+.1f}" if value.get("delta") is not None else ""
-            lines.append(
-                f"  {name:<16} {value['metric']:<8} {_fmt(value['score'])}  acc {_fmt(value['acc'])}"
-                f"  acc_norm {_fmt(value['acc_norm'])}  n={value['n']}  [{value['backend']}]{delta}"
-            )
-    if result.get("drift"):
-        lines.append("drift (mean log-prob per response token, under p_c):")
-        for name, value in result["drift"].items():
-            delta = f"  Δ {value['delta']:+.4f}" if value.get("delta") is not None else ""
-            lines.append(
-                f"  {name:<16} {_fmt(value['logprob_per_token'], pct=False)}  ppl {value['ppl']:.2f}"
-                f"  records={value['n_records']} tokens={value['n_tokens']}{delta}"
-            )
-    timings = result.get("meta", {}).get("timings", {})
-    if timings:
-        lines.append("time: " + ", ".join(f"{k} {v}" for k, v in timings.items()))
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------- command
@@ -475,6 +387,8 @@ def evaluate_command(
     batch_size: int = 8,
     loglik_choices: bool = False,
     loglik_norm: str = "mean",
+    closed_scoring: str = "generate",
+    max_batch_tokens: int | None = None,
     general_mc: list[str] | None = None,
     general_mc_limit: int | None = 100,
     general_mc_backend: str = "auto",
@@ -507,6 +421,9 @@ def evaluate_command(
         batch_size: sequences per batch.
         loglik_choices: also score closed tasks by option log-likelihood (ll_acc).
         loglik_norm: mean or sum of option token log-probabilities for ll_acc.
+        closed_scoring: generate (greedy answers, accuracy: the paper's metric) or loglik (options by
+            log-likelihood only: ll_acc, one prefill per question, no answer format involved).
+        max_batch_tokens: cap on padded tokens per batch (short prompts go in batches of up to batch_size).
         general_mc: general multiple-choice sets (built-in names, JSONL paths or lm_eval:<task>); null picks two
             by the tasks' language; [] skips them.
         general_mc_limit: first N items per general multiple-choice set.

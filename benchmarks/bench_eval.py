@@ -1,0 +1,182 @@
+"""Domain evaluation time: where it goes, and the one-prefill closed-question path against the plain one.
+
+Same model (the embedded SmolLM2-135M-Instruct, fp32), same closed items (the first ``--pubmedqa`` PubMedQA and
+``--medmcqa`` MedMCQA dev items under p_c), same batch size, in one process, variants interleaved over
+``--rounds`` rounds (headline: median of per-round ratios; timings on a shared machine drift 20-40 %):
+
+* ``generate``: the plain path for the paper's metric: ``model.generate`` (greedy, ``--new-tokens`` tokens).
+* ``generate+ll``: the plain path for accuracy and option log-likelihood: ``generate``, then
+  ``continuation_logprobs`` (options sharing one context pass), i.e. each prompt is prefilled twice.
+* ``one_pass``: :func:`rega.eval.closed_pass.closed_pass`: one prefill, options scored on a copy of the cache,
+  greedy decoding continued on it (same answers and scores as ``generate+ll``).
+* ``loglik``: options only (``closed_scoring: loglik``): one prefill and the options, nothing generated. Its time
+  over ``generate``'s is about the prefill's share of generation.
+
+It also checks exactness: the share of items whose greedy answer (token ids) and whose option ranking agree
+between the plain and the one-pass path. Writes ``benchmarks/results/eval.json``; a run takes 1-3 minutes.
+
+    .venv/bin/python benchmarks/bench_eval.py [--pubmedqa 4] [--medmcqa 8] [--rounds 1] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def closed_items(chat, tokenizer, system: str, counts: dict[str, int]):
+    """(contexts, options per context, gold option) of the first dev items of each task."""
+    from rega.data.loaders import DataSource
+    from rega.eval.domain import choice_candidates, load_task_records
+    from rega.eval.metrics import closed_spec
+    from rega.eval.retention import continuation_text
+
+    contexts, options, golds, lengths = [], [], [], {}
+    for task, n in counts.items():
+        data = load_task_records([DataSource(f"shared:{task}/dev.jsonl", domain="medical")], n)
+        for rec in data.records:
+            candidates, gold = choice_candidates(
+                rec, closed_spec(rec, data.labels.get((rec.domain, rec.task)))
+            )
+            ctx = chat.encode_prompt(system, rec.user_text, rec.history)
+            contexts.append(ctx)
+            options.append(
+                [
+                    tokenizer(continuation_text(chat, system, rec.user_text, c), add_special_tokens=False)[
+                        "input_ids"
+                    ]
+                    for c in candidates
+                ]
+            )
+            golds.append(gold)
+            lengths.setdefault(task, []).append(len(ctx))
+    return contexts, options, golds, {t: sum(v) / len(v) for t, v in lengths.items()}
+
+
+def variants(model, tokenizer, contexts, options, args):
+    from rega.eval.closed_pass import closed_pass
+    from rega.eval.retention import continuation_logprobs
+    from rega.modules.generation import SamplingConfig, generate
+
+    sampling = SamplingConfig(do_sample=False, temperature=1.0, top_p=1.0, max_new_tokens=args.new_tokens)
+    pairs = [(c, o) for c, opts in zip(contexts, options) for o in opts]
+
+    def plain_generate():
+        gens = {
+            g.index: g for g in generate(model, tokenizer, contexts, sampling, batch_size=args.batch_size)
+        }
+        return [gens[i].token_ids for i in range(len(contexts))], None
+
+    def plain_both():
+        answers, _ = plain_generate()
+        flat = continuation_logprobs(model, tokenizer, pairs, args.batch_size)
+        it = iter(flat)
+        return answers, [[next(it) for _ in opts] for opts in options]
+
+    def one_pass():
+        gens, scores = closed_pass(model, tokenizer, contexts, options, args.new_tokens, args.batch_size)
+        return [g.token_ids for g in gens], scores
+
+    def loglik():
+        return None, closed_pass(model, tokenizer, contexts, options, None, args.batch_size)[1]
+
+    return {"generate": plain_generate, "generate+ll": plain_both, "one_pass": one_pass, "loglik": loglik}
+
+
+def ranking(scores) -> list[int]:
+    return [max(range(len(row)), key=lambda k: row[k][0] / max(1, row[k][1])) for row in scores]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pubmedqa", type=int, default=4)
+    parser.add_argument("--medmcqa", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "eval.json"))
+    args = parser.parse_args()
+
+    import torch
+
+    from rega.data.chat import ChatFormat
+    from rega.modules.model import ModelConfig, load_model, load_tokenizer
+
+    torch.set_num_threads(args.threads)
+    config = ModelConfig()
+    tokenizer = load_tokenizer(config)
+    chat = ChatFormat(tokenizer, config.chat_template, config.system_placement)
+    model = load_model(config).eval()
+    contexts, options, golds, lengths = closed_items(
+        chat, tokenizer, chat.default_system, {"pubmedqa": args.pubmedqa, "medmcqa": args.medmcqa}
+    )
+    runs = variants(model, tokenizer, contexts, options, args)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
+    outputs = {}
+    for round_ in range(args.rounds):
+        order = list(runs) if round_ % 2 == 0 else list(reversed(runs))
+        for name in order:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            outputs[name] = runs[name]()
+            times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+            print(
+                f"round {round_} {name}: {times[name][-1]:.1f} s wall, {cpu[name][-1]:.1f} s CPU", flush=True
+            )
+    pairs = {"generate+ll / one_pass": ("generate+ll", "one_pass"), "generate / loglik": ("generate", "loglik"),
+             "generate / one_pass": ("generate", "one_pass")}  # fmt: skip
+    ratio = {k: [x / y for x, y in zip(times[a], times[b])] for k, (a, b) in pairs.items()}
+    cpu_ratio = {k: [x / y for x, y in zip(cpu[a], cpu[b])] for k, (a, b) in pairs.items()}
+    plain_answers, plain_scores = outputs["generate+ll"]
+    fast_answers, fast_scores = outputs["one_pass"]
+    agree = {
+        "greedy_answers_identical": sum(a == b for a, b in zip(plain_answers, fast_answers)) / len(contexts),
+        "option_choice_identical": sum(a == b for a, b in zip(ranking(plain_scores), ranking(fast_scores)))
+        / len(contexts),
+        "loglik_only_choice_identical": sum(
+            a == b for a, b in zip(ranking(plain_scores), ranking(outputs["loglik"][1]))
+        )
+        / len(contexts),
+        "max_abs_logprob_diff": max(
+            abs(a[0] - b[0]) for pa, pb in zip(plain_scores, fast_scores) for a, b in zip(pa, pb)
+        ),
+    }
+    result = {
+        "items": {"pubmedqa": args.pubmedqa, "medmcqa": args.medmcqa},
+        "mean_prompt_tokens": lengths,
+        "settings": vars(args),
+        "seconds": times,
+        "cpu_seconds": cpu,
+        "seconds_per_item_median": {k: statistics.median(v) / len(contexts) for k, v in times.items()},
+        "ratios": {k: statistics.median(v) for k, v in ratio.items()},
+        "cpu_time_ratios": {k: statistics.median(v) for k, v in cpu_ratio.items()},
+        "prefill_share_of_generate": statistics.median(
+            [b / a for a, b in zip(cpu["generate"], cpu["loglik"])]
+        ),
+        "exactness": agree,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads},
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    for name, value in result["ratios"].items():
+        print(f"{name}: {value:.2f}x wall, {result['cpu_time_ratios'][name]:.2f}x CPU time")
+    print(
+        f"prefill share of generation (loglik / generate, CPU time): {result['prefill_share_of_generate']:.0%}"
+    )
+    print("exactness:", json.dumps(agree))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Readable and loggable views of an evaluation result: flat scalars for loggers, the sample answers as a
+Markdown table, and the printed summary of ``rega evaluate``."""
+
+from __future__ import annotations
+
+import math
+
+
+def scalars(result: dict, prefix: str = "eval") -> dict[str, float]:
+    """Flat ``name -> value`` for loggers:
+
+    ``eval/<rule>/overall``, ``eval/<rule>/task_mean``, ``eval/<rule>/<domain>/score``,
+    ``eval/<rule>/<domain>/<task>/{acc,f1,ll_acc}``, ``eval/general_mc/<name>`` (headline metric),
+    ``eval/general_mc/<name>/{acc,acc_norm,delta}``, ``eval/drift/<name>/{logprob_per_token,delta}``.
+    """
+    out: dict[str, float] = {}
+
+    def put(name: str, value) -> None:
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            out[f"{prefix}/{name}"] = float(value)
+
+    for rule, summary in result.get("rules", {}).items():
+        put(f"{rule}/overall", summary.get("overall"))
+        put(f"{rule}/task_mean", summary.get("task_mean"))
+        for domain, dsum in summary.get("domains", {}).items():
+            put(f"{rule}/{domain}/score", dsum.get("score"))
+            for task, tsum in dsum.get("tasks", {}).items():
+                for metric in ("acc", "f1", "ll_acc"):
+                    put(f"{rule}/{domain}/{task}/{metric}", tsum.get(metric))
+    for name, value in result.get("general_mc", {}).items():
+        put(f"general_mc/{name}", value.get("score"))
+        for metric in ("acc", "acc_norm", "delta"):
+            put(f"general_mc/{name}/{metric}", value.get(metric))
+    for name, value in result.get("drift", {}).items():
+        put(f"drift/{name}/logprob_per_token", value.get("logprob_per_token"))
+        put(f"drift/{name}/delta", value.get("delta"))
+    return out
+
+
+def _cell(value, width: int = 160) -> str:
+    text = "" if value is None else str(value)
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def samples_markdown(result: dict) -> str:
+    """The sample answers as a markdown table (TensorBoard text)."""
+    lines = ["| rule | task | id | gold | extracted | score | response |", "|---|---|---|---|---|---|---|"]
+    for row in result.get("samples", []):
+        score = row.get("score")
+        lines.append(
+            "| "
+            + " | ".join(
+                _cell(v)
+                for v in (
+                    row["rule"],
+                    row["task"],
+                    row["id"],
+                    row["gold"],
+                    row.get("pred"),
+                    f"{score:.2f}" if isinstance(score, int | float) else score,
+                    row["response"],
+                )
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value, pct: bool = True) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:6.1f}" if pct else f"{value:8.4f}"
+
+
+def summary_text(result: dict) -> str:
+    """A readable summary: domain scores per rule, general MC, drift."""
+    lines = []
+    for rule, summary in result.get("rules", {}).items():
+        lines.append(
+            f"prompt rule {rule}: overall {_fmt(summary['overall'])}  (task mean {_fmt(summary['task_mean'])})"
+        )
+        for domain, dsum in summary["domains"].items():
+            lines.append(f"  {domain:<12} {_fmt(dsum['score'])}")
+            for task, tsum in dsum["tasks"].items():
+                extra = f"  ll_acc {_fmt(tsum['ll_acc'])}" if "ll_acc" in tsum else ""
+                no_answer = f"  no answer {tsum['no_answer']}/{tsum['n']}" if "no_answer" in tsum else ""
+                lines.append(
+                    f"    {task:<20} {tsum['metric']:<4} {_fmt(tsum['score'])}  n={tsum['n']}{no_answer}{extra}"
+                )
+    if result.get("general_mc"):
+        lines.append("general multiple choice (log-likelihood, under p_c):")
+        for name, value in result["general_mc"].items():
+            delta = f"  Δ {100 * value['delta']:+.1f}" if value.get("delta") is not None else ""
+            lines.append(
+                f"  {name:<16} {value['metric']:<8} {_fmt(value['score'])}  acc {_fmt(value['acc'])}"
+                f"  acc_norm {_fmt(value['acc_norm'])}  n={value['n']}  [{value['backend']}]{delta}"
+            )
+    if result.get("drift"):
+        lines.append("drift (mean log-prob per response token, under p_c):")
+        for name, value in result["drift"].items():
+            delta = f"  Δ {value['delta']:+.4f}" if value.get("delta") is not None else ""
+            lines.append(
+                f"  {name:<16} {_fmt(value['logprob_per_token'], pct=False)}  ppl {value['ppl']:.2f}"
+                f"  records={value['n_records']} tokens={value['n_tokens']}{delta}"
+            )
+    timings = result.get("meta", {}).get("timings", {})
+    if timings:
+        lines.append("time: " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    return "\n".join(lines)
