@@ -1,9 +1,19 @@
-"""Compare the runs of a grid: one table in the shape of the paper's Tables 1/2 (Markdown and CSV) and plots.
+"""Compare the runs of a grid: one table in the shape of the paper's Tables 1/2 (Markdown and CSV), trivial
+baselines, statistics and plots.
 
-Rows are strategies (REGA twice: REGA_c answers with p_c, REGA_r with each domain's p_i); columns are each task's
-score (accuracy for closed tasks, unigram F1 for free-form ones), each domain's mean, the mean over domains, and the
-judge-free general scores (general multiple choice, drift of log-likelihood) next to the judge's where it ran.
-Plots: domain and general scores against r, and the prompt-by-domain matrix that shows inter-domain confusion.
+Rows are runs (all seeds of a run together) under each prompt rule (REGA twice: REGA_c answers with p_c, REGA_r
+with each domain's p_i); columns are each task's score (accuracy for closed tasks, unigram F1 for free-form ones),
+each domain's mean, the mean over domains, and the judge-free general scores (general multiple choice, drift of
+log-likelihood) next to the judge's where it ran. Where the runs kept per-item results (``items`` in eval.json):
+
+* every cell gets a 95 % bootstrap interval over items (and seeds; ± the spread over seeds with several);
+* two tables give each row's paired difference to FT and to zero-shot on the same items (interval and p-value:
+  exact McNemar for one seed of a closed task, else a paired permutation test), see :mod:`rega.experiments.stats`;
+* a table gives the distribution of predicted labels of every closed task (position bias shows at once).
+
+Trivial baselines (majority class and uniform chance of every closed task) come from eval.json's ``baselines``,
+else are computed from the data the run evaluated; a closed-task score not above its majority rate is marked †.
+Plots: scores against r, and the prompt-by-domain matrix that shows inter-domain confusion.
 
 The output folder may hold other files (a README, run records), so it is not replaced as a whole: each file is
 written atomically, and ``report.json`` is removed first and written last. So a ``report.json`` vouches that every
@@ -16,35 +26,68 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from pathlib import Path
 
+from rega.experiments.report_baselines import baseline_markdown, mark_below_majority, report_baselines
+from rega.experiments.report_plots import plot_matrices, plot_mix_ratio
+from rega.experiments.report_stats import (
+    column_units,
+    intervals,
+    paired,
+    row_units,
+)
 from rega.io import atomic_write, write_json
 
-NAMES = {"zero_shot": "zero-shot", "ft": "FT", "ftsd": "FTSD", "ftrp": "FTRP", "rega": "REGA"}
+log = logging.getLogger(__name__)
+NAMES = {
+    "zero_shot": "zero-shot", "ft": "FT", "ftsd": "FTSD", "ftrp": "FTRP", "ft_replay": "FT+replay",
+    "sdft": "SDFT", "rega": "REGA",
+}  # fmt: skip
+META = ("label", "run", "strategy", "rule", "mix_ratio", "seeds")
 
 
-def row_label(strategy: str, rule: str, mix_ratio: float | None, several_r: bool) -> str:
-    name = NAMES.get(strategy, strategy)
+def row_label(
+    strategy: str, rule: str, mix_ratio: float | None, several_r: bool, label: str | None = None
+) -> str:
+    name = label or NAMES.get(strategy, strategy)
     if strategy == "rega":
         name += "_c" if rule == "central" else "_r"
+    elif label and rule != "central":
+        name += f" ({rule})"
     if several_r and mix_ratio is not None:
         name += f" (r={mix_ratio:g})"
     return name
 
 
+def _read_run(done: Path) -> dict | None:
+    run_dir = done.parent
+    eval_path = run_dir / "eval" / "eval.json"
+    if not eval_path.exists():
+        return None
+    run = json.loads(done.read_text(encoding="utf-8"))
+    run["eval"] = json.loads(eval_path.read_text(encoding="utf-8"))
+    matrix = run_dir / "eval_matrix" / "eval.json"
+    run["matrix"] = json.loads(matrix.read_text(encoding="utf-8")) if matrix.exists() else None
+    return run
+
+
 def load_runs(runs_dir: Path) -> list[dict]:
-    runs = []
-    for done in sorted(runs_dir.glob("*/done.json")):
-        run_dir = done.parent
-        eval_path = run_dir / "eval" / "eval.json"
-        if not eval_path.exists():
-            continue
-        run = json.loads(done.read_text(encoding="utf-8"))
-        run["eval"] = json.loads(eval_path.read_text(encoding="utf-8"))
-        matrix = run_dir / "eval_matrix" / "eval.json"
-        run["matrix"] = json.loads(matrix.read_text(encoding="utf-8")) if matrix.exists() else None
-        runs.append(run)
-    return runs
+    """Every evaluated run: ``<name>/done.json`` and, for grids with seeds, ``<name>/seed_<s>/done.json``."""
+    dones = sorted([*runs_dir.glob("*/done.json"), *runs_dir.glob("*/seed_*/done.json")])
+    return [run for done in dones if (run := _read_run(done))]
+
+
+def group_runs(runs: list[dict]) -> list[dict]:
+    """One group per run name: its seeds' evaluations together."""
+    groups: dict[str, dict] = {}
+    for run in runs:
+        group = groups.setdefault(run["name"], {**run, "evals": [], "matrices": [], "seeds": []})
+        group["evals"].append(run["eval"])
+        group["seeds"].append(run.get("seed"))
+        if run.get("matrix"):
+            group["matrices"].append(run["matrix"])
+    return list(groups.values())
 
 
 def general_columns(result: dict) -> dict[str, float | None]:
@@ -62,159 +105,205 @@ def general_columns(result: dict) -> dict[str, float | None]:
     return cols
 
 
+def rule_columns(summary: dict, result: dict) -> dict[str, float | None]:
+    cols: dict[str, float | None] = {}
+    for domain, dsum in sorted(summary["domains"].items()):
+        for task, tsum in sorted(dsum["tasks"].items()):
+            cols[f"{task} ({tsum['metric']})"] = tsum["score"]
+            if "ll_acc" in tsum and tsum["metric"] != "ll_acc":
+                cols[f"{task} (ll_acc)"] = tsum["ll_acc"]
+        cols[f"{domain} mean"] = dsum["score"]
+    cols["domain mean"] = summary.get("overall")
+    return {**cols, **general_columns(result)}
+
+
+def _mean(values: list) -> float | None:
+    return None if not values or any(v is None for v in values) else sum(values) / len(values)
+
+
 def table_rows(runs: list[dict]) -> list[dict]:
-    several_r = len({r.get("mix_ratio") for r in runs if r["strategy"] == "rega"}) > 1
+    groups = group_runs(runs)
+    several_r = len({g.get("mix_ratio") for g in groups if g["strategy"] == "rega"}) > 1
     order = {s: i for i, s in enumerate(NAMES)}
+    key = lambda g: (order.get(g["strategy"], 99), g.get("mix_ratio") or 0, bool(g.get("label")), g["name"])  # noqa: E731
     rows = []
-    for run in sorted(runs, key=lambda r: (order.get(r["strategy"], 99), r.get("mix_ratio") or 0)):
-        result = run["eval"]
-        general = general_columns(result)
-        for rule, summary in result.get("rules", {}).items():
+    for group in sorted(groups, key=key):
+        first = group["evals"][0]
+        for rule, summary in first.get("rules", {}).items():
+            per_seed = [
+                rule_columns(e["rules"][rule], e) for e in group["evals"] if rule in e.get("rules", {})
+            ]
             row = {
-                "run": run["name"],
-                "strategy": run["strategy"],
+                "label": row_label(
+                    group["strategy"], rule, group.get("mix_ratio"), several_r, group.get("label")
+                ),
+                "run": group["name"],
+                "strategy": group["strategy"],
                 "rule": rule,
-                "mix_ratio": run.get("mix_ratio"),
+                "mix_ratio": group.get("mix_ratio"),
+                "seeds": " ".join(str(s) for s in group["seeds"] if s is not None),
             }
-            row["label"] = row_label(run["strategy"], rule, run.get("mix_ratio"), several_r)
-            for domain, dsum in sorted(summary["domains"].items()):
-                for task, tsum in sorted(dsum["tasks"].items()):
-                    row[f"{task} ({tsum['metric']})"] = tsum["score"]
-                row[f"{domain} mean"] = dsum["score"]
-            row["domain mean"] = summary.get("overall")
-            row.update(general)
+            row.update({c: _mean([p.get(c) for p in per_seed]) for c in per_seed[0]})
+            row["_group"], row["_cols"] = group, column_units(summary, first)
             rows.append(row)
     return rows
+
+
+def _pct(value: float, column: str, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    if column.startswith("logprob:"):
+        return f"{value:{sign}.3f}"
+    return f"{value:{sign}.2f}" if column.startswith("judge:") else f"{100 * value:{sign}.1f}"
 
 
 def _fmt(value, column: str) -> str:
     """Scores (0-1) as percentages; log-likelihoods and judge ratings (1-10) as they are."""
     if value is None:
         return "–"
-    if isinstance(value, float):
-        if column.startswith("logprob:"):
-            return f"{value:.3f}"
-        return f"{value:.2f}" if column.startswith("judge:") else f"{100 * value:.1f}"
-    return str(value)
+    return _pct(value, column) if isinstance(value, float) else str(value)
 
 
-def to_markdown(rows: list[dict], columns: list[str], first: str = "strategy") -> str:
+def cell(row: dict, column: str) -> str:
+    text = _fmt(row.get(column), column)
+    stats = row.get("_ci", {}).get(column)
+    if stats and row.get(column) is not None:
+        sd = f" ±{_pct(stats['sd'], column)}" if stats.get("sd") is not None else ""
+        text += f"{sd} [{_pct(stats['lo'], column)}, {_pct(stats['hi'], column)}]"
+    return text + ("†" if column in row.get("_below", ()) else "")
+
+
+def to_markdown(rows: list[dict], columns: list[str], first: str = "strategy", render=None) -> str:
+    render = render or (lambda row, c: _fmt(row.get(c), c))
     lines = ["| " + " | ".join([first, *columns]) + " |", "|" + "---|" * (len(columns) + 1)]
     for row in rows:
-        lines.append("| " + " | ".join([row["label"], *(_fmt(row.get(c), c) for c in columns)]) + " |")
+        lines.append("| " + " | ".join([row["label"], *(render(row, c) for c in columns)]) + " |")
     return "\n".join(lines)
 
 
 def score_columns(rows: list[dict]) -> list[str]:
-    skip = {"run", "strategy", "rule", "mix_ratio", "label"}
     columns: list[str] = []
     for row in rows:
-        columns += [c for c in row if c not in skip and c not in columns]
+        columns += [c for c in row if c not in META and not c.startswith("_") and c not in columns]
     return columns
 
 
-def prompt_matrix(run: dict) -> tuple[list[str], list[str], list[list[float | None]]] | None:
-    """(prompts, test domains, scores[prompt][domain]) from a run's ``role:<domain>`` evaluation."""
-    if not run.get("matrix"):
+def prompt_matrix(group: dict) -> tuple[list[str], list[str], list[list[float | None]]] | None:
+    """(prompts, test domains, scores[prompt][domain]) from a run's ``role:<domain>`` evaluations (seed mean)."""
+    if not group.get("matrices"):
         return None
-    rules = run["matrix"]["rules"]
+    rules = group["matrices"][0]["rules"]
     prompts = sorted(r.split(":", 1)[1] for r in rules if r.startswith("role:"))
     domains = sorted({d for r in rules.values() for d in r["domains"]})
-    grid = [[rules[f"role:{p}"]["domains"].get(d, {}).get("score") for d in domains] for p in prompts]
-    return prompts, domains, grid
+
+    def score(prompt, domain):
+        values = [
+            m["rules"][f"role:{prompt}"]["domains"].get(domain, {}).get("score") for m in group["matrices"]
+        ]
+        return _mean(values)
+
+    return prompts, domains, [[score(p, d) for d in domains] for p in prompts]
 
 
-def plot_mix_ratio(rows: list[dict], path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rega = sorted(
-        (r for r in rows if r["strategy"] == "rega" and r["mix_ratio"] is not None),
-        key=lambda r: r["mix_ratio"],
-    )
-    if len({r["mix_ratio"] for r in rega}) < 2:
-        return False
-    panels = [("domain mean", "domain score"), ("general MC mean", "general MC accuracy")]
-    # drift: the first log-likelihood column (the base model's own held-out answers, where configured)
-    drift = sorted(c for c in rows[0] if c.startswith("logprob:"))
-    drift = [c for c in drift if "self_distilled" in c] or drift
-    if drift:
-        panels.append((drift[0], f"{drift[0].split(':', 1)[1]} (log-prob/token)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-    for ax, (key, title) in zip(axes, panels):
-        for rule, style in (("central", "o-"), ("role", "s--")):
-            points = [
-                (r["mix_ratio"], r.get(key)) for r in rega if r["rule"] == rule and r.get(key) is not None
-            ]
-            if points:
-                ax.plot(*zip(*points), style, label=f"REGA_{'c' if rule == 'central' else 'r'}")
-        baselines: dict[float, list[str]] = {}  # one line and one label per value: baselines often tie
-        for r in rows:
-            if r["strategy"] in ("zero_shot", "ft", "ftsd", "ftrp") and r.get(key) is not None:
-                baselines.setdefault(r[key], []).append(r["label"])
-        for value, labels in baselines.items():
-            ax.axhline(value, linestyle=":", color="gray")
-            ax.annotate(", ".join(labels), (ax.get_xlim()[0], value), fontsize=7, color="gray")
-        ax.set_xlabel("mixing ratio r")
-        ax.set_title(title)
-        ax.legend()
-    fig.tight_layout()
-    _save_figure(fig, path)
-    plt.close(fig)
-    return True
+def add_statistics(rows: list[dict]) -> bool:
+    """Intervals and paired differences into each row (``_ci``, ``_vs``); True when any row had per-item results."""
+    reference = {"FT": _reference(rows, "ft"), "zero-shot": _reference(rows, "zero_shot")}
+    any_items = False
+    for row in rows:
+        row["_units"] = row_units(row["_group"]["evals"], row["rule"])
+        any_items |= row["_units"] is not None
+        row["_ci"] = intervals(row["_units"], row["_cols"])
+    headline = [c for c in row_headline(rows)]
+    for row in rows:
+        row["_vs"] = {
+            name: paired(row["_units"], ref["_units"], row["_cols"], headline)
+            for name, ref in reference.items()
+            if ref is not None and ref is not row
+        }
+    return any_items
 
 
-def plot_matrices(runs: list[dict], path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mats = [(run, m) for run in runs if (m := prompt_matrix(run))]
-    if not mats:
-        return False
-    fig, axes = plt.subplots(1, len(mats), figsize=(4 * len(mats), 3.6), squeeze=False)
-    for ax, (run, (prompts, domains, grid)) in zip(axes[0], mats):
-        values = [[v if v is not None else float("nan") for v in row] for row in grid]
-        ax.imshow(values, cmap="viridis")
-        ax.set_xticks(range(len(domains)), domains, rotation=30)
-        ax.set_yticks(range(len(prompts)), [f"p_{p}" for p in prompts])
-        for i, row in enumerate(grid):
-            for j, v in enumerate(row):
-                ax.text(j, i, _fmt(v, "score"), ha="center", va="center", color="white", fontsize=8)
-        ax.set_title(f"{run['name']}: prompt × test domain", fontsize=9)
-    fig.tight_layout()
-    _save_figure(fig, path)
-    plt.close(fig)
-    return True
+def _reference(rows: list[dict], strategy: str) -> dict | None:
+    """The plain run of a strategy (no custom label, i.e. not a variant such as FT with a loss term)."""
+    return next((r for r in rows if r["strategy"] == strategy and not r["_group"].get("label")), None)
 
 
-def _save_figure(fig, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(
-        buffer, format="png", dpi=120, metadata={"Software": None}
-    )  # no timestamps: reproducible bytes
-    with atomic_write(path, "wb") as handle:
-        handle.write(buffer.getvalue())
+def row_headline(rows: list[dict]) -> list[str]:
+    """Columns compared in the paired tables: each task, the domain mean, the general MC mean, drift."""
+    columns = score_columns(rows)
+    keep = [c for c in columns if c.endswith(")") and "(" in c and not c.startswith(("mc:", "judge:"))]
+    keep += [c for c in ("domain mean", "general MC mean") if c in columns]
+    return keep + [c for c in columns if c.startswith("logprob:")]
 
 
-def markdown_report(runs: list[dict], rows: list[dict], columns: list[str]) -> str:
+def paired_markdown(rows: list[dict], name: str) -> list[str]:
+    body = [r for r in rows if r["_vs"].get(name)]
+    if not body:
+        return []
+    columns = [c for c in row_headline(rows) if any(c in r["_vs"][name] for r in body)]
+
+    def render(row, column):
+        d = row["_vs"][name].get(column)
+        if not d:
+            return "–"
+        return f"{_pct(d['diff'], column, True)} [{_pct(d['lo'], column, True)}, {_pct(d['hi'], column, True)}] p={d['p']:.2g}"
+
+    return ["", f"Paired difference to {name} on the same items (points; 95 % paired-bootstrap interval; p: exact "
+            "McNemar for one seed of a closed task, else paired permutation):", "",
+            to_markdown(body, columns, render=render)]  # fmt: skip
+
+
+def markdown_report(groups: list[dict], rows: list[dict], columns: list[str], baselines, stats: bool) -> str:
     markdown = [
         "Scores in % (accuracy for closed tasks, unigram F1 for free-form ones, general multiple-choice accuracy);",
         "logprob = mean log-likelihood per token of reference responses under the model (higher = closer to them).",
-        "",
-        to_markdown(rows, columns),
     ]
-    for run in runs:
-        if m := prompt_matrix(run):
+    if stats:
+        markdown.append(
+            "[lo, hi]: 95 % bootstrap interval over items (and seeds); ±: standard deviation over seeds."
+        )
+    else:
+        markdown.append("These run records hold no per-item results: no intervals or paired tests.")
+    if baselines:
+        markdown.append(
+            "†: a closed task's score not above its majority-class rate (trivial baselines below)."
+        )
+    markdown += ["", to_markdown(rows, columns, render=cell)]
+    markdown += baseline_markdown(rows, baselines)
+    for name in ("FT", "zero-shot"):
+        markdown += paired_markdown(rows, name)
+    for group in groups:
+        if m := prompt_matrix(group):
             prompts, domains, grid = m
-            markdown += ["", f"Prompt × test domain, {run['name']} (domain score, %):", ""]
+            markdown += ["", f"Prompt × test domain, {group['name']} (domain score, %):", ""]
             markdown.append(to_markdown(
                 [{"label": f"p_{p}", **dict(zip(domains, row))} for p, row in zip(prompts, grid)], domains, "prompt"
             ))  # fmt: skip
     return "\n".join(markdown) + "\n"
+
+
+def csv_text(rows: list[dict], columns: list[str]) -> str:
+    """One line per row: every column, then its interval, seed spread and paired differences where present."""
+    extra: dict[str, None] = {}
+    for row in rows:
+        for column, s in row.get("_ci", {}).items():
+            extra.update(dict.fromkeys([f"{column} ci_lo", f"{column} ci_hi"]))
+            if s.get("sd") is not None:
+                extra[f"{column} sd"] = None
+        for name, diffs in row.get("_vs", {}).items():
+            for column in diffs:
+                extra.update(dict.fromkeys(f"{column} vs {name} {k}" for k in ("diff", "lo", "hi", "p")))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[*META, *columns, *extra], lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        out = {k: row.get(k) for k in (*META, *columns)}
+        for column, s in row.get("_ci", {}).items():
+            out.update({f"{column} ci_lo": s["lo"], f"{column} ci_hi": s["hi"], f"{column} sd": s.get("sd")})
+        for name, diffs in row.get("_vs", {}).items():
+            for column, d in diffs.items():
+                out.update({f"{column} vs {name} {k}": d[k] for k in ("diff", "lo", "hi", "p")})
+        writer.writerow({k: v for k, v in out.items() if k in writer.fieldnames})
+    return buffer.getvalue()
 
 
 def write_report(runs_dir: str | Path, output: str | Path) -> dict:
@@ -222,28 +311,29 @@ def write_report(runs_dir: str | Path, output: str | Path) -> dict:
     if not runs:
         raise FileNotFoundError(f"no finished runs (done.json + eval/eval.json) under {runs_dir}")
     rows = table_rows(runs)
+    groups = list({id(row["_group"]): row["_group"] for row in rows}.values())
     columns = score_columns(rows)
+    stats = add_statistics(rows)
+    baselines = report_baselines(groups)
+    mark_below_majority(rows, baselines)
     out = Path(output)
     (out / "report.json").unlink(missing_ok=True)  # until the last write, the report is visibly incomplete
     with atomic_write(out / "results.md") as handle:
-        handle.write(markdown_report(runs, rows, columns))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(
-        buffer, fieldnames=["label", "run", "strategy", "rule", "mix_ratio", *columns], lineterminator="\n"
-    )
-    writer.writeheader()
-    writer.writerows(rows)
+        handle.write(markdown_report(groups, rows, columns, baselines, stats))
     with atomic_write(out / "results.csv") as handle:
-        handle.write(buffer.getvalue())
+        handle.write(csv_text(rows, columns))
+    cis = {(r["label"], c): s for r in rows for c, s in r["_ci"].items()}
+    matrices = [(g["name"], m) for g in groups if (m := prompt_matrix(g))]
     plots = {
-        "mix_ratio": plot_mix_ratio(rows, out / "mix_ratio.png"),
-        "prompt_matrix": plot_matrices(runs, out / "prompt_matrix.png"),
+        "mix_ratio": plot_mix_ratio(rows, out / "mix_ratio.png", cis),
+        "prompt_matrix": plot_matrices(matrices, out / "prompt_matrix.png", _fmt),
     }
     for name, made in plots.items():
         if not made:  # a plot of an earlier report must not stay beside this one's tables
             (out / f"{name}.png").unlink(missing_ok=True)
-    write_json(out / "report.json", {"runs": [r["name"] for r in runs], "columns": columns, "plots": plots})
-    return {"rows": rows, "columns": columns, "plots": plots}
+    summary = {"runs": [g["name"] for g in groups], "columns": columns, "plots": plots, "statistics": stats}
+    write_json(out / "report.json", {**summary, "baselines": baselines})
+    return {"rows": rows, "columns": columns, "plots": plots, "statistics": stats, "baselines": baselines}
 
 
 def check_report(output: str | Path) -> list[str]:
@@ -260,12 +350,14 @@ def check_report(output: str | Path) -> list[str]:
 
 
 def report_command(runs: str, output: str = "docs/results") -> None:
-    """Compare the finished runs of a grid: results.md, results.csv and PNG plots.
+    """Compare the finished runs of a grid: results.md, results.csv and PNG plots, with trivial baselines and,
+    where the runs kept per-item results, confidence intervals and paired tests against FT and zero-shot.
 
     Args:
-        runs: the grid's output folder (one sub-folder per run with done.json and eval/eval.json).
+        runs: the grid's output folder (one sub-folder per run, or per run and seed, with done.json and
+            eval/eval.json).
         output: folder for results.md, results.csv, mix_ratio.png and prompt_matrix.png.
     """
     report = write_report(runs, output)
-    print(to_markdown(report["rows"], report["columns"]))
+    print(to_markdown(report["rows"], report["columns"], render=cell))
     print(f"wrote {Path(output) / 'results.md'}, results.csv and plots {report['plots']}")
