@@ -192,7 +192,9 @@ def test_mix_ratio_outside_unit_interval_is_a_config_error(ratio):
 
 
 def test_unknown_strategy_lists_the_registered_ones():
-    with pytest.raises(ConfigError, match=r"unknown strategy 'regaa'; registered: .*ft, ftrp, ftsd, rega"):
+    with pytest.raises(
+        ConfigError, match=r"unknown strategy 'regaa'; registered: .*ft, ft_replay, ftrp, ftsd, rega, sdft"
+    ):
         get_strategy("regaa")
     with pytest.raises(ConfigError):
         build_examples("regaa", inputs())
@@ -351,3 +353,35 @@ def test_registering_a_taken_name_is_refused(registered):
 
 def test_custom_strategies_do_not_leak_between_tests():
     assert not any(name.startswith("test_") for name in STRATEGIES)
+
+
+# --------------------------------------------------------------------------------------------- related work
+
+
+def test_ft_replay_replays_human_written_general_data_under_pc():
+    general = general_records(4)
+    domain = domain_records({("medical", "qa"): 3})
+    examples = build_examples("ft_replay", CorpusInputs(domain, general, PROMPTS))
+    assert Counter(e.kind for e in examples) == {GENERAL_KIND: 4, DOMAIN: 3}
+    assert {e.prompt for e in examples} == {CENTRAL}
+    assert [e.output for e in examples[:4]] == [g.output for g in general]
+    distilled = [Record(**{**g.to_dict(), "meta": {"distill": {"model": "m"}}}) for g in general]
+    with pytest.raises(ConfigError, match="self-distilled"):
+        build_examples("ft_replay", CorpusInputs(domain, distilled, PROMPTS))
+    with pytest.raises(ConfigError, match="D_g"):
+        build_examples("ft_replay", CorpusInputs(domain, None, PROMPTS))
+
+
+def test_sdft_trains_on_rewritten_domain_data_only():
+    domain = domain_records({("medical", "qa"): 3, ("legal", "yesno"): 2})
+    with pytest.raises(ConfigError, match="rewrite"):
+        build_examples("sdft", CorpusInputs(domain, None, PROMPTS))
+    rewritten = [Record(**{**r.to_dict(), "output": f"In my words: {r.output}", "meta": {"rewrite": {"kept": "rewrite"}}})
+                 for r in domain]  # fmt: skip
+    examples = build_examples("sdft", CorpusInputs(rewritten, None, PROMPTS))
+    assert (
+        len(examples) == 5
+        and {e.prompt for e in examples} == {CENTRAL}
+        and {e.kind for e in examples} == {DOMAIN}
+    )
+    assert examples[0].output.startswith("In my words") and get_strategy("sdft").inference == (CENTRAL,)

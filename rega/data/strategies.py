@@ -237,3 +237,51 @@ def build_examples(strategy: str, inputs: CorpusInputs) -> list[Example]:
     if spec.needs_general:
         _require_general(inputs, strategy)
     return spec.build(inputs)
+
+
+# --------------------------------------------------------------------------------------------- related work
+# Baselines from the families of remedies the paper's related work names (replay, regularisation: the loss
+# term ``kl_to_base`` in rega.modules.losses; self-distillation of the domain data; architecture: one LoRA per
+# domain merged, rega.experiments.merge). Each has a line in configs/grid/cpu_en_evidence.yaml.
+
+
+def _meta_key(record: Record, key: str) -> bool:
+    return bool((record.meta or {}).get(key))
+
+
+@register_strategy(
+    "ft_replay",
+    needs_general=True,
+    description="FT with replay of human-written general data (MixReview-style): D_h ∪ (∪ D_i), all under p_c",
+)
+def ft_replay(inputs: CorpusInputs) -> list[Example]:
+    """FTSD with the general pool's own reference answers instead of the base model's: the control that isolates
+    what self-distillation adds over replaying general data."""
+    general = _require_general(inputs, "ft_replay")
+    distilled = [r.id for r in general if _meta_key(r, "distill")]
+    if distilled:
+        raise ConfigError(
+            f"strategy 'ft_replay' replays human-written general answers, but {len(distilled)} of the general "
+            f"records are self-distilled (e.g. {distilled[0]!r}): set data.corpus.general to the instruction "
+            "pool itself (configs/experiment/cpu_en_baseline_replay.yaml)"
+        )
+    return as_examples(general, CENTRAL, inputs.prompts, GENERAL_KIND) + as_examples(
+        inputs.domain_records, CENTRAL, inputs.prompts, DOMAIN
+    )
+
+
+@register_strategy(
+    "sdft",
+    description="SDFT (Yang et al., 2024): ∪ D_i with each response rewritten by the base model, under p_c",
+)
+def sdft(inputs: CorpusInputs) -> list[Example]:
+    """FT on the domain data as the base model rewrote it given the reference answers
+    (:mod:`rega.distill.rewrite`); the records must come from its ``rewritten.jsonl``."""
+    plain = [r.id for r in inputs.domain_records if not _meta_key(r, "rewrite")]
+    if plain:
+        raise ConfigError(
+            f"strategy 'sdft' trains on rewritten domain data, but {len(plain)} domain records were not rewritten "
+            f"(e.g. {plain[0]!r}): run `python -m rega.distill.rewrite` and set data.corpus.domains to its "
+            "rewritten.jsonl (a grid run with `rewrite:` does both)"
+        )
+    return as_examples(inputs.domain_records, CENTRAL, inputs.prompts, DOMAIN)

@@ -1,25 +1,56 @@
 """Run a grid of strategies: for each run, ``fit`` then ``evaluate`` in their own processes, skipping finished runs.
 
 Here runs go one after another; on a cluster, one job per run: ``rega grid --config G --index $SLURM_ARRAY_TASK_ID``
-(see ``scripts/slurm_grid.sh``). A run is finished when ``<output>/<name>/done.json`` exists; a run that was
-interrupted mid-fit resumes from its ``last.ckpt``.
+(see ``scripts/slurm_grid.sh``). A run is finished when its ``done.json`` exists; a run that was interrupted
+mid-fit resumes from its ``last.ckpt``.
+
+With ``seeds`` every run is repeated once per seed, in ``<output>/<name>/seed_<s>``: the seed sets the training
+seed (``seed_everything``, the batch order), the corpus draw (``data.corpus.seed``: D'_i) and the
+self-distillation's sampling seed (each seed's D_g in its own folder). A run may also rewrite its domain data
+first (``rewrite``: SDFT) or, instead of training, merge the adapters of other runs (``merge``: one LoRA per
+domain); see :mod:`rega.experiments.stages`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rega.data.prompts import ConfigError
 from rega.data.strategies import get_strategy
+from rega.distill.rewrite import RewriteConfig
+from rega.eval.progress import format_duration
+from rega.experiments.stages import (
+    cli_command,  # noqa: F401  (kept importable from here)
+    domains_of,
+    eval_command,
+    fit_command,
+    merge_command,
+    rewrite_command,
+    run_logged,
+    stage_env,  # noqa: F401
+)
 from rega.io import write_json
-from rega.paths import REPO_ROOT
+
+
+@dataclass
+class MergeSpec:
+    """Merge the adapters of other runs (same seed) into this run's adapter, instead of training one.
+
+    Args:
+        runs: names of the runs whose adapters are merged (e.g. one FT run per domain).
+        combination_type: peft's ``add_weighted_adapter`` combination: linear, cat, ties, dare_linear,
+            dare_ties, magnitude_prune, or an ``*_svd`` variant.
+        weights: one weight per adapter (default 1 each).
+        density: share of entries kept by TIES, DARE and magnitude pruning.
+    """
+
+    runs: list[str] = field(default_factory=list)
+    combination_type: str = "ties"
+    weights: list[float] | None = None
+    density: float = 0.5
 
 
 @dataclass
@@ -34,6 +65,13 @@ class GridRun:
         fit_args: extra ``fit`` arguments for this run, e.g. ``["--trainer.max_epochs", "1"]``.
         eval_args: extra ``evaluate`` arguments for this run.
         prompt_matrix: override the grid's ``prompt_matrix`` for this run.
+        configs: extra ``fit`` config files, layered after the grid's (a loss term, replay data).
+        label: the run's row label in the report (default: from the strategy).
+        seeds: override the grid's seeds for this run (``[]``: run once, with the configs' own seeds).
+        evaluate: evaluate the run (off for runs that only provide adapters, e.g. to a merge).
+        rewrite: rewrite settings (:class:`rega.distill.rewrite.RewriteConfig`; its empty source and model are the
+            fit configs'): the base model rewrites the domain data first (SDFT) and the fit trains on the rewrites.
+        merge: merge other runs' adapters instead of training (see :class:`MergeSpec`).
     """
 
     name: str
@@ -43,6 +81,19 @@ class GridRun:
     fit_args: list[str] = field(default_factory=list)
     eval_args: list[str] = field(default_factory=list)
     prompt_matrix: bool | None = None
+    configs: list[str] = field(default_factory=list)
+    label: str | None = None
+    seeds: list[int] | None = None
+    evaluate: bool = True
+    rewrite: RewriteConfig | None = None
+    merge: MergeSpec | None = None
+
+    def __post_init__(self) -> None:
+        # plain dicts when built from YAML without the CLI's parser (tests, scripts)
+        if isinstance(self.merge, dict):
+            self.merge = MergeSpec(**self.merge)
+        if isinstance(self.rewrite, dict):
+            self.rewrite = RewriteConfig(**self.rewrite)
 
 
 @dataclass
@@ -56,6 +107,8 @@ class Grid:
         runs: the runs.
         prompt_matrix: also evaluate every test set under every domain's role prompt (inter-domain confusion),
             for strategies trained with role prompts.
+        seeds: run every run once per seed (``<name>/seed_<s>``); ``None``: once, with the configs' seeds.
+        distill_dir: where each seed's D_g is distilled (``<distill_dir>/seed_<s>``); default ``<output>/distill``.
     """
 
     output: str = "runs/grid"
@@ -63,131 +116,132 @@ class Grid:
     eval_config: str | None = None
     runs: list[GridRun] = field(default_factory=list)
     prompt_matrix: bool = True
+    seeds: list[int] | None = None
+    distill_dir: str | None = None
 
 
-def cli_command(*args: str) -> list[str]:
-    return [sys.executable, str(REPO_ROOT / "cli.py"), *args]
+def run_seeds(grid: Grid, run: GridRun) -> list[int | None]:
+    seeds = grid.seeds if run.seeds is None else run.seeds
+    return list(seeds) if seeds else [None]
 
 
-def fit_command(grid: Grid, run: GridRun, run_dir: Path) -> list[str]:
-    args = [a for cfg in grid.fit_configs for a in ("--config", cfg)]
-    args += ["--data.corpus.strategy", run.strategy]
-    if run.mix_ratio is not None:
-        args += ["--data.corpus.mix_ratio", str(run.mix_ratio)]
-    if run.only_domains:
-        args += ["--data.corpus.only_domains", json.dumps(run.only_domains)]
-    args += [
-        "--trainer.default_root_dir", str(run_dir),
-        "--trainer.logger.init_args.save_dir", str(run_dir),
-        "--trainer.logger.init_args.name", "fit",
-        "--model.adapter_dir", str(run_dir / "adapter"),
-        *run.fit_args,
-    ]  # fmt: skip
-    last = sorted(run_dir.glob("fit/version_*/checkpoints/last.ckpt"))
-    if last and not (run_dir / "adapter" / "adapter_config.json").exists():
-        args += ["--ckpt_path", str(last[-1])]  # an interrupted fit continues where it stopped
-    return cli_command("fit", *args)
+def run_dir(grid: Grid, run: GridRun, seed: int | None) -> Path:
+    base = Path(grid.output) / run.name
+    return base if seed is None else base / f"seed_{seed}"
 
 
-def eval_command(grid: Grid, run: GridRun, run_dir: Path, rules: list[str], output: Path) -> list[str]:
-    args = ["--config", grid.eval_config] if grid.eval_config else []
-    args += ["--strategy", run.strategy, "--rules", json.dumps(rules), "--output", str(output)]
-    if run.strategy != "zero_shot":
-        args += ["--adapter", str(run_dir / "adapter")]
-    return cli_command("evaluate", *args, *run.eval_args)
+def jobs(grid: Grid, runs: list[GridRun] | None = None) -> list[tuple[GridRun, int | None]]:
+    """(run, seed) pairs in grid order; a cluster array job's index counts these."""
+    return [(run, seed) for run in (grid.runs if runs is None else runs) for seed in run_seeds(grid, run)]
 
 
-def run_logged(command: list[str], log_path: Path) -> float:
-    """Run a stage with its output in ``log_path``; raise with the log's tail if it fails."""
-    start = time.perf_counter()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"\n$ {' '.join(command)}\n")
-        log.flush()
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=stage_env(os.environ))
-    if done.returncode != 0:
-        tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
-        raise RuntimeError(f"stage failed (exit {done.returncode}), see {log_path}:\n{tail}")
-    return time.perf_counter() - start
-
-
-def stage_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment of a stage. A grid running as a SLURM job's single task (``--ntasks-per-node=1``) hides
-    that layout from its fits, which Lightning would otherwise reject with more than one GPU; a fit then starts one
-    process per GPU of the node itself."""
-    env = {**environ, "PYTHONUNBUFFERED": "1"}
-    if env.get("SLURM_NTASKS") == "1":
-        env.pop("SLURM_NTASKS")
-    return env
-
-
-def domains_of(grid: Grid) -> list[str]:
-    """The role-prompt domains of the evaluation tasks (for the prompt-by-domain matrix)."""
-    if not grid.eval_config:
-        return []
-    import yaml
-
-    from rega.data.loaders import DataSource, load_many
-
-    config = yaml.safe_load(Path(grid.eval_config).read_text(encoding="utf-8")) or {}
-    sources = [DataSource(**t) for t in config.get("tasks", [])]
-    return sorted({r.domain for r in load_many(sources).records} - {"general"})
-
-
-def run_one(grid: Grid, run: GridRun) -> dict:
+def _evaluate(grid: Grid, run: GridRun, seed, directory: Path, timings: dict) -> list[str]:
     spec = get_strategy(run.strategy)
-    run_dir = Path(grid.output) / run.name
-    done = run_dir / "done.json"
-    if done.exists():
-        print(f"[grid] {run.name}: finished before, skipped")
-        return json.loads(done.read_text(encoding="utf-8"))
-    print(f"[grid] {run.name}: strategy={run.strategy} r={run.mix_ratio}", flush=True)
-    timings = {}
-    if run.strategy != "zero_shot":
-        timings["fit_s"] = round(run_logged(fit_command(grid, run, run_dir), run_dir / "fit.log"), 1)
     rules = list(spec.inference)
-    timings["eval_s"] = round(
-        run_logged(eval_command(grid, run, run_dir, rules, run_dir / "eval"), run_dir / "eval.log"), 1
-    )
+    command = eval_command(grid, run, directory, rules, directory / "eval")
+    timings["eval_s"] = round(run_logged(command, directory / "eval.log"), 1)
     wants_matrix = grid.prompt_matrix if run.prompt_matrix is None else run.prompt_matrix
     if wants_matrix and "role" in spec.inference:
         matrix_rules = [f"role:{d}" for d in domains_of(grid)]
-        command = eval_command(grid, run, run_dir, matrix_rules, run_dir / "eval_matrix")
+        command = eval_command(grid, run, directory, matrix_rules, directory / "eval_matrix")
         command += ["--general_mc", "[]", "--drift", "[]"]
-        timings["matrix_s"] = round(run_logged(command, run_dir / "eval.log"), 1)
+        timings["matrix_s"] = round(run_logged(command, directory / "eval.log"), 1)
+    return rules
+
+
+def _train(grid: Grid, run: GridRun, seed, directory: Path, timings: dict) -> None:
+    if run.merge is not None:
+        for name in run.merge.runs:  # the adapters it merges, trained first when they are not yet
+            source = next((r for r in grid.runs if r.name == name), None)
+            if source is None:
+                raise ConfigError(f"run {run.name!r} merges run {name!r}, which is not in the grid")
+            run_one(grid, source, seed)
+        adapters = {name: str(run_dir(grid, _named(grid, name), seed) / "adapter") for name in run.merge.runs}
+        command = merge_command(grid, run.merge, adapters, directory / "adapter")
+        timings["merge_s"] = round(run_logged(command, directory / "merge.log"), 1)
+        return
+    extra: list[str] = []
+    if run.rewrite:
+        command = rewrite_command(grid, run, seed, directory / "rewrite")
+        timings["rewrite_s"] = round(run_logged(command, directory / "rewrite.log"), 1)
+        rewritten = json.dumps([{"path": str(directory / "rewrite" / "rewritten.jsonl")}])
+        extra = ["--data.corpus.domains", rewritten]
+    timings["fit_s"] = round(
+        run_logged(fit_command(grid, run, directory, seed) + extra, directory / "fit.log"), 1
+    )
+
+
+def _named(grid: Grid, name: str) -> GridRun:
+    return next(r for r in grid.runs if r.name == name)
+
+
+def run_one(grid: Grid, run: GridRun, seed: int | None = None) -> dict:
+    directory = run_dir(grid, run, seed)
+    done = directory / "done.json"
+    tag = run.name if seed is None else f"{run.name} seed {seed}"
+    if done.exists():
+        print(f"[grid] {tag}: finished before, skipped", flush=True)
+        return json.loads(done.read_text(encoding="utf-8"))
+    print(f"[grid] {tag}: strategy={run.strategy} r={run.mix_ratio}", flush=True)
+    timings: dict[str, float] = {}
+    if run.strategy != "zero_shot":
+        _train(grid, run, seed, directory, timings)
+    rules = _evaluate(grid, run, seed, directory, timings) if run.evaluate else []
     meta = {
         **asdict(run),
+        "seed": seed,
         "inference": rules,
         "timings": timings,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_json(done, meta)
-    print(f"[grid] {run.name}: done in {sum(timings.values()):.0f} s", flush=True)
+    print(f"[grid] {tag}: done in {format_duration(sum(timings.values()))}", flush=True)
     return meta
 
 
-def grid_command(grid: Grid, only: list[str] | None = None, index: int | None = None) -> None:
-    """Run every run of a grid (or some), skipping finished ones; ``rega report`` then compares them.
-
-    Args:
-        grid: the grid: output folder, fit and evaluate configs, runs.
-        only: run only the runs with these names.
-        index: run only the run at this position (a cluster array job's index).
-    """
-    runs = grid.runs
-    for run in runs:
+def check_grid(grid: Grid) -> None:
+    names = [r.name for r in grid.runs]
+    for run in grid.runs:
         get_strategy(run.strategy)  # unknown strategies fail before anything runs
-    names = [r.name for r in runs]
+        for name in run.merge.runs if run.merge else []:
+            if name not in names:
+                raise ConfigError(f"run {run.name!r} merges run {name!r}, which is not in the grid")
     if len(set(names)) != len(names):
         raise ConfigError(f"run names must be unique: {names}")
+
+
+def grid_command(grid: Grid, only: list[str] | None = None, index: int | None = None) -> None:
+    """Run every run of a grid (or some) once per seed, skipping finished ones; ``rega report`` then compares them.
+
+    Args:
+        grid: the grid: output folder, fit and evaluate configs, runs, seeds.
+        only: run only the runs with these names.
+        index: run only the (run, seed) job at this position (a cluster array job's index).
+    """
+    check_grid(grid)
+    names = [r.name for r in grid.runs]
+    runs = grid.runs
     if only:
         unknown = sorted(set(only) - set(names))
         if unknown:
             raise ConfigError(f"no run named {', '.join(unknown)} in the grid ({', '.join(names)})")
         runs = [r for r in runs if r.name in only]
+    todo = jobs(grid, runs)
     if index is not None:
-        if not 0 <= index < len(grid.runs):
-            raise ConfigError(f"index {index} outside the grid's {len(grid.runs)} runs")
-        runs = [grid.runs[index]]
-    for run in runs:
-        run_one(grid, run)
+        every = jobs(grid)
+        if not 0 <= index < len(every):
+            raise ConfigError(f"index {index} outside the grid's {len(every)} jobs (runs x seeds)")
+        todo = [every[index]]
+    started, timed = time.perf_counter(), []
+    for k, (run, seed) in enumerate(todo):
+        t0 = time.perf_counter()
+        was_done = (run_dir(grid, run, seed) / "done.json").exists()
+        run_one(grid, run, seed)
+        if not was_done:
+            timed.append(time.perf_counter() - t0)
+        left = len(todo) - k - 1
+        eta = f", about {format_duration(left * sum(timed) / len(timed))} left" if timed and left else ""
+        print(
+            f"[grid] {k + 1}/{len(todo)} jobs, {format_duration(time.perf_counter() - started)}{eta}",
+            flush=True,
+        )
