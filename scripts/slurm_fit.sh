@@ -3,7 +3,7 @@
 # #SBATCH lines (or sbatch's flags) only: devices and nodes are passed from what SLURM granted. D_g must exist
 # first (scripts/slurm_distill.sh); a preempted job is requeued (SIGUSR1) and resumes mid-epoch exactly.
 #   sbatch --nodes=2 scripts/slurm_fit.sh --config configs/model/belle_13b.yaml --config configs/trainer/gpu.yaml \
-#     --config configs/trainer/fsdp.yaml --config configs/experiment/paper_zh.yaml
+#     --config configs/experiment/paper_zh.yaml --config configs/trainer/fsdp.yaml
 #SBATCH --job-name=rega-fit
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=4

@@ -230,6 +230,16 @@ def test_evaluation_under_fsdp_is_refused_before_anything_loads(capsys):
     assert "--evaluation null" in errors[0]
 
 
+def test_fsdp_after_the_experiment_switches_evaluation_off():
+    """The README's FSDP recipe: fsdp.yaml after the experiment overrides its evaluation with null."""
+    argv = ["fit", *layers(str(CONFIGS / "model/vicuna_7b.yaml"), str(CONFIGS / "trainer/gpu.yaml"),
+                           str(CONFIGS / "experiment/paper_en.yaml"), str(CONFIGS / "trainer/fsdp.yaml")),
+            "--print_config"]  # fmt: skip
+    printed = yaml.safe_load(print_config(argv))
+    assert printed["evaluation"] is None
+    assert printed["trainer"]["strategy"]["class_path"] == "rega.modules.fsdp.FSDP2Strategy"
+
+
 # --------------------------------------------------------------------------------------- README: Extending
 
 PLUGIN = """

@@ -1,7 +1,7 @@
 """Self-distillation of D_g: the base model θ answers general instructions under the central prompt,
 y_g ~ θ(p_c ⊕ x_g), with the paper's sampling (temperature 0.7, top-p 0.95).
 
-``rega distill --config configs/distill/embedded_general_en.yaml`` or, from code (the data module's
+``rega distill --distill configs/distill/embedded_general_en.yaml`` or, from code (the data module's
 ``prepare_data``), ``run_distillation(cfg)``. Both write ``output_dir/distilled.jsonl`` (records of domain
 ``general``, input order, ``meta.distill`` saying which model, prompt and sampling produced each answer) and
 ``summary.json`` (counts per quality label, throughput).
