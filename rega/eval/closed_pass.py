@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
+from rega.eval.loglik import _left_padded, _pad_id, prefill
 from rega.eval.progress import Progress
-from rega.eval.retention import _left_padded, _pad_id, prefill
 from rega.modules.generation import Generation, length_sorted_batches, stop_token_ids
 
 

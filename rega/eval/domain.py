@@ -28,6 +28,7 @@ from rega.data.records import GENERAL, LETTERS, Record
 from rega.data.strategies import ROLE
 from rega.eval.closed_pass import closed_pass
 from rega.eval.items import option_label
+from rega.eval.loglik import continuation_text
 from rega.eval.metrics import (
     LABEL,
     ClosedAccuracy,
@@ -45,7 +46,6 @@ from rega.eval.metrics import (
     unigram_f1,
 )
 from rega.eval.progress import Progress
-from rega.eval.retention import continuation_text
 from rega.modules.generation import SamplingConfig, generate
 
 log = logging.getLogger(__name__)
