@@ -43,6 +43,12 @@ def shards_weights(strategy) -> bool:
     return issubclass(getattr(importlib.import_module(module), name), sharded)
 
 
+# Checkpoints written beside their target (rega.modules.checkpoint_io); a class path, so saved configs hold it.
+TRAINER_DEFAULTS = {
+    "plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}]
+}
+
+
 class REGACLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # One model config drives both the network and the chat rendering of the data.
@@ -124,6 +130,6 @@ def run_lightning_cli(argv: list[str] | None) -> REGACLI:
         args=argv,
         seed_everything_default=1234,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"plugins": [AtomicCheckpointIO()]},
+        trainer_defaults=TRAINER_DEFAULTS,
         parser_kwargs={"default_env": False},
     )

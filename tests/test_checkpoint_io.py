@@ -58,3 +58,15 @@ def test_adapter_save_that_fails_keeps_the_previous_adapter(tiny_model_config, t
         save_adapter(module.model, Broken(), target)  # weights written, tokenizer fails: nothing replaced
     assert sorted(p.name for p in target.iterdir()) == before
     assert not [p for p in tmp_path.iterdir() if p.name != "adapter"]
+
+
+def test_the_cli_trainer_writes_checkpoints_atomically(tiny_model_dir, tmp_path):
+    from rega.lightning_cli import REGACLI, TRAINER_DEFAULTS, REGADataModule, REGAModule
+
+    cli = REGACLI(
+        REGAModule, REGADataModule, run=False,
+        args=["--config", "tests/configs/tiny_fit.yaml", "--model.model.name_or_path", str(tiny_model_dir),
+              "--trainer.default_root_dir", str(tmp_path), "--data.cache", str(tmp_path)],
+        trainer_defaults=TRAINER_DEFAULTS,
+    )  # fmt: skip
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
