@@ -25,6 +25,12 @@ from rega.modules.generation import Generation, length_sorted_batches, stop_toke
 def score_options(model, cache, cache_key: str, attention, first_lp, conts, pad_id: int, device):
     """(log-probability sum, tokens) of every option of every row, all of a row's options in one sequence on top
     of the row's prefilled context; the cache is left as it was (the options are cropped off)."""
+    if all(
+        len(c) <= 1 for row in conts for c in row
+    ):  # yes/no/maybe, letters: the prefill's last logits decide
+        return [
+            [(float(first_lp[r, c[0]]) if c else 0.0, len(c)) for c in row] for r, row in enumerate(conts)
+        ]
     rows, ctx_width = attention.shape
     width = max(1, max(sum(len(c) for c in row) for row in conts))
     ids = torch.full((rows, width), pad_id, dtype=torch.long)
