@@ -90,7 +90,9 @@ def test_fsdp2_trains_like_ddp_clips_by_the_global_norm_and_resumes_exactly(tiny
 def test_fsdp2_shards_a_bf16_base_beside_fp32_lora_with_activation_checkpointing(tiny_model_dir, tmp_path):
     """The shipped GPU dtypes (frozen bf16 base, fp32 LoRA in the same unit), which FSDP1 refused, on 2 ranks."""
     extra = ["--model.model.dtype", "bfloat16", "--model.model.gradient_checkpointing", "true"]
-    root = fit(tiny_model_dir, tmp_path, tmp_path / "cache", *FSDP2, *NO_VAL, "--trainer.max_steps", "2", *extra)
+    root = fit(
+        tiny_model_dir, tmp_path, tmp_path / "cache", *FSDP2, *NO_VAL, "--trainer.max_steps", "2", *extra
+    )
     state = lora_checkpoint(root)
     assert state and all(t.dtype == torch.float32 for t in state.values())
     assert all(math.isfinite(v) for v in read_scalars(root, "train/loss").values())

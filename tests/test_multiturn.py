@@ -353,7 +353,9 @@ def test_distillation_answers_the_last_user_turn_after_the_history(tmp_path, tin
 
     row = {"text": "NEW ANSWER", "finish_reason": "stop", "tokens": 2}
     distilled = _distilled_record(c1, row, "ok", DistillConfig(source=[DataSource(str(pool))]), ctx)
-    assert distilled.history == c1.history and distilled.output == "NEW ANSWER" and distilled.domain == "general"
+    assert (
+        distilled.history == c1.history and distilled.output == "NEW ANSWER" and distilled.domain == "general"
+    )
 
 
 # --------------------------------------------------------------------------------------------- evaluation
