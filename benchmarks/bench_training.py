@@ -63,10 +63,19 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 RESULTS = REPO / "benchmarks" / "results"
+
+
+def repo_relative(arg: str) -> str:
+    """An argument naming a path inside the repository, relative to it: recorded commands name no machine's paths."""
+    path = Path(arg)
+    return str(path.relative_to(REPO)) if path.is_absolute() and path.is_relative_to(REPO) else arg
+
+
 SHARED_CONFIG = REPO / "configs" / "data" / "shared_en.yaml"
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 LEARNING_RATE = 2e-4
@@ -951,7 +960,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     report = {
         "benchmark": "training: ours (REGAModule + REGADataModule, Lightning) vs HF Trainer + peft",
-        "command": " ".join([Path(sys.executable).name, *sys.argv])
+        "command": " ".join([Path(sys.executable).name, *map(repo_relative, sys.argv)])
         if argv is None
         else f"bench_training {argv}",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
