@@ -104,20 +104,8 @@ def length_sorted_batches(
     return batches
 
 
-@torch.inference_mode()
-def generate_batch(
-    model, tokenizer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig
-) -> list[Generation]:
-    """Generate for one batch of tokenized prompts (any order); results in the same order as ``prompts``."""
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention[row, width - len(ids) :] = 1
-    stops = stop_token_ids(model, tokenizer)
+def decoding_kwargs(sampling: SamplingConfig, stops: list[int], pad_id: int) -> dict:
+    """``model.generate`` keyword arguments for ``sampling``: greedy, or temperature then exact top-p."""
     kwargs = {
         "max_new_tokens": sampling.max_new_tokens,
         "do_sample": sampling.do_sample,
@@ -134,6 +122,24 @@ def generate_batch(
         kwargs.update(temperature=1.0, top_p=1.0, top_k=0, logits_processor=LogitsProcessorList([processor]))
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+@torch.inference_mode()
+def generate_batch(
+    model, tokenizer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig
+) -> list[Generation]:
+    """Generate for one batch of tokenized prompts (any order); results in the same order as ``prompts``."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention[row, width - len(ids) :] = 1
+    stops = stop_token_ids(model, tokenizer)
+    kwargs = decoding_kwargs(sampling, stops, pad_id)
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
     new_tokens = out[:, width:].tolist()
     stop_set = set(stops)

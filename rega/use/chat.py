@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 import torch
-from transformers import LogitsProcessorList, TextStreamer
+from transformers import TextStreamer
 
 from rega.data.prompts import PromptConfig
 from rega.errors import ConfigError
-from rega.modules.generation import SamplingConfig, TemperatureTopP, stop_token_ids
+from rega.modules.generation import SamplingConfig, decoding_kwargs, stop_token_ids
 from rega.modules.model import ModelConfig
 from rega.use.loading import LoadedModel, load_for_use, system_text
 
@@ -54,20 +54,17 @@ def stream_reply(loaded: LoadedModel, prompt_ids: list[int], sampling: SamplingC
     """Generate one answer, writing it to ``out`` token by token; returns it cut at the first end-of-turn.
 
     rega.modules.generation.generate_batch takes no streamer, hence this one-sequence ``generate`` call with
-    the same decoding settings (greedy, or temperature then exact top-p).
+    the same decoding settings (:func:`rega.modules.generation.decoding_kwargs`).
     """
     model, tokenizer = loaded.model, loaded.tokenizer
     stops = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=loaded.device)
-    kwargs = {"max_new_tokens": sampling.max_new_tokens, "do_sample": sampling.do_sample, "use_cache": True,
-              "eos_token_id": stops, "pad_token_id": pad_id, "streamer": _Printer(tokenizer, out)}  # fmt: skip
-    if sampling.do_sample:
-        processor = TemperatureTopP(sampling.temperature, sampling.top_p)
-        kwargs.update(temperature=1.0, top_p=1.0, top_k=0, logits_processor=LogitsProcessorList([processor]))
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    kwargs = decoding_kwargs(sampling, stops, pad_id)
+    attention = torch.ones_like(input_ids)
+    output = model.generate(
+        input_ids=input_ids, attention_mask=attention, streamer=_Printer(tokenizer, out), **kwargs
+    )
     new = output[0, len(prompt_ids) :].tolist()
     cut = next((k for k, token in enumerate(new) if token in stops), len(new))
     return tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
