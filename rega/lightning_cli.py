@@ -17,6 +17,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from rega.callbacks import EvaluationCallback
+from rega.callbacks.evaluation import is_sharding
 from rega.data.prompts import ConfigError
 from rega.datamodules import REGADataModule
 from rega.distill.runner import ensure_distilled
@@ -26,21 +27,15 @@ from rega.modules.lit_module import REGAModule
 
 def shards_weights(strategy) -> bool:
     """Whether a trainer.strategy config value (a registered name or a class_path spec) shards the weights."""
-    from lightning.pytorch.strategies import (
-        DeepSpeedStrategy,
-        FSDPStrategy,
-        ModelParallelStrategy,
-        StrategyRegistry,
-    )
+    from lightning.pytorch.strategies import StrategyRegistry
 
-    sharded = (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)
     if isinstance(strategy, str):
-        return strategy in StrategyRegistry and isinstance(StrategyRegistry.get(strategy), sharded)
+        return strategy in StrategyRegistry and is_sharding(StrategyRegistry.get(strategy))
     class_path = strategy.get("class_path") if hasattr(strategy, "get") else None
     if not class_path:
-        return isinstance(strategy, sharded)
+        return is_sharding(strategy)
     module, _, name = class_path.rpartition(".")
-    return issubclass(getattr(importlib.import_module(module), name), sharded)
+    return is_sharding(getattr(importlib.import_module(module), name))
 
 
 # Checkpoints written beside their target (rega.modules.checkpoint_io); a class path, so saved configs hold it.

@@ -47,10 +47,12 @@ log = logging.getLogger(__name__)
 
 
 def is_sharding(strategy) -> bool:
-    """Whether a strategy shards the weights (FSDP1/2, DeepSpeed), so no rank can generate alone."""
+    """Whether a strategy (an instance or a class) shards the weights (FSDP1/2, DeepSpeed), so no rank can
+    generate alone."""
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
-    return isinstance(strategy, FSDPStrategy | ModelParallelStrategy | DeepSpeedStrategy)
+    sharded = (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)
+    return issubclass(strategy, sharded) if isinstance(strategy, type) else isinstance(strategy, sharded)
 
 
 class EvaluationCallback(Callback):
