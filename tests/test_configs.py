@@ -174,8 +174,9 @@ def test_cpu_en_grid_trains_what_the_committed_results_trained():
         assert now["data"]["val_limit_per_task"] == 4 == then["data"]["val"][0]["limit"]
 
 
-def test_grid_prompt_matrix_domains_follow_the_eval_configs_task_lists():
-    """The grid's prompt-by-domain matrix reads the eval config's `tasks: ../data/..._dev.yaml` as evaluate does."""
+def test_grid_prompt_matrix_domains_follow_the_eval_configs_task_lists(shared_data):
+    """The grid's prompt-by-domain matrix reads the eval config's `tasks: ../data/..._dev.yaml` as evaluate does
+    (it loads the shared dev sets: skipped where they are absent outside CI, like every shared-data test)."""
     from rega.experiments.grid import domains_of
 
     for name in ("cpu_en", "cpu_zh", "paper_en", "paper_zh"):
