@@ -18,9 +18,9 @@ from lightning.pytorch.cli import LightningCLI
 
 from rega.callbacks import EvaluationCallback
 from rega.callbacks.evaluation import is_sharding
-from rega.data.prompts import ConfigError
 from rega.datamodules import REGADataModule
 from rega.distill.runner import ensure_distilled
+from rega.errors import ConfigError
 from rega.modules.checkpoint_io import AtomicCheckpointIO
 from rega.modules.lit_module import REGAModule
 

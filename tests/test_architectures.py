@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from rega.data.chat import IGNORE_INDEX
-from rega.data.prompts import ConfigError
 from rega.datamodules.tokenized import TokenizedExamples, collate_rows, pack_rows
+from rega.errors import ConfigError
 from rega.modules.attention import (
     PackedLayout,
     packed_rows,

@@ -11,10 +11,11 @@ import torch
 import yaml
 
 from rega.data.loaders import DataSource, load_many
-from rega.data.prompts import ConfigError, RolePrompts
+from rega.data.prompts import RolePrompts
 from rega.data.records import Record
 from rega.data.strategies import CorpusInputs, build_examples
 from rega.distill.rewrite import RewriteConfig, join_rewrites, run_rewrite
+from rega.errors import ConfigError
 from rega.experiments.grid import Grid, GridRun, MergeSpec, check_grid, jobs, run_dir, run_one
 from rega.experiments.stages import fit_command, merge_command, rewrite_command
 from rega.modules.generation import SamplingConfig

@@ -164,7 +164,7 @@ def test_multi_process_fit_without_distilled_data_refuses_in_one_line(tiny_model
 
 def test_evaluation_callback_is_refused_under_fsdp_before_training():
     from rega.callbacks.evaluation import EvaluationCallback
-    from rega.data.prompts import ConfigError
+    from rega.errors import ConfigError
     from rega.modules.fsdp import FSDP2Strategy
 
     class Trainer:

@@ -25,7 +25,7 @@ from rega.data.corpus import (
     write_corpus,
 )
 from rega.data.loaders import DataSource
-from rega.data.prompts import BUILTIN_DIR, CENTRAL, ConfigError, PromptConfig
+from rega.data.prompts import BUILTIN_DIR, CENTRAL, PromptConfig
 from rega.data.records import RecordError
 from rega.data.strategies import (
     DOMAIN,
@@ -36,6 +36,7 @@ from rega.data.strategies import (
     as_examples,
     register_strategy,
 )
+from rega.errors import ConfigError
 from rega.io import file_sha256, read_jsonl
 from rega.paths import REPO_ROOT
 

@@ -11,7 +11,8 @@ import torch
 
 from rega.data.chat import ChatFormat
 from rega.data.loaders import DataSource
-from rega.data.prompts import ConfigError, RolePrompts
+from rega.data.prompts import RolePrompts
+from rega.errors import ConfigError
 from rega.eval import domain as domain_mod
 from rega.eval.domain import choice_candidates, evaluate_domains, load_task_records, system_prompt
 from rega.eval.metrics import closed_spec

@@ -86,7 +86,7 @@ def test_report_without_runs_is_an_error(tmp_path):
 
 
 def test_grid_rejects_unknown_runs_and_strategies(tmp_path):
-    from rega.data.prompts import ConfigError
+    from rega.errors import ConfigError
 
     grid = Grid(output=str(tmp_path), runs=[GridRun("a", "ft"), GridRun("b", "nope")])
     with pytest.raises(ConfigError, match="unknown strategy 'nope'"):

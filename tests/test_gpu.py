@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rega.data.prompts import ConfigError
+from rega.errors import ConfigError
 from rega.modules.model import ModelConfig, load_model
 
 REPO = Path(__file__).resolve().parent.parent

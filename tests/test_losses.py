@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from rega.data.corpus import CorpusConfig
 from rega.data.loaders import DataSource
-from rega.data.prompts import ConfigError
 from rega.datamodules import REGADataModule
 from rega.datamodules.tokenized import collate_rows, plan_batches
+from rega.errors import ConfigError
 from rega.modules.attention import packed_rows
 from rega.modules.lit_module import REGAModule
 from rega.modules.losses import LOSS_TERMS, build_loss_terms, register_loss_term

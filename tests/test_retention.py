@@ -9,7 +9,8 @@ import torch
 
 from rega.data.chat import ChatFormat
 from rega.data.loaders import DataSource, load_records
-from rega.data.prompts import ConfigError, RolePrompts
+from rega.data.prompts import RolePrompts
+from rega.errors import ConfigError
 from rega.eval.retention import (
     continuation_logprobs,
     continuation_text,

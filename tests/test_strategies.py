@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import pytest
 
-from rega.data.prompts import CENTRAL, ConfigError, RolePrompts
+from rega.data.prompts import CENTRAL, RolePrompts
 from rega.data.records import GENERAL, Record
 from rega.data.strategies import (
     DOMAIN,
@@ -26,6 +26,7 @@ from rega.data.strategies import (
     register_strategy,
     sample_integration,
 )
+from rega.errors import ConfigError
 
 PROMPTS = RolePrompts(
     central="You are a helpful assistant.",

@@ -302,7 +302,7 @@ def test_single_domain_ftrp_validates_the_domains_it_has_prompts_for(tiny_model_
 
 
 def test_zero_shot_fit_is_refused_in_one_line(tiny_model_config, tmp_path):
-    from rega.data.prompts import ConfigError
+    from rega.errors import ConfigError
 
     dm = REGADataModule(
         corpus=CorpusConfig(strategy="zero_shot"), model=tiny_model_config, cache=str(tmp_path)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rega.cli import COMMANDS, LIGHTNING_COMMANDS, main
-from rega.data.prompts import ConfigError
+from rega.errors import ConfigError
 from rega.modules.generation import SamplingConfig
 from rega.modules.model import ModelConfig
 

@@ -39,7 +39,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from rega.data.loaders import DataSource
-from rega.data.prompts import CENTRAL, ConfigError
+from rega.data.prompts import CENTRAL
+from rega.errors import ConfigError
 from rega.eval.runner import EvalSettings, base_reference, evaluate_model, samples_markdown, scalars
 from rega.io import write_json
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rega.data.prompts import ConfigError
+from rega.errors import ConfigError
 
 IGNORE_INDEX = -100
 History = Sequence[tuple[str, str]]  # earlier (user, assistant) exchanges, oldest first

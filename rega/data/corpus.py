@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rega.data.loaders import DataSource, LoadReport, load_many
-from rega.data.prompts import ConfigError, PromptConfig, RolePrompts, load_prompt_table, resolve_prompts
+from rega.data.prompts import PromptConfig, RolePrompts, load_prompt_table, resolve_prompts
 from rega.data.records import GENERAL, Record
 from rega.data.strategies import INTEGRATED, CorpusInputs, Example, build_examples, get_strategy, task_groups
-from rega.errors import EmptyDataError
+from rega.errors import ConfigError, EmptyDataError
 from rega.io import atomic_dir, atomic_write, check_output_dir, file_sha256, write_json, write_jsonl
 from rega.paths import resolve_path
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rega.data.prompts import ConfigError
 from rega.data.records import (
     CONVERSATION_FIELDS,
     Record,
@@ -26,6 +25,7 @@ from rega.data.records import (
     check_unique_ids,
     record_from_dict,
 )
+from rega.errors import ConfigError
 from rega.paths import resolve_path
 
 log = logging.getLogger(__name__)

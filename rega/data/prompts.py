@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from rega.data.records import GENERAL
-from rega.errors import ConfigError  # defined in rega.errors; imported from here by older code
+from rega.errors import ConfigError
 from rega.paths import resolve_path
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "prompts"

@@ -20,8 +20,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 
-from rega.data.prompts import CENTRAL, ConfigError, RolePrompts
+from rega.data.prompts import CENTRAL, RolePrompts
 from rega.data.records import Record
+from rega.errors import ConfigError
 
 log = logging.getLogger(__name__)
 # Example kinds: where a training example comes from.

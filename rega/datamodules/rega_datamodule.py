@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from rega.data.chat import ChatFormat
 from rega.data.corpus import Corpus, CorpusConfig, build_corpus, check_config
 from rega.data.loaders import DataSource, load_many
-from rega.data.prompts import CENTRAL, ConfigError, RolePrompts
+from rega.data.prompts import CENTRAL, RolePrompts
 from rega.data.strategies import ROLE, Example, as_examples, get_strategy
 from rega.datamodules.tokenized import (
     EMPTY_BATCH,
@@ -38,6 +38,7 @@ from rega.datamodules.tokenized import (
     supervised_spans,
 )
 from rega.distill.runner import MERGED, DistillConfig
+from rega.errors import ConfigError
 from rega.io import stable_hash
 from rega.modules.model import ModelConfig, load_tokenizer
 from rega.paths import cache_dir

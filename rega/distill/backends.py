@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 from transformers import GenerationConfig
 
-from rega.data.prompts import ConfigError
+from rega.errors import ConfigError
 from rega.io import stable_hash
 from rega.modules.generation import Generation, SamplingConfig, generate_batch, stop_token_ids
 from rega.modules.model import ModelConfig, load_model, resolve_model_path

@@ -87,7 +87,7 @@ def keeps(label: str, policy: QualityPolicy) -> bool:
 
 
 def check_policy(policy: QualityPolicy) -> None:
-    from rega.data.prompts import ConfigError
+    from rega.errors import ConfigError
 
     if policy.ngram < 1 or policy.window < policy.ngram or policy.min_units < 0:
         raise ConfigError(f"quality: need ngram >= 1, window >= ngram, min_units >= 0; got {policy}")

@@ -32,9 +32,9 @@ from pathlib import Path
 import yaml
 
 from rega.data.loaders import DataSource, load_many
-from rega.data.prompts import ConfigError
 from rega.data.records import Record
 from rega.distill.runner import DistillConfig, run_distillation
+from rega.errors import ConfigError
 from rega.eval.metrics import closed_spec, grade_closed, task_label_sets
 from rega.io import read_jsonl, write_json, write_jsonl
 from rega.modules.generation import SamplingConfig

@@ -27,7 +27,6 @@ import torch
 
 from rega.data.chat import ChatFormat
 from rega.data.loaders import DataSource, load_many
-from rega.data.prompts import ConfigError
 from rega.data.records import GENERAL, Record
 from rega.distill.backends import HFBackend, VLLMBackend, check_backend
 from rega.distill.quality import LABELS, QualityPolicy, check_policy, classify, keeps
@@ -41,6 +40,7 @@ from rega.distill.shards import (
     seal_leftovers,
     write_settings,
 )
+from rega.errors import ConfigError
 from rega.io import stable_hash, write_json, write_jsonl
 from rega.modules.generation import SamplingConfig, length_sorted_batches
 from rega.modules.model import ModelConfig, load_tokenizer

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from rega.data.prompts import ConfigError
+from rega.errors import ConfigError
 from rega.io import write_json
 
 SETTINGS_FILE = "distill_settings.json"

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 from rega.data.chat import ChatFormat
 from rega.data.loaders import DataSource, load_records
-from rega.data.prompts import CENTRAL, ConfigError, RolePrompts
+from rega.data.prompts import CENTRAL, RolePrompts
 from rega.data.records import GENERAL, LETTERS, Record
 from rega.data.strategies import ROLE
+from rega.errors import ConfigError
 from rega.eval.closed_pass import closed_pass
 from rega.eval.items import option_label
 from rega.eval.loglik import continuation_text

@@ -34,8 +34,8 @@ import torch
 import yaml
 
 from rega.data.chat import IGNORE_INDEX, ChatFormat
-from rega.data.prompts import ConfigError
 from rega.data.records import Record
+from rega.errors import ConfigError
 from rega.eval.loglik import (  # noqa: F401  (re-exported: callers import them from here)
     _left_padded,
     _pad_id,

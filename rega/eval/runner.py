@@ -29,10 +29,10 @@ from pathlib import Path
 
 from rega.data.chat import ChatFormat
 from rega.data.loaders import DataSource, load_records
-from rega.data.prompts import CENTRAL, ConfigError, PromptConfig, RolePrompts, resolve_prompts
+from rega.data.prompts import CENTRAL, PromptConfig, RolePrompts, resolve_prompts
 from rega.data.records import GENERAL, Record
 from rega.data.strategies import ROLE, get_strategy
-from rega.errors import EmptyDataError, JudgeError
+from rega.errors import ConfigError, EmptyDataError, JudgeError
 from rega.eval.domain import CLOSED_SCORING, TaskData, check_rule, evaluate_domains, load_task_records
 from rega.eval.items import item_results, trivial_baselines
 from rega.eval.metrics import dist_info

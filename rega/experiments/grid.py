@@ -18,9 +18,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rega.data.prompts import ConfigError
 from rega.data.strategies import get_strategy
 from rega.distill.rewrite import RewriteConfig
+from rega.errors import ConfigError
 from rega.eval.progress import format_duration
 from rega.experiments.stages import (
     cli_command,  # noqa: F401  (kept importable from here)

@@ -16,7 +16,7 @@ true depends on the architecture (:data:`ARCHITECTURES`):
   count over the row, so the decoder runs here with the bias from the restarting position ids and a
   block-diagonal causal mask. ALiBi is shift-invariant per query row: each example gets its scores alone.
 * anything else: rows with one example each (``--data.batching grouped``) go through transformers with their
-  padding mask; a packed batch is refused with a :class:`~rega.data.prompts.ConfigError`.
+  padding mask; a packed batch is refused with a :class:`~rega.errors.ConfigError`.
 
 ``flash_attention_*`` is refused for training: transformers isolates packed examples under flash attention
 only at batch size 1, and ``sdpa`` already runs flash kernels on CUDA (above). tests/test_architectures.py
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from rega.data.prompts import ConfigError
+from rega.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

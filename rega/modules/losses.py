@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from rega.data.prompts import ConfigError
+from rega.errors import ConfigError
 
 LossTerm = Callable[..., torch.Tensor]
 LOSS_TERMS: dict[str, Callable[..., LossTerm]] = {}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from rega.data.prompts import ConfigError
+from rega.errors import ConfigError
 from rega.paths import cache_dir
 
 log = logging.getLogger(__name__)
