@@ -79,7 +79,7 @@ def synthesize(work: Path, n_records: int) -> tuple[Path, Path, int, int]:
 
 
 def synthetic_config(domains_path: Path, general_path: Path):
-    from rega.data.loaders import DataSource
+    from rega.config import DataSource
 
     return dataclasses.replace(
         shared_config(),

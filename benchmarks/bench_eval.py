@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:
 
 def closed_items(chat, tokenizer, system: str, counts: dict[str, int]):
     """(contexts, options per context, gold option) of the first dev items of each task."""
-    from rega.data.loaders import DataSource
+    from rega.config import DataSource
     from rega.eval.domain import choice_candidates, load_task_records
     from rega.eval.metrics import closed_spec
     from rega.eval.retention import continuation_text
@@ -64,9 +64,10 @@ def closed_items(chat, tokenizer, system: str, counts: dict[str, int]):
 
 
 def variants(model, tokenizer, contexts, options, args):
+    from rega.config import SamplingConfig
     from rega.eval.closed_pass import closed_pass
     from rega.eval.retention import continuation_logprobs
-    from rega.modules.generation import SamplingConfig, generate
+    from rega.modules.generation import generate
 
     sampling = SamplingConfig(do_sample=False, temperature=1.0, top_p=1.0, max_new_tokens=args.new_tokens)
     pairs = [(c, o) for c, opts in zip(contexts, options) for o in opts]
@@ -123,8 +124,10 @@ def main() -> None:
 
     import torch
 
+    from rega.config import ModelConfig
     from rega.data.chat import ChatFormat
-    from rega.modules.model import ModelConfig, load_model, load_tokenizer
+    from rega.model_source import load_tokenizer
+    from rega.modules.model import load_model
 
     torch.set_num_threads(args.threads)
     config = ModelConfig()

@@ -113,12 +113,12 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
+    from rega.config import DataSource, DistillConfig, ModelConfig, SamplingConfig
     from rega.data.chat import ChatFormat
-    from rega.data.loaders import DataSource
-    from rega.distill import DistillConfig
     from rega.distill.runner import load_instructions
-    from rega.modules.generation import GREEDY, SamplingConfig
-    from rega.modules.model import ModelConfig, load_model, load_tokenizer
+    from rega.model_source import load_tokenizer
+    from rega.modules.generation import GREEDY
+    from rega.modules.model import load_model
     from rega.paths import shared_data_dir
 
     pool = (

@@ -37,10 +37,11 @@ from peft.tuners.lora.layer import Linear as LoraLinear  # noqa: E402
 
 from benchmarks.bench_training import cpu_model, load_average  # noqa: E402
 from benchmarks.profile_step import packed_batch  # noqa: E402
+from rega.config import ModelConfig  # noqa: E402
 from rega.modules.attention import packed_rows  # noqa: E402
 from rega.modules.fast_lora import FastLoraLinear  # noqa: E402
 from rega.modules.lit_module import REGAModule  # noqa: E402
-from rega.modules.model import LoraSettings, ModelConfig  # noqa: E402
+from rega.modules.model import LoraSettings  # noqa: E402
 
 PATHS = ("peft", "fast_alone", "fast")
 

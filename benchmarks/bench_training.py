@@ -141,8 +141,8 @@ def corpus_config(central: str | None = None):
     """The corpus of configs/data/shared_en.yaml; ``central`` fixes p_c (default: the model's own system prompt)."""
     import yaml
 
+    from rega.config import DataSource
     from rega.data.corpus import CorpusConfig
-    from rega.data.loaders import DataSource
     from rega.data.prompts import PromptConfig
 
     raw = yaml.safe_load(SHARED_CONFIG.read_text())["corpus"]
@@ -188,9 +188,10 @@ def write_examples(path: Path, n: int, seed: int, model_path: str, max_length: i
     times more than the real corpus does."""
     from collections import Counter
 
+    from rega.config import ModelConfig
     from rega.data.chat import ChatFormat
     from rega.data.corpus import build_corpus
-    from rega.modules.model import ModelConfig, load_tokenizer
+    from rega.model_source import load_tokenizer
 
     chat = ChatFormat(load_tokenizer(ModelConfig(name_or_path=model_path)))
     corpus = build_corpus(corpus_config(), model_default_prompt=chat.default_system)
@@ -227,7 +228,8 @@ def make_random_model(kind: str, target: Path, dtype: str) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rega.modules.model import ModelConfig, load_tokenizer
+    from rega.config import ModelConfig
+    from rega.model_source import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig())
     config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, **RANDOM_MODELS[kind])
@@ -336,7 +338,7 @@ def counts_from_batch(batch) -> tuple[int, int, int]:
 
 
 def model_config(cfg: dict):
-    from rega.modules.model import ModelConfig
+    from rega.config import ModelConfig
 
     return ModelConfig(name_or_path=cfg["model_path"], dtype=cfg["dtype"], attn_implementation=cfg["attn"])
 
@@ -423,7 +425,8 @@ def run_hf(cfg: dict, grouped: bool, sorted_batches: bool = False) -> dict:
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     from rega.data.chat import ChatFormat
-    from rega.modules.model import LLAMA_PROJECTIONS, load_model, load_tokenizer
+    from rega.model_source import load_tokenizer
+    from rega.modules.model import LLAMA_PROJECTIONS, load_model
 
     mc = model_config(cfg)
     tokenizer = load_tokenizer(mc)
@@ -644,7 +647,8 @@ def model_shape(model_path: str):
     """The model's transformers config (``embedded`` and GGUF sources resolved the way rega loads them)."""
     from transformers import AutoConfig
 
-    from rega.modules.model import ModelConfig, resolve_model_path
+    from rega.config import ModelConfig
+    from rega.model_source import resolve_model_path
 
     return AutoConfig.from_pretrained(resolve_model_path(ModelConfig(name_or_path=model_path)))
 

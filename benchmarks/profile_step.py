@@ -39,10 +39,11 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from benchmarks.bench_training import cpu_model, load_average  # noqa: E402
+from rega.config import ModelConfig  # noqa: E402
 from rega.modules import fast_lora  # noqa: E402
 from rega.modules.attention import packed_rows  # noqa: E402
 from rega.modules.lit_module import REGAModule  # noqa: E402
-from rega.modules.model import LoraSettings, ModelConfig  # noqa: E402
+from rega.modules.model import LoraSettings  # noqa: E402
 
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm"}
 DROPOUT = ("aten::dropout", "aten::native_dropout", "NativeDropoutBackward0", "lora_dropout")

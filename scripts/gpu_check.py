@@ -295,8 +295,9 @@ def fit(cfg: dict, root: Path, layers: int, precision: str, strategy, options: d
     import lightning as L
     from torch.utils.data import DataLoader
 
+    from rega.config import ModelConfig
     from rega.modules.lit_module import REGAModule
-    from rega.modules.model import LoraSettings, ModelConfig
+    from rega.modules.model import LoraSettings
 
     class StepTimes(L.Callback):
         def __init__(self):
@@ -410,8 +411,10 @@ def qlora(cfg: dict, root: Path, layers: int, peak: float | None) -> dict:
 
 
 def generation(cfg: dict, root: Path, layers: int) -> dict:
-    from rega.modules.generation import SamplingConfig, generate
-    from rega.modules.model import ModelConfig, load_model, load_tokenizer
+    from rega.config import ModelConfig, SamplingConfig
+    from rega.model_source import load_tokenizer
+    from rega.modules.generation import generate
+    from rega.modules.model import load_model
 
     config = ModelConfig(name_or_path=str(model_dir(cfg, layers, root)), dtype=cfg["dtype"])
     model = load_model(config).to(cfg["device"]).eval()

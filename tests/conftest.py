@@ -34,7 +34,8 @@ def tiny_model_dir(tmp_path_factory):
     """A tiny random LlamaForCausalLM saved with the embedded model's tokenizer (so chat templates are real)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rega.modules.model import ModelConfig, load_tokenizer
+    from rega.config import ModelConfig
+    from rega.model_source import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig())
     config = LlamaConfig(
@@ -60,6 +61,6 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model_config(tiny_model_dir):
-    from rega.modules.model import ModelConfig
+    from rega.config import ModelConfig
 
     return ModelConfig(name_or_path=str(tiny_model_dir))

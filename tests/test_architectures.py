@@ -20,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from rega.config import ModelConfig
 from rega.data.chat import IGNORE_INDEX
 from rega.datamodules.tokenized import TokenizedExamples, collate_rows, pack_rows
 from rega.errors import ConfigError
+from rega.model_source import load_tokenizer
 from rega.modules.attention import (
     PackedLayout,
     packed_rows,
@@ -31,7 +33,7 @@ from rega.modules.attention import (
     varlen_kwargs,
 )
 from rega.modules.lit_module import REGAModule
-from rega.modules.model import LoraSettings, ModelConfig, decoder_layer_classes, load_model, load_tokenizer
+from rega.modules.model import LoraSettings, decoder_layer_classes, load_model
 
 REPO = Path(__file__).resolve().parent.parent
 LENGTHS = [23, 9, 31, 14, 40, 5, 18, 27, 12]  # several longer than Mistral's test window (24)

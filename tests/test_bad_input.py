@@ -172,17 +172,17 @@ def hub(monkeypatch):
     """A hub endpoint on loopback (or a closed port) and no offline flags; the probe's memo is cleared."""
     import huggingface_hub.constants
 
-    from rega.modules import model
+    from rega import model_source
 
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
-    model._probe_hub.cache_clear()
+    model_source._probe_hub.cache_clear()
 
     def use(endpoint: str) -> None:
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
 
     yield use
-    model._probe_hub.cache_clear()
+    model_source._probe_hub.cache_clear()
 
 
 class Hub404(FakeJudgeServer):
@@ -242,7 +242,8 @@ def test_hub_without_the_model(tmp_path, capsys, hub):
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory, tiny_model_dir):
     """A real LoRA adapter of the tiny model (no training: the weights do not matter here)."""
-    from rega.modules.model import LoraSettings, ModelConfig, add_lora, load_model
+    from rega.config import ModelConfig
+    from rega.modules.model import LoraSettings, add_lora, load_model
 
     path = tmp_path_factory.mktemp("adapter")
     add_lora(
@@ -265,7 +266,7 @@ def merge_args(model: Path | str, adapter: Path, output: Path, *extra: str) -> l
 
 
 def test_gguf_missing_corrupt_or_truncated(tmp_path, capsys, adapter_dir):
-    from rega.modules.model import embedded_gguf_path
+    from rega.model_source import embedded_gguf_path
 
     (tmp_path / "corrupt.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 40)
     (tmp_path / "truncated.gguf").write_bytes(embedded_gguf_path().read_bytes()[:300_000])

@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from rega.data.loaders import DataSource, load_many
+from rega.config import DataSource, SamplingConfig
+from rega.data.loaders import load_many
 from rega.data.prompts import RolePrompts
 from rega.data.records import Record
 from rega.data.strategies import CorpusInputs, build_examples
@@ -18,7 +19,6 @@ from rega.distill.rewrite import RewriteConfig, join_rewrites, run_rewrite
 from rega.errors import ConfigError
 from rega.experiments.grid import Grid, GridRun, MergeSpec, check_grid, jobs, run_dir, run_one
 from rega.experiments.stages import fit_command, merge_command, rewrite_command
-from rega.modules.generation import SamplingConfig
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from rega.cli import main
-from rega.data.loaders import DataSource
+from rega.config import DataSource
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"

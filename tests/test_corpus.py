@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from rega.cli import main
+from rega.config import DataSource
 from rega.data.corpus import (
     CorpusConfig,
     build_corpus,
@@ -24,7 +25,6 @@ from rega.data.corpus import (
     summary_table,
     write_corpus,
 )
-from rega.data.loaders import DataSource
 from rega.data.prompts import BUILTIN_DIR, CENTRAL, PromptConfig
 from rega.data.records import RecordError
 from rega.data.strategies import (
@@ -648,14 +648,14 @@ def test_cli_on_shared_english_config(shared_sizes, tmp_path, capsys):
 def test_cli_uses_the_models_default_prompt_when_central_unset(toy, tmp_path, monkeypatch):
     """Without prompts.central, p_c is the model's default system prompt (tokenizer stubbed: no model here)."""
     import rega.data.chat
-    import rega.modules.model
+    import rega.model_source
 
     class StubFormat:
         def __init__(self, tokenizer):
             assert tokenizer == "stub-tokenizer"
             self.default_system = "STUB MODEL DEFAULT"
 
-    monkeypatch.setattr(rega.modules.model, "load_tokenizer", lambda config: "stub-tokenizer")
+    monkeypatch.setattr(rega.model_source, "load_tokenizer", lambda config: "stub-tokenizer")
     monkeypatch.setattr(rega.data.chat, "ChatFormat", StubFormat)
     config = write_toy_yaml(toy, tmp_path / "corpus.yaml", prompts={"lang": "en"})
     main(["corpus", "--config", str(config), "--output", str(tmp_path / "out")])
@@ -725,12 +725,12 @@ def test_cli_bad_input_exits_2_with_one_line(toy, tmp_path, capsys, case):
 
 
 def test_cli_config_error_is_reported_before_the_tokenizer_is_loaded(toy, tmp_path, monkeypatch, capsys):
-    import rega.modules.model
+    import rega.model_source
 
     def no_tokenizer(config):
         raise AssertionError("the tokenizer must not be loaded for a config that cannot work")
 
-    monkeypatch.setattr(rega.modules.model, "load_tokenizer", no_tokenizer)
+    monkeypatch.setattr(rega.model_source, "load_tokenizer", no_tokenizer)
     config = write_toy_yaml(toy, tmp_path / "corpus.yaml", prompts={"lang": "en"}, mix_ratio=-1)
     with pytest.raises(SystemExit) as info:
         main(["corpus", "--config", str(config), "--output", str(tmp_path / "out")])

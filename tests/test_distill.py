@@ -17,13 +17,12 @@ import pytest
 import torch
 import yaml
 
-from rega.data.loaders import DataSource
-from rega.distill import DistillConfig, QualityPolicy, run_distillation
+from rega.config import MERGED, DataSource, DistillConfig, QualityPolicy, SamplingConfig
+from rega.distill import run_distillation
 from rega.distill.quality import classify, keeps, repeat_ratio, text_units
-from rega.distill.runner import MERGED, SUMMARY, load_instructions
+from rega.distill.runner import SUMMARY, load_instructions
 from rega.distill.shards import read_shard, seal_leftovers, shard_files
 from rega.errors import ConfigError
-from rega.modules.generation import SamplingConfig
 
 REPO = Path(__file__).resolve().parent.parent
 TOPICS = ["rivers", "bread", "chess", "rain", "maps", "owls", "tea", "bees"]

@@ -9,16 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from rega.config import DataSource, ModelConfig
 from rega.data.chat import ChatFormat
-from rega.data.loaders import DataSource
 from rega.data.prompts import RolePrompts
 from rega.errors import ConfigError
 from rega.eval import domain as domain_mod
 from rega.eval.domain import choice_candidates, evaluate_domains, load_task_records, system_prompt
 from rega.eval.metrics import closed_spec
 from rega.eval.runner import evaluate_command
+from rega.model_source import load_tokenizer
 from rega.modules.generation import Generation
-from rega.modules.model import ModelConfig, load_model, load_tokenizer
+from rega.modules.model import load_model
 
 REPO = Path(__file__).resolve().parent.parent
 OPTIONS = [
@@ -347,9 +348,10 @@ def test_embedded_model_zero_shot_dev(shared_data, tmp_path):
 def test_closed_pass_answers_and_options_equal_the_separate_paths(tiny):
     """One prefill per batch gives the same greedy tokens as model.generate and the same option log-likelihoods
     as continuation_logprobs, for prompts of different lengths batched together."""
+    from rega.config import SamplingConfig
     from rega.eval.closed_pass import closed_pass
     from rega.eval.retention import continuation_logprobs
-    from rega.modules.generation import SamplingConfig, generate
+    from rega.modules.generation import generate
 
     model, tokenizer, chat = tiny
     texts = ["Is it?", "A much longer question about the patient and the outcome, please answer", "Why?"]

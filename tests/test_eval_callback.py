@@ -12,10 +12,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from rega.callbacks import EvaluationCallback
+from rega.config import DataSource
 from rega.data.chat import ChatFormat
-from rega.data.loaders import DataSource
 from rega.data.prompts import RolePrompts
-from rega.modules.model import LoraSettings, add_lora, load_model, load_tokenizer
+from rega.model_source import load_tokenizer
+from rega.modules.model import LoraSettings, add_lora, load_model
 
 ROWS = [
     {"id": "pq1", "instruction": "Is it? Reply yes, no or maybe.", "input": "ctx", "output": "yes",

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rega.config import ModelConfig
 from rega.modules.attention import packed_rows
 from rega.modules.fast_lora import FastLoraLinear, drop
 from rega.modules.lit_module import REGAModule
-from rega.modules.model import LoraSettings, ModelConfig
+from rega.modules.model import LoraSettings
 
 
 def module(model_dir, fast: bool, dropout: float = 0.05, checkpointing: bool = False) -> REGAModule:

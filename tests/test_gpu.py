@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from rega.config import ModelConfig
 from rega.errors import ConfigError
-from rega.modules.model import ModelConfig, load_model
+from rega.modules.model import load_model
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rega.config import DataSource
 from rega.data.corpus import CorpusConfig
-from rega.data.loaders import DataSource
 from rega.datamodules import REGADataModule
 from rega.datamodules.tokenized import collate_rows, plan_batches
 from rega.errors import ConfigError

@@ -18,7 +18,8 @@ SYSTEM = "You are a careful assistant."
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_config):
-    from rega.modules.model import load_model, load_tokenizer
+    from rega.model_source import load_tokenizer
+    from rega.modules.model import load_model
 
     tokenizer = load_tokenizer(tiny_model_config)
     model = load_model(tiny_model_config)

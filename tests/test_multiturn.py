@@ -12,17 +12,19 @@ import pytest
 import torch
 
 import rega.eval.domain as domain_mod
+from rega.config import DataSource
 from rega.data.chat import IGNORE_INDEX, ChatFormat
 from rega.data.corpus import CorpusConfig
-from rega.data.loaders import DataSource, load_records
+from rega.data.loaders import load_records
 from rega.data.prompts import RolePrompts
 from rega.data.records import RecordError, record_from_dict
 from rega.data.strategies import CENTRAL, as_examples
 from rega.datamodules import REGADataModule
 from rega.datamodules.tokenized import TokenizedExamples, collate_rows, plan_batches, supervised_spans
+from rega.model_source import load_tokenizer
 from rega.modules.generation import Generation
 from rega.modules.lit_module import REGAModule
-from rega.modules.model import LoraSettings, load_tokenizer
+from rega.modules.model import LoraSettings
 
 HISTORY = (("What is a tort?", "A civil wrong."), ("Name one.", "Negligence."))
 LAST = ("Is it a crime?", "Usually not: it is civil.")
@@ -318,7 +320,7 @@ def test_conversations_fit_on_the_tiny_model(chat_datamodule, tiny_model_config,
 
 
 def test_distillation_answers_the_last_user_turn_after_the_history(tmp_path, tiny_model_config, tokenizer):
-    from rega.distill import DistillConfig
+    from rega.config import DistillConfig
     from rega.distill.runner import build_context
 
     turns = [{"role": "system", "content": "OWN SYSTEM"}]

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import pytest
 
-from rega.data.loaders import DataSource, LoadReport, load_many, load_records
+from rega.config import DataSource
+from rega.data.loaders import LoadReport, load_many, load_records
 from rega.data.records import GENERAL, Record, RecordError, check_unique_ids, record_from_dict
 from rega.paths import DEMO_DIR, resolve_path
 

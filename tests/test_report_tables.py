@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rega.data.loaders import DataSource
+from rega.config import DataSource
 from rega.eval.domain import load_task_records
 from rega.eval.items import domain_items, drift_items, mc_items, train_sibling, trivial_baselines
 from rega.experiments.report import write_report

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
+from rega.config import DataSource
 from rega.data.chat import ChatFormat
-from rega.data.loaders import DataSource, load_records
+from rega.data.loaders import load_records
 from rega.data.prompts import RolePrompts
 from rega.errors import ConfigError
 from rega.eval.retention import (
@@ -21,7 +22,8 @@ from rega.eval.retention import (
     resolve_mc_set,
 )
 from rega.eval.runner import EvalSettings, base_reference, evaluate_model
-from rega.modules.model import LoraSettings, add_lora, load_model, load_tokenizer
+from rega.model_source import load_tokenizer
+from rega.modules.model import LoraSettings, add_lora, load_model
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,14 @@ import pytest
 import torch
 from cluster_helpers import fit_args, read_scalars, run_env
 
+from rega.config import DataSource, ModelConfig
 from rega.data.chat import IGNORE_INDEX, ChatFormat
 from rega.data.corpus import CorpusConfig
-from rega.data.loaders import DataSource
 from rega.datamodules import REGADataModule
 from rega.datamodules.tokenized import collate_rows, pack_rows, plan_batches
+from rega.model_source import load_tokenizer
 from rega.modules.lit_module import REGAModule
-from rega.modules.model import LoraSettings, ModelConfig, load_tokenizer
+from rega.modules.model import LoraSettings
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DOMAINS = [

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 from rega.cli import COMMANDS, LIGHTNING_COMMANDS, main
+from rega.config import ModelConfig, SamplingConfig
 from rega.errors import ConfigError
-from rega.modules.generation import SamplingConfig
-from rega.modules.model import ModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SHORT = SamplingConfig(do_sample=False, temperature=1.0, top_p=1.0, max_new_tokens=3)

@@ -38,7 +38,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from rega.data.loaders import DataSource
+from rega.config import DataSource
 from rega.data.prompts import CENTRAL
 from rega.errors import ConfigError
 from rega.eval.runner import EvalSettings, base_reference, evaluate_model, samples_markdown, scalars

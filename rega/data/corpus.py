@@ -15,7 +15,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rega.data.loaders import DataSource, LoadReport, load_many
+from rega.config import DataSource
+from rega.data.loaders import LoadReport, load_many
 from rega.data.prompts import PromptConfig, RolePrompts, load_prompt_table, resolve_prompts
 from rega.data.records import GENERAL, Record
 from rega.data.strategies import INTEGRATED, CorpusInputs, Example, build_examples, get_strategy, task_groups
@@ -271,8 +272,9 @@ def corpus_command(
             folder or hub id); only its tokenizer is loaded.
     """
     config = corpus
+    from rega.config import ModelConfig
     from rega.data.chat import ChatFormat
-    from rega.modules.model import ModelConfig, load_tokenizer
+    from rega.model_source import load_tokenizer
 
     check_config(config)
     default = None

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rega.config import DataSource
 from rega.data.records import (
     CONVERSATION_FIELDS,
     Record,
@@ -45,36 +46,6 @@ SCHEMA_FIELDS = (
     "messages",
     "conversations",
 )
-
-
-@dataclass
-class DataSource:
-    """One source of records.
-
-    Args:
-        path: a .jsonl/.json/.csv/.parquet file, a folder written by ``datasets.save_to_disk``, or ``hf:owner/name``
-            for a Hugging Face hub dataset. ``shared:`` and ``demo:`` prefixes resolve to the shared data folder and
-            the package's demo data.
-        domain: domain of every row (fills rows without one; a row with another domain is an error).
-        task: task name for rows without one (default: the domain).
-        lang: language code for rows without one; without it each row's language (``en`` or ``zh``) is
-            detected from its user turns, and a row where neither clearly dominates is an error.
-        split: split of a hub or saved ``DatasetDict``.
-        name: configuration name of a hub dataset.
-        fields: schema field -> column name in this source, for columns named otherwise.
-        limit: keep only the first ``limit`` valid rows (after validation).
-        require_output: rows need a non-empty ``output`` (off for instruction pools that will be distilled).
-    """
-
-    path: str
-    domain: str | None = None
-    task: str | None = None
-    lang: str | None = None
-    split: str = "train"
-    name: str | None = None
-    fields: dict[str, str] = field(default_factory=dict)
-    limit: int | None = None
-    require_output: bool = True
 
 
 @dataclass

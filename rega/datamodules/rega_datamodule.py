@@ -23,9 +23,10 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, DistributedSampler
 
+from rega.config import MERGED, DataSource, DistillConfig, ModelConfig
 from rega.data.chat import ChatFormat
 from rega.data.corpus import Corpus, CorpusConfig, build_corpus, check_config
-from rega.data.loaders import DataSource, load_many
+from rega.data.loaders import load_many
 from rega.data.prompts import CENTRAL, RolePrompts
 from rega.data.strategies import ROLE, Example, as_examples, get_strategy
 from rega.datamodules.tokenized import (
@@ -37,10 +38,9 @@ from rega.datamodules.tokenized import (
     plan_batches,
     supervised_spans,
 )
-from rega.distill.runner import MERGED, DistillConfig
 from rega.errors import ConfigError
 from rega.io import stable_hash
-from rega.modules.model import ModelConfig, load_tokenizer
+from rega.model_source import load_tokenizer
 from rega.paths import cache_dir
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,7 @@
-"""Self-distillation of D_g: batched, restartable, exactly-once, sharded across ranks (HF or vLLM backend)."""
+"""Self-distillation of D_g: batched, restartable, exactly-once, sharded across ranks (HF or vLLM backend).
 
-from rega.distill.quality import QualityPolicy
-from rega.distill.runner import DistillConfig, run_distillation
+Its settings, :class:`rega.config.DistillConfig`, live on the ground floor: the data module reads them too."""
 
-__all__ = ["DistillConfig", "QualityPolicy", "run_distillation"]
+from rega.distill.runner import run_distillation
+
+__all__ = ["run_distillation"]

@@ -15,10 +15,12 @@ from types import SimpleNamespace
 import torch
 from transformers import GenerationConfig
 
+from rega.config import ModelConfig, SamplingConfig
 from rega.errors import ConfigError
 from rega.io import stable_hash
-from rega.modules.generation import Generation, SamplingConfig, generate_batch, stop_token_ids
-from rega.modules.model import ModelConfig, load_model, resolve_model_path
+from rega.model_source import resolve_model_path
+from rega.modules.generation import Generation, generate_batch, stop_token_ids
+from rega.modules.model import load_model
 
 log = logging.getLogger(__name__)
 

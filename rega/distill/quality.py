@@ -18,35 +18,13 @@ only re-merges the shards and never asks for regeneration.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+
+from rega.config import QualityPolicy
 
 LABELS = ("ok", "truncated", "degenerate", "empty")
 
 # One CJK/kana/hangul character, or a run of letters/digits, or one punctuation mark.
 _UNIT = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]|[^\W_]+|[^\w\s]|_")
-
-
-@dataclass
-class QualityPolicy:
-    """Which distilled answers are kept (see :mod:`rega.distill.quality` for the labels). Empty answers are always
-    dropped.
-
-    Args:
-        keep_truncated: keep answers cut off by ``max_new_tokens`` (they are counted either way).
-        keep_degenerate: keep answers flagged as repetition loops.
-        ngram: n of the repeated n-gram rule.
-        max_repeat_ratio: an answer loops when more than this share of the n-grams in its tail window repeat an
-            earlier n-gram of the window.
-        window: the tail window, in units (words, punctuation marks, CJK characters).
-        min_units: answers shorter than this many units are never called degenerate (too short to judge).
-    """
-
-    keep_truncated: bool = True
-    keep_degenerate: bool = False
-    ngram: int = 4
-    max_repeat_ratio: float = 0.5
-    window: int = 200
-    min_units: int = 16
 
 
 def text_units(text: str) -> list[str]:

@@ -31,14 +31,13 @@ from pathlib import Path
 
 import yaml
 
-from rega.data.loaders import DataSource, load_many
+from rega.config import DataSource, DistillConfig, ModelConfig, SamplingConfig
+from rega.data.loaders import load_many
 from rega.data.records import Record
-from rega.distill.runner import DistillConfig, run_distillation
+from rega.distill.runner import run_distillation
 from rega.errors import ConfigError
 from rega.eval.metrics import closed_spec, grade_closed, task_label_sets
 from rega.io import read_jsonl, write_json, write_jsonl
-from rega.modules.generation import SamplingConfig
-from rega.modules.model import ModelConfig
 from rega.paths import REPO_ROOT
 
 log = logging.getLogger(__name__)

@@ -19,17 +19,18 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 
+from rega.config import MERGED, DistillConfig
 from rega.data.chat import ChatFormat
-from rega.data.loaders import DataSource, load_many
+from rega.data.loaders import load_many
 from rega.data.records import GENERAL, Record
 from rega.distill.backends import HFBackend, VLLMBackend, check_backend
-from rega.distill.quality import LABELS, QualityPolicy, check_policy, classify, keeps
+from rega.distill.quality import LABELS, check_policy, classify, keeps
 from rega.distill.shards import (
     ShardWriter,
     check_settings,
@@ -42,62 +43,15 @@ from rega.distill.shards import (
 )
 from rega.errors import ConfigError
 from rega.io import stable_hash, write_json, write_jsonl
-from rega.modules.generation import SamplingConfig, length_sorted_batches
-from rega.modules.model import ModelConfig, load_tokenizer
+from rega.model_source import load_tokenizer
+from rega.modules.generation import length_sorted_batches
 
 log = logging.getLogger(__name__)
 
-MERGED = "distilled.jsonl"
 SUMMARY = "summary.json"
 # Ranks wait at the final barrier for the slowest one; torch's default (30 min) is too short for big pools.
 BARRIER_TIMEOUT = timedelta(hours=12)
 _DDP_START = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork"}
-
-
-@dataclass
-class DistillConfig:
-    """Self-distillation: which instructions, which model, how to sample, where to write, on what hardware.
-
-    Args:
-        source: general instruction pools (any format the record loaders read); existing outputs are ignored
-            and rows need no output. Sources without a domain are taken as domain ``general``.
-        output_dir: folder for the shards, ``distill_settings.json``, the merged ``distilled.jsonl`` and
-            ``summary.json``. Restarting with the same folder continues where the last run stopped.
-        model: the base model θ that answers.
-        sampling: decoding settings (paper: temperature 0.7, top-p 0.95); the seed makes runs repeatable.
-        central_prompt: p_c; ``None`` uses the chat template's default system message.
-        batch_size: prompts per ``generate`` call (hf), or per checkpointed chunk (vllm: use a few hundred; vLLM
-            batches inside a chunk itself).
-        max_batch_tokens: cap on (batch size x longest prompt) per batch; ``None``: no cap.
-        max_prompt_tokens: instructions whose rendered prompt is longer are skipped and counted, never cut.
-        limit: distill only the first ``limit`` instructions of all sources, in order.
-        skip_invalid: count and skip invalid source rows instead of stopping at the first.
-        quality: which answers the merged output keeps (empty, degenerate, truncated).
-        backend: ``hf`` (default; any device, several GPUs or nodes through Fabric) or ``vllm`` (one node; needs
-            the vllm package).
-        accelerator: Fabric accelerator: ``auto``, ``cpu``, ``cuda``...
-        devices: devices per node (a number or ``auto``); with backend vllm, the tensor-parallel size.
-        strategy: Fabric strategy for several devices: ``ddp`` (re-runs this command once per rank),
-            ``ddp_spawn``, or ``auto``.
-        num_nodes: number of nodes; ``output_dir`` must then be on a filesystem every node shares.
-    """
-
-    source: list[DataSource] = field(default_factory=list)
-    output_dir: str = "runs/distill"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    central_prompt: str | None = None
-    batch_size: int = 16
-    max_batch_tokens: int | None = None
-    max_prompt_tokens: int = 2048
-    limit: int | None = None
-    skip_invalid: bool = False
-    quality: QualityPolicy = field(default_factory=QualityPolicy)
-    backend: str = "hf"
-    accelerator: str = "auto"
-    devices: int | str = 1
-    strategy: str = "auto"
-    num_nodes: int = 1
 
 
 def check_config(cfg: DistillConfig) -> None:

@@ -21,8 +21,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from rega.config import DataSource, SamplingConfig
 from rega.data.chat import ChatFormat
-from rega.data.loaders import DataSource, load_records
+from rega.data.loaders import load_records
 from rega.data.prompts import CENTRAL, RolePrompts
 from rega.data.records import GENERAL, LETTERS, Record
 from rega.data.strategies import ROLE
@@ -47,7 +48,7 @@ from rega.eval.metrics import (
     unigram_f1,
 )
 from rega.eval.progress import Progress
-from rega.modules.generation import SamplingConfig, generate
+from rega.modules.generation import generate
 
 log = logging.getLogger(__name__)
 RULES = (CENTRAL, ROLE)

@@ -34,7 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from rega.data.loaders import DataSource, load_records
+from rega.config import DataSource
+from rega.data.loaders import load_records
 from rega.data.records import Record
 from rega.errors import ConfigError, EmptyDataError
 from rega.eval.judge import JudgeClient, JudgeConfig

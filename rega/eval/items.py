@@ -20,7 +20,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 
-from rega.data.loaders import DataSource, load_records
+from rega.config import DataSource
+from rega.data.loaders import load_records
 from rega.data.records import LETTERS, Record
 from rega.eval.metrics import MC, closed_spec, task_label_sets
 from rega.paths import resolve_path

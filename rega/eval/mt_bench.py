@@ -221,7 +221,8 @@ def encode_conversation(
 
 def _generate_grouped(model, tokenizer, prompts, temperatures, max_new_tokens, batch_size, seed):
     """One batched ``generate`` pass per distinct temperature; results in prompt order."""
-    from rega.modules.generation import SamplingConfig, generate
+    from rega.config import SamplingConfig
+    from rega.modules.generation import generate
 
     groups: dict[float, list[int]] = defaultdict(list)
     for index, temperature in enumerate(temperatures):

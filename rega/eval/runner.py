@@ -27,8 +27,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from rega.config import DataSource, ModelConfig
 from rega.data.chat import ChatFormat
-from rega.data.loaders import DataSource, load_records
+from rega.data.loaders import load_records
 from rega.data.prompts import CENTRAL, PromptConfig, RolePrompts, resolve_prompts
 from rega.data.records import GENERAL, Record
 from rega.data.strategies import ROLE, get_strategy
@@ -40,7 +41,6 @@ from rega.eval.retention import DEFAULT_MC, base_model, drift_scores, general_mc
 from rega.eval.summary import samples_markdown, scalars, summary_text  # noqa: F401  (re-exported)
 from rega.io import atomic_dir, check_output_dir, write_json, write_jsonl
 from rega.modules.export import check_adapter, load_adapter
-from rega.modules.model import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -445,7 +445,8 @@ def evaluate_command(
 
     import torch
 
-    from rega.modules.model import load_model, load_tokenizer
+    from rega.model_source import load_tokenizer
+    from rega.modules.model import load_model
 
     started = time.perf_counter()
     if threads:

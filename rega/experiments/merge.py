@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rega.config import ModelConfig
 from rega.errors import ConfigError
 from rega.io import atomic_dir, write_json
 from rega.modules.export import check_adapter
-from rega.modules.model import ModelConfig, load_model
+from rega.modules.model import load_model
 
 COMBINATIONS = (
     "linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune",

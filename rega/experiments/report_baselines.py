@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 def recompute_baselines(result: dict) -> dict:
     """Baselines of the items an evaluation scored, from its recorded settings (older eval.json files)."""
-    from rega.data.loaders import DataSource
+    from rega.config import DataSource
     from rega.eval.domain import load_task_records
     from rega.eval.items import trivial_baselines
 

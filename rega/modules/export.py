@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rega.config import ModelConfig
 from rega.errors import ConfigError
 from rega.io import TEMP_NAME, atomic_dir
-from rega.modules.model import ModelConfig, load_model, load_tokenizer
+from rega.model_source import load_tokenizer
+from rega.modules.model import load_model
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 

@@ -11,27 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass
-class SamplingConfig:
-    """Decoding settings (paper: self-distillation samples with temperature 0.7 and top-p 0.95; evaluation is greedy).
-
-    Args:
-        do_sample: sample (True) or greedy decoding (False).
-        temperature: softmax temperature when sampling.
-        top_p: nucleus sampling mass when sampling.
-        max_new_tokens: cap on generated tokens per answer.
-        repetition_penalty: 1.0 disables it.
-        seed: seeds the sampler once before generation starts.
-    """
-
-    do_sample: bool = True
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_new_tokens: int = 256
-    repetition_penalty: float = 1.0
-    seed: int = 1234
-
+from rega.config import SamplingConfig
 
 GREEDY = SamplingConfig(do_sample=False, temperature=1.0, top_p=1.0)
 

@@ -26,21 +26,16 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from rega.config import ModelConfig
 from rega.data.chat import IGNORE_INDEX, ChatFormat
 from rega.datamodules.tokenized import host_counts
 from rega.io import atomic_dir, write_json
+from rega.model_source import load_tokenizer
 from rega.modules.attention import decoder_hidden_states, packed_rows, prepare_packed_attention
 from rega.modules.fast_lora import speed_up_lora
 from rega.modules.fsdp import is_sharded, shard_model
 from rega.modules.losses import build_loss_terms
-from rega.modules.model import (
-    LoraSettings,
-    ModelConfig,
-    add_lora,
-    decoder_layer_classes,
-    load_model,
-    load_tokenizer,
-)
+from rega.modules.model import LoraSettings, add_lora, decoder_layer_classes, load_model
 
 log = logging.getLogger(__name__)
 

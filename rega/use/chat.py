@@ -23,10 +23,10 @@ from typing import TextIO
 import torch
 from transformers import TextStreamer
 
+from rega.config import ModelConfig, SamplingConfig
 from rega.data.prompts import PromptConfig
 from rega.errors import ConfigError
-from rega.modules.generation import SamplingConfig, decoding_kwargs, stop_token_ids
-from rega.modules.model import ModelConfig
+from rega.modules.generation import decoding_kwargs, stop_token_ids
 from rega.use.loading import LoadedModel, load_for_use, system_text
 
 HELP = "/reset forgets the history, /system TEXT sets the system prompt, /role DOMAIN uses a role prompt, /exit ends"

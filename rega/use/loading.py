@@ -6,11 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
+from rega.config import ModelConfig
 from rega.data.chat import ChatFormat
 from rega.data.prompts import PromptConfig, RolePrompts, resolve_prompts
 from rega.errors import ConfigError
+from rega.model_source import load_tokenizer
 from rega.modules.export import check_adapter, load_adapter
-from rega.modules.model import ModelConfig, load_model, load_tokenizer
+from rega.modules.model import load_model
 
 
 @dataclass

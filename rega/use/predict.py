@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from rega.data.loaders import DataSource, load_many
+from rega.config import DataSource, ModelConfig, SamplingConfig
+from rega.data.loaders import load_many
 from rega.data.prompts import CENTRAL, PromptConfig, RolePrompts, load_prompt_table
 from rega.data.records import Record
 from rega.distill.backends import derived_seed
@@ -42,8 +43,7 @@ from rega.errors import ConfigError, EmptyDataError
 from rega.eval.domain import check_rule, prompt_key
 from rega.io import file_sha256, stable_hash, write_json, write_jsonl
 from rega.modules.export import ADAPTER_WEIGHTS, check_adapter
-from rega.modules.generation import SamplingConfig, generate_batch, length_sorted_batches
-from rega.modules.model import ModelConfig
+from rega.modules.generation import generate_batch, length_sorted_batches
 from rega.use.loading import load_chat_format, load_for_use, role_prompts
 
 log = logging.getLogger(__name__)
