@@ -215,7 +215,7 @@ __all__ = ["RewriteConfig", "join_rewrites", "rewrite_command", "run_rewrite"]
 if __name__ == "__main__":
     from jsonargparse import CLI
 
-    from rega.cli import configure_logging
+    from rega.logs import configure_logging
 
     configure_logging()
     CLI(rewrite_command, as_positional=False)
