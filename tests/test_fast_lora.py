@@ -165,3 +165,16 @@ def test_training_curves_match_in_distribution(tiny_model_dir):
     plain = torch.tensor([curve(False, s) for s in range(3)])
     spread = max(fast.std().item(), plain.std().item(), 1e-3)
     assert abs(fast.mean().item() - plain.mean().item()) < 4 * spread + 0.02 * plain.mean().item()
+
+
+def test_compile_layers_compiles_every_decoder_layer_and_nothing_else(tiny_model_dir):
+    """REGAModule(compile_layers=True): each decoder layer is torch.compile'd once the model is built (compiled at
+    its first call, not here); off by default, and saved with the other settings."""
+    compiled = REGAModule(model=ModelConfig(name_or_path=str(tiny_model_dir)), compile_layers=True)
+    compiled.configure_model()
+    layers = compiled.model.get_base_model().get_decoder().layers
+    assert len(layers) > 0 and all(layer._compiled_call_impl is not None for layer in layers)
+    assert compiled.hparams["compile_layers"] is True
+    plain = module(tiny_model_dir, True)
+    assert all(m._compiled_call_impl is None for m in plain.model.modules())
+    assert plain.hparams["compile_layers"] is False

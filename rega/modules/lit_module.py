@@ -41,6 +41,32 @@ log = logging.getLogger(__name__)
 
 
 class REGAModule(L.LightningModule):
+    """A LoRA-adapted causal LM trained with loss over response tokens only (how a step runs: the module docstring).
+
+    Args:
+        model: which base model to load and how (dtype, 4-bit, gradient checkpointing, chat template).
+        lora: LoRA rank, alpha, dropout and target modules (paper: r=16, alpha=32).
+        learning_rate: peak AdamW learning rate.
+        weight_decay: AdamW weight decay on the adapter weights.
+        warmup_ratio: share of the optimizer steps spent in linear warm-up.
+        min_lr_ratio: the cosine decay ends at ``learning_rate * min_lr_ratio``.
+        micro_batch_size: rows forwarded and backwarded at a time within a batch (one optimizer step per
+            batch; the data module's ``batch_size`` is the batch per step and device). ``None``: the whole
+            batch at once (always under FSDP). Replaces Lightning's ``accumulate_grad_batches``, with an exact
+            token mean.
+        max_grad_norm: clip the adapter gradients to this global L2 norm (``None``: no clipping). Replaces
+            ``Trainer(gradient_clip_val=...)``.
+        adapter_dir: where the final peft adapter is saved (default ``<log_dir>/adapter``).
+        seed: seeds each step's dropout from (seed, step, rank), so a resumed run draws the same masks.
+        loss_terms: terms added to the cross-entropy, by registered name with their settings, e.g.
+            ``{kl_to_base: {weight: 0.1}}`` (:mod:`rega.modules.losses`; plugins can register more).
+        fast_lora: run the adapters through :mod:`rega.modules.fast_lora` (one dropout mask per layer input
+            shared by the adapters reading it, fused A projections; same weights and adapter files).
+            ``False``: peft's own forward (independent masks per adapter).
+        compile_layers: ``torch.compile`` each decoder layer once the model is built (one graph, reused by all
+            layers of the same shape); the first steps pay for the compilation.
+    """
+
     def __init__(
         self,
         model: ModelConfig | None = None,
@@ -55,53 +81,29 @@ class REGAModule(L.LightningModule):
         seed: int = 1234,
         loss_terms: dict[str, dict] | None = None,
         fast_lora: bool = True,
+        compile_layers: bool = False,
     ):
-        """
-        Args:
-            model: which base model to load and how (dtype, 4-bit, gradient checkpointing, chat template).
-            lora: LoRA rank, alpha, dropout and target modules (paper: r=16, alpha=32).
-            learning_rate: peak AdamW learning rate.
-            weight_decay: AdamW weight decay on the adapter weights.
-            warmup_ratio: share of the optimizer steps spent in linear warm-up.
-            min_lr_ratio: the cosine decay ends at ``learning_rate * min_lr_ratio``.
-            micro_batch_size: rows forwarded and backwarded at a time within a batch (one optimizer step per
-                batch; the data module's ``batch_size`` is the batch per step and device). ``None``: the whole
-                batch at once (always under FSDP). Replaces Lightning's ``accumulate_grad_batches``, with an exact
-                token mean.
-            max_grad_norm: clip the adapter gradients to this global L2 norm (``None``: no clipping). Replaces
-                ``Trainer(gradient_clip_val=...)``.
-            adapter_dir: where the final peft adapter is saved (default ``<log_dir>/adapter``).
-            seed: seeds each step's dropout from (seed, step, rank), so a resumed run draws the same masks.
-            loss_terms: terms added to the cross-entropy, by registered name with their settings, e.g.
-                ``{kl_to_base: {weight: 0.1}}`` (:mod:`rega.modules.losses`; plugins can register more).
-            fast_lora: run the adapters through :mod:`rega.modules.fast_lora` (one dropout mask per layer input
-                shared by the adapters reading it, fused A projections; same weights and adapter files).
-                ``False``: peft's own forward (independent masks per adapter).
-        """
         super().__init__()
-        self.model_config = model or ModelConfig()
-        self.lora = lora or LoraSettings()
-        # Plain values only, so checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters(
-            {"model": asdict(self.model_config), "lora": asdict(self.lora), "learning_rate": learning_rate,
-             "weight_decay": weight_decay, "warmup_ratio": warmup_ratio, "min_lr_ratio": min_lr_ratio,
-             "micro_batch_size": micro_batch_size, "max_grad_norm": max_grad_norm, "seed": seed,
-             "loss_terms": loss_terms, "fast_lora": fast_lora}
-        )  # fmt: skip
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        self.warmup_ratio = warmup_ratio
-        self.min_lr_ratio = min_lr_ratio
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
-        self.micro_batch_size = micro_batch_size
-        self.max_grad_norm = max_grad_norm
-        # Several forward/backward passes per optimizer step (see the module docstring).
-        self.automatic_optimization = False
+        self.model_config = model or ModelConfig()
+        self.lora = lora or LoraSettings()
+        settings = {"learning_rate": learning_rate, "weight_decay": weight_decay, "warmup_ratio": warmup_ratio,
+                    "min_lr_ratio": min_lr_ratio, "micro_batch_size": micro_batch_size,
+                    "max_grad_norm": max_grad_norm, "seed": seed}  # fmt: skip
+        # Plain values only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {"model": asdict(self.model_config), "lora": asdict(self.lora), **settings, "loss_terms": loss_terms,
+             "fast_lora": fast_lora, "compile_layers": compile_layers}
+        )  # fmt: skip
+        for name, value in settings.items():
+            setattr(self, name, value)
         self.adapter_dir = adapter_dir
-        self.seed = seed
         self.loss_terms = build_loss_terms(loss_terms)
         self.fast_lora = fast_lora
+        self.compile_layers = compile_layers
+        # Several forward/backward passes per optimizer step (see the module docstring).
+        self.automatic_optimization = False
         self.tokenizer = load_tokenizer(self.model_config)
         self.chat = ChatFormat(
             self.tokenizer, self.model_config.chat_template, self.model_config.system_placement
@@ -128,6 +130,9 @@ class REGAModule(L.LightningModule):
             )
         # from_pretrained returns eval mode and Lightning keeps submodule modes: without this, LoRA dropout is off.
         self.model = model.train()
+        if self.compile_layers:  # compiled lazily, at each layer's first call
+            for layer in model.get_base_model().get_decoder().layers:
+                layer.compile()
 
     # --- loss ---------------------------------------------------------------------------------------------
     def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
