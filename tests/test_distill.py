@@ -19,8 +19,8 @@ import yaml
 
 from rega.config import MERGED, DataSource, DistillConfig, QualityPolicy, SamplingConfig
 from rega.distill import run_distillation
+from rega.distill.context import SUMMARY, load_instructions
 from rega.distill.quality import classify, keeps, repeat_ratio, text_units
-from rega.distill.runner import SUMMARY, load_instructions
 from rega.distill.shards import read_shard, seal_leftovers, shard_files
 from rega.errors import ConfigError
 
