@@ -1,5 +1,5 @@
 """The corpus command end to end: config checks before any data is read, every strategy on the shared English
-data (counts per DESIGN.md §1: |D_g| + Σ|D_i| + Σ round(r·|D_i| per task)), determinism, the manifest and the CLI."""
+data (counts of the method's corpus: |D_g| + Σ|D_i| + Σ round(r·|D_i| per task)), determinism, the manifest and the CLI."""
 
 from __future__ import annotations
 
@@ -26,10 +26,9 @@ from rega.data.corpus import (
     write_corpus,
 )
 from rega.data.prompts import BUILTIN_DIR, CENTRAL, PromptConfig
-from rega.data.records import RecordError
+from rega.data.records import GENERAL, RecordError
 from rega.data.strategies import (
     DOMAIN,
-    GENERAL_KIND,
     INTEGRATED,
     ROLE,
     STRATEGIES,
@@ -144,10 +143,10 @@ def check_corpus_file(out: Path, strategy: str, sizes: dict, n_general: int, r: 
     expected_kinds = {
         "zero_shot": {},
         "ft": {DOMAIN: n_domain},
-        "ftsd": {GENERAL_KIND: n_general, DOMAIN: n_domain},
+        "ftsd": {GENERAL: n_general, DOMAIN: n_domain},
         "ftrp": {DOMAIN: n_domain},
         "rega": {
-            GENERAL_KIND: n_general,
+            GENERAL: n_general,
             DOMAIN: n_domain,
             INTEGRATED: sum(half_up(r, n) for n in sizes.values()),
         },
@@ -193,8 +192,9 @@ def unread_config(**overrides) -> CorpusConfig:
     return dataclasses.replace(config, **overrides)
 
 
-@pytest.mark.parametrize("ratio", [-0.01, 1.5, float("inf")])
+@pytest.mark.parametrize("ratio", [-0.01, 1.5, float("inf"), float("nan")])
 def test_mix_ratio_outside_unit_interval_fails_before_reading(ratio):
+    """Checked once, where the config is read (the strategies trust CorpusInputs.mix_ratio)."""
     for call in (check_config, build_corpus):
         with pytest.raises(ConfigError, match=r"mix_ratio must be within \[0, 1\]"):
             call(unread_config(mix_ratio=ratio))
@@ -647,16 +647,15 @@ def test_cli_on_shared_english_config(shared_sizes, tmp_path, capsys):
 
 def test_cli_uses_the_models_default_prompt_when_central_unset(toy, tmp_path, monkeypatch):
     """Without prompts.central, p_c is the model's default system prompt (tokenizer stubbed: no model here)."""
-    import rega.data.chat
-    import rega.model_source
+    import rega.data.corpus
 
     class StubFormat:
         def __init__(self, tokenizer):
             assert tokenizer == "stub-tokenizer"
             self.default_system = "STUB MODEL DEFAULT"
 
-    monkeypatch.setattr(rega.model_source, "load_tokenizer", lambda config: "stub-tokenizer")
-    monkeypatch.setattr(rega.data.chat, "ChatFormat", StubFormat)
+    monkeypatch.setattr(rega.data.corpus, "load_tokenizer", lambda config: "stub-tokenizer")
+    monkeypatch.setattr(rega.data.corpus, "ChatFormat", StubFormat)
     config = write_toy_yaml(toy, tmp_path / "corpus.yaml", prompts={"lang": "en"})
     main(["corpus", "--config", str(config), "--output", str(tmp_path / "out")])
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
@@ -725,12 +724,12 @@ def test_cli_bad_input_exits_2_with_one_line(toy, tmp_path, capsys, case):
 
 
 def test_cli_config_error_is_reported_before_the_tokenizer_is_loaded(toy, tmp_path, monkeypatch, capsys):
-    import rega.model_source
+    import rega.data.corpus
 
     def no_tokenizer(config):
         raise AssertionError("the tokenizer must not be loaded for a config that cannot work")
 
-    monkeypatch.setattr(rega.model_source, "load_tokenizer", no_tokenizer)
+    monkeypatch.setattr(rega.data.corpus, "load_tokenizer", no_tokenizer)
     config = write_toy_yaml(toy, tmp_path / "corpus.yaml", prompts={"lang": "en"}, mix_ratio=-1)
     with pytest.raises(SystemExit) as info:
         main(["corpus", "--config", str(config), "--output", str(tmp_path / "out")])

@@ -18,9 +18,9 @@ from rega.data.corpus import CorpusConfig
 from rega.data.loaders import load_records
 from rega.data.prompts import RolePrompts
 from rega.data.records import RecordError, record_from_dict
-from rega.data.strategies import CENTRAL, as_examples
+from rega.data.strategies import CENTRAL, Example, as_examples
 from rega.datamodules import REGADataModule
-from rega.datamodules.tokenized import TokenizedExamples, collate_rows, plan_batches, supervised_spans
+from rega.datamodules.tokenized import TokenizedExamples, collate_rows, plan_batches, tokenize
 from rega.model_source import load_tokenizer
 from rega.modules.generation import Generation
 from rega.modules.lit_module import REGAModule
@@ -157,14 +157,31 @@ def test_examples_keep_the_turns_and_name_the_dropped_system_message():
 # --------------------------------------------------------------------------------------------- labels
 
 
+def encode_one(chat, system, user, response, max_length, history=()):
+    return chat.encode_many([(system, user, response, history)], max_length)[0]
+
+
+def runs_of_labels(labels: list[int]) -> list[tuple[int, int]]:
+    """The [start, end) runs of supervised positions in a batch row's labels."""
+    runs: list[tuple[int, int]] = []
+    for k, label in enumerate(labels):
+        if label == IGNORE_INDEX:
+            continue
+        if runs and runs[-1][1] == k:
+            runs[-1] = (runs[-1][0], k + 1)
+        else:
+            runs.append((k, k + 1))
+    return runs
+
+
 @pytest.mark.parametrize(
     ("template", "placement"),
     [(None, "system"), (None, "prefix"), ("vicuna_v1.1", "auto"), ("belle", "auto")],
 )
 def test_labels_cover_every_assistant_turn_and_nothing_else(tokenizer, template, placement):
     chat = ChatFormat(tokenizer, template, placement)
-    enc = chat.encode("ROLE PROMPT", LAST[0], LAST[1], max_length=512, history=HISTORY)
-    spans = supervised_spans(enc.labels)
+    enc = encode_one(chat, "ROLE PROMPT", LAST[0], LAST[1], max_length=512, history=HISTORY)
+    spans = enc.spans
     assert len(spans) == 3  # one per assistant turn
     supervised = [tokenizer.decode(enc.input_ids[s:e]) for s, e in spans]
     if template is None:
@@ -196,34 +213,27 @@ def test_single_turn_tokens_and_labels_are_as_before(tokenizer):
             continue
         assert enc.input_ids == (p_ids + r_ids)[:80]
         assert enc.labels == [IGNORE_INDEX] * len(p_ids) + r_ids[: 80 - len(p_ids)]
-    encoded = [e for e in encoded if e is not None]
-    assert any(e.truncated for e in encoded) and not all(e.truncated for e in encoded)
-    lengths = [len(e.input_ids) for e in encoded]
-    flat = dict(
-        tokens=np.array([t for e in encoded for t in e.input_ids], dtype=np.int32),
-        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        prompt_lens=np.array([e.labels.count(IGNORE_INDEX) for e in encoded], dtype=np.int32),
-        domain_ids=np.zeros(len(encoded), dtype=np.int16),
-        domains=["medical"],
-    )
-    spans = [supervised_spans(e.labels) for e in encoded]
-    with_spans = TokenizedExamples(
-        **flat, spans=np.array([s for row in spans for s in row], dtype=np.int32),
-        span_offsets=np.arange(len(encoded) + 1, dtype=np.int64),
-    )  # fmt: skip
-    rows = plan_batches(lengths, "packed", 4, 256, seed=0)[0]
-    old, new = collate_rows(TokenizedExamples(**flat), rows, 0), collate_rows(with_spans, rows, 0)
-    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+    kept = [e for e in encoded if e is not None]
+    assert any(e.truncated for e in kept) and not all(e.truncated for e in kept)
+    # the batch's labels are those ids on the spans: one span per single-turn example, from its prompt's end
+    assert all(len(e.spans) == 1 and e.spans[0][1] == len(e.input_ids) for e in kept)
+    examples = [Example(id=str(k), prompt="central", system=s_, instruction=u, input="", output=o, domain="medical",
+                        task="qa", lang="en", kind="domain", source_id=str(k)) for k, (s_, u, o) in enumerate(items)]  # fmt: skip
+    data = tokenize(chat, examples, ["medical"], max_length=80)
+    rows = plan_batches(data.lengths.tolist(), "packed", 4, 256, seed=0)[0]
+    labels = collate_rows(data, rows, 0)["labels"]
+    answers = [t for row in rows for i in row for t in kept[i].labels if t != IGNORE_INDEX]
+    assert labels[labels != IGNORE_INDEX].tolist() == answers
 
 
 def test_a_cut_conversation_ends_after_its_last_whole_answer(tokenizer):
     chat = ChatFormat(tokenizer)
-    full = chat.encode("SYS", LAST[0], LAST[1], max_length=512, history=HISTORY)
-    second_answer_end = supervised_spans(full.labels)[1][1]
-    cut = chat.encode("SYS", LAST[0], LAST[1], max_length=second_answer_end + 5, history=HISTORY)
+    full = encode_one(chat, "SYS", LAST[0], LAST[1], max_length=512, history=HISTORY)
+    second_answer_end = full.spans[1][1]
+    cut = encode_one(chat, "SYS", LAST[0], LAST[1], max_length=second_answer_end + 5, history=HISTORY)
     assert cut.truncated and len(cut.input_ids) == second_answer_end  # the 5 tokens of the next user turn go
-    assert cut.input_ids == full.input_ids[:second_answer_end] and len(supervised_spans(cut.labels)) == 2
-    assert chat.encode("SYS " * 400, LAST[0], LAST[1], max_length=64, history=HISTORY) is None  # no room
+    assert cut.input_ids == full.input_ids[:second_answer_end] and len(cut.spans) == 2
+    assert encode_one(chat, "SYS " * 400, LAST[0], LAST[1], max_length=64, history=HISTORY) is None  # no room
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -269,7 +279,7 @@ def test_conversation_files_train_with_a_label_on_every_answer(chat_datamodule, 
     rows = {r["id"]: r for f in chat_files.values() for r in map(json.loads, f.read_text().splitlines())}
     for i, ex in enumerate(examples):
         labels = collate_rows(data, [[i]], pad_id=0)["labels"][0]
-        spans = supervised_spans(labels.tolist())
+        spans = runs_of_labels(labels.tolist())
         decoded = [tokenizer.decode(labels[s:e].tolist()) for s, e in spans]
         assert decoded == [f"{a}{EOT}" for a in answers(rows[ex.source_id])], ex.id
     # the cache holds the spans and is read back without pickle
@@ -321,7 +331,7 @@ def test_conversations_fit_on_the_tiny_model(chat_datamodule, tiny_model_config,
 
 def test_distillation_answers_the_last_user_turn_after_the_history(tmp_path, tiny_model_config, tokenizer):
     from rega.config import DistillConfig
-    from rega.distill.runner import build_context
+    from rega.distill.context import build_context
 
     turns = [{"role": "system", "content": "OWN SYSTEM"}]
     for u, a in HISTORY:
@@ -351,7 +361,7 @@ def test_distillation_answers_the_last_user_turn_after_the_history(tmp_path, tin
     assert ctx.user_sha["s1"] == stable_hash(LAST[0])
 
     # D_g keeps the turns its answer was given after, so training sees the same context
-    from rega.distill.runner import _distilled_record
+    from rega.distill.output import _distilled_record
 
     row = {"text": "NEW ANSWER", "finish_reason": "stop", "tokens": 2}
     distilled = _distilled_record(c1, row, "ok", DistillConfig(source=[DataSource(str(pool))]), ctx)

@@ -7,15 +7,17 @@ import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from cluster_helpers import fit_args, read_scalars, run_env
 
 from rega.config import DataSource, ModelConfig
 from rega.data.chat import IGNORE_INDEX, ChatFormat
-from rega.data.corpus import CorpusConfig
+from rega.data.corpus import CorpusConfig, write_corpus
 from rega.datamodules import REGADataModule
-from rega.datamodules.tokenized import collate_rows, pack_rows, plan_batches
+from rega.datamodules.tokenized import collate_rows, examples_key, pack_rows, plan_batches
+from rega.errors import ConfigError
 from rega.model_source import load_tokenizer
 from rega.modules.lit_module import REGAModule
 from rega.modules.model import LoraSettings
@@ -39,6 +41,10 @@ def tokenizer():
     return load_tokenizer(ModelConfig())
 
 
+def encode_one(chat, system, user, response, max_length):
+    return chat.encode_many([(system, user, response)], max_length)[0]
+
+
 @pytest.mark.parametrize("placement", ["system", "prefix"])
 def test_labels_mask_everything_but_the_response(tokenizer, placement):
     chat = ChatFormat(tokenizer, system_placement=placement)
@@ -47,7 +53,7 @@ def test_labels_mask_everything_but_the_response(tokenizer, placement):
         "Is a verbal contract binding?",
         "Often yes, with exceptions.",
     )
-    enc = chat.encode(system, user, response, max_length=512)
+    enc = encode_one(chat, system, user, response, max_length=512)
     prompt_ids = chat.encode_prompt(system, user)
     assert enc.input_ids[: len(prompt_ids)] == prompt_ids
     assert enc.labels[: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
@@ -69,7 +75,7 @@ def test_named_templates_render_their_exact_format(tokenizer, template):
     else:
         assert chat.default_system is None
         assert chat.prompt_text("", "你好") == "Human: 你好\n\nAssistant:"
-    enc = chat.encode(chat.default_system or "", "Hi", "Hello there.", max_length=128)
+    enc = encode_one(chat, chat.default_system or "", "Hi", "Hello there.", max_length=128)
     answer = [t for t in enc.labels if t != IGNORE_INDEX]
     assert tokenizer.decode(answer).strip().startswith("Hello there.")
     assert answer[-1] == tokenizer.eos_token_id
@@ -78,9 +84,11 @@ def test_named_templates_render_their_exact_format(tokenizer, template):
 def test_truncation_keeps_the_prompt_and_cuts_the_response(tokenizer):
     chat = ChatFormat(tokenizer)
     prompt_len = len(chat.encode_prompt("sys", "question"))
-    enc = chat.encode("sys", "question", "word " * 200, max_length=prompt_len + 10)
+    enc = encode_one(chat, "sys", "question", "word " * 200, max_length=prompt_len + 10)
     assert enc.truncated and len(enc.input_ids) == prompt_len + 10
-    assert chat.encode("sys", "question " * 300, "answer " * 20, max_length=64) is None  # no room: dropped
+    assert (
+        encode_one(chat, "sys", "question " * 300, "answer " * 20, max_length=64) is None
+    )  # no room: dropped
 
 
 def test_pack_rows_respects_capacity_and_keeps_every_example():
@@ -107,24 +115,69 @@ def datamodule(tiny_model_config, tmp_path_factory):
 
 def test_cache_is_keyed_by_everything_that_changes_tokens(datamodule, tiny_model_config):
     corpus = datamodule.build_corpus()
-    key = datamodule._cache_key(corpus.examples)
+
+    def keys(dm):  # the tokenized file's key (from the examples) and the prepared record's (from the config)
+        return examples_key(dm.chat, dm.build_corpus().examples, dm.max_length), dm.record_key()
+
+    key, record = keys(datamodule)
+    assert key == examples_key(datamodule.chat, corpus.examples, 256)
     same = REGADataModule(
         corpus=demo_corpus(), model=tiny_model_config, max_length=256, cache=str(datamodule.cache_root)
     )
-    assert same._cache_key(corpus.examples) == key
+    assert keys(same)[0] == key and same.record_key() != record  # no validation sets: another record
     longer = REGADataModule(
         corpus=demo_corpus(), model=tiny_model_config, max_length=300, cache=str(datamodule.cache_root)
     )
-    assert longer._cache_key(corpus.examples) != key
+    assert all(a != b for a, b in zip(keys(longer), (key, record)))
     vicuna = ModelConfig(name_or_path=tiny_model_config.name_or_path, chat_template="vicuna_v1.1")
     other = REGADataModule(
         corpus=demo_corpus(), model=vicuna, max_length=256, cache=str(datamodule.cache_root)
     )
-    assert other._cache_key(other.build_corpus().examples) != key
+    assert all(a != b for a, b in zip(keys(other), (key, record)))
     corpus_b = REGADataModule(
         corpus=CorpusConfig(strategy="ftrp", domains=DEMO_DOMAINS), model=tiny_model_config, max_length=256
     )
-    assert corpus_b._cache_key(corpus_b.build_corpus().examples) != key
+    assert all(a != b for a, b in zip(keys(corpus_b), (key, record)))
+
+
+def test_setup_on_another_rank_reads_what_prepare_data_wrote(datamodule, tiny_model_config, monkeypatch):
+    import rega.datamodules.rega_datamodule as module
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("setup built the corpus")
+
+    monkeypatch.setattr(module, "build_corpus", no_build)
+    other = REGADataModule(
+        corpus=demo_corpus(),
+        val=[DataSource("demo:medical.jsonl", limit=8), DataSource("demo:legal.jsonl", limit=8)],
+        model=tiny_model_config,
+        max_length=256,
+        batch_size=4,
+        cache=str(datamodule.cache_root),
+    )
+    other.setup("fit")
+    assert other.domains == datamodule.domains and other.prompts == datamodule.prompts
+    assert other.manifest == datamodule.manifest
+    assert np.array_equal(other.train_data.tokens, datamodule.train_data.tokens)
+    assert np.array_equal(other.train_data.spans, datamodule.train_data.spans)
+
+
+def test_a_corpus_folder_trains_on_exactly_its_examples(datamodule, tiny_model_config, tmp_path):
+    write_corpus(datamodule.build_corpus(), tmp_path / "corpus")
+    fixed = REGADataModule(
+        corpus_dir=str(tmp_path / "corpus"),
+        val=[DataSource("demo:medical.jsonl", limit=8), DataSource("demo:legal.jsonl", limit=8)],
+        model=tiny_model_config,
+        max_length=256,
+        batch_size=4,
+        cache=str(tmp_path / "cache"),
+    )
+    fixed.prepare_data()
+    assert fixed.strategy == "rega" and fixed.pending_distillation is None
+    assert fixed.prompts == datamodule.prompts and fixed.domains == datamodule.domains
+    assert np.array_equal(fixed.train_data.tokens, datamodule.train_data.tokens)
+    with pytest.raises(ConfigError, match="data.corpus and data.corpus_dir"):
+        REGADataModule(corpus=demo_corpus(), corpus_dir=str(tmp_path / "corpus"), model=tiny_model_config)
 
 
 @pytest.mark.parametrize("per_sequence", [False, True], ids=["masked-sdpa", "per-sequence-sdpa"])

@@ -53,8 +53,16 @@ NAMED_TEMPLATES = {
 @dataclass
 class Encoded:
     input_ids: list[int]
-    labels: list[int]
+    spans: list[tuple[int, int]]  # the supervised [start, end) runs: the answers, in order
     truncated: bool
+
+    @property
+    def labels(self) -> list[int]:
+        """Per-token labels: the id on an answer token, IGNORE_INDEX elsewhere."""
+        labels = [IGNORE_INDEX] * len(self.input_ids)
+        for start, end in self.spans:
+            labels[start:end] = self.input_ids[start:end]
+        return labels
 
 
 class ChatFormat:
@@ -64,6 +72,7 @@ class ChatFormat:
         if system_placement not in ("auto", "system", "prefix"):
             raise ConfigError(f"system_placement must be auto, system or prefix, got {system_placement!r}")
         self.tokenizer = tokenizer
+        self.template, self.system_placement = template, system_placement
         self.named = None
         if template is not None:
             if template not in NAMED_TEMPLATES:
@@ -185,18 +194,6 @@ class ChatFormat:
             )
         return full[len(prompt) :]
 
-    def encode(
-        self,
-        system: str,
-        user: str,
-        response: str,
-        max_length: int,
-        min_response_tokens: int = 8,
-        history: History = (),
-    ) -> Encoded | None:
-        """Token ids with labels = -100 on every token that is not an answer (see :meth:`encode_many`)."""
-        return self.encode_many([(system, user, response, history)], max_length, min_response_tokens)[0]
-
     def encode_many(
         self, items: Sequence[tuple], max_length: int, min_response_tokens: int = 8
     ) -> list[Encoded | None]:
@@ -247,16 +244,27 @@ class ChatFormat:
 
 
 def _fit(parts: list[tuple[list[int], bool]], max_length: int, min_response_tokens: int) -> Encoded | None:
-    """Join (ids, is_answer) parts into ids and labels, cut to ``max_length`` (see ``ChatFormat.encode_many``)."""
-    input_ids = [t for ids, _ in parts for t in ids]
-    labels = [t if answer else IGNORE_INDEX for ids, answer in parts for t in ids]
+    """Join (ids, is_answer) parts into ids and answer spans, cut to ``max_length`` (see ``encode_many``)."""
     start = len(parts[0][0])  # the first answer starts after the first prompt
     first_answer = len(parts[1][0]) if len(parts) > 1 else 0
     if max_length - start < min(min_response_tokens, first_answer):
         return None
-    truncated = len(input_ids) > max_length
-    input_ids, labels = input_ids[:max_length], labels[:max_length]
-    while labels and labels[-1] == IGNORE_INDEX and len(labels) > start:  # no trailing unanswered user turn
-        input_ids.pop()
-        labels.pop()
-    return Encoded(input_ids, labels, truncated)
+    input_ids = [t for ids, _ in parts for t in ids]
+    spans = _answer_spans(parts, max_length)
+    end = max(start, spans[-1][1]) if spans else start  # no trailing unanswered user turn
+    return Encoded(input_ids[:end], spans, truncated=len(input_ids) > max_length)
+
+
+def _answer_spans(parts: list[tuple[list[int], bool]], max_length: int) -> list[tuple[int, int]]:
+    """The [start, end) runs of answer tokens within the first ``max_length`` tokens (touching runs joined)."""
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    for ids, answer in parts:
+        end = min(pos + len(ids), max_length)
+        if answer and end > pos:
+            if spans and spans[-1][1] == pos:
+                spans[-1] = (spans[-1][0], end)
+            else:
+                spans.append((pos, end))
+        pos += len(ids)
+    return spans

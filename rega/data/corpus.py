@@ -9,19 +9,30 @@ that names the sources that came up empty.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rega.config import DataSource
+from rega.config import DataSource, ModelConfig
+from rega.data.chat import ChatFormat
 from rega.data.loaders import LoadReport, load_many
 from rega.data.prompts import PromptConfig, RolePrompts, load_prompt_table, resolve_prompts
 from rega.data.records import GENERAL, Record
 from rega.data.strategies import INTEGRATED, CorpusInputs, Example, build_examples, get_strategy, task_groups
 from rega.errors import ConfigError, EmptyDataError
-from rega.io import atomic_dir, atomic_write, check_output_dir, file_sha256, write_json, write_jsonl
+from rega.io import (
+    atomic_dir,
+    atomic_write,
+    check_output_dir,
+    file_sha256,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
+from rega.model_source import load_tokenizer
 from rega.paths import resolve_path
 
 log = logging.getLogger(__name__)
@@ -215,6 +226,31 @@ def write_corpus(corpus: Corpus, output: str | Path, fmt: str = "jsonl") -> Path
     return out / name
 
 
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: a corpus folder is what `rega corpus --output DIR` writes")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_corpus(folder: str | Path) -> Corpus:
+    """The corpus a :func:`write_corpus` folder holds: its examples, the prompts they were tagged with, and its
+    manifest (the file's hash is checked, so a corpus and its manifest always belong together)."""
+    manifest = read_manifest(folder)
+    path = Path(folder) / manifest["file"]
+    if file_sha256(path) != manifest["sha256"]:
+        raise ConfigError(f"{path} does not match the sha256 in its manifest.json: the folder was changed")
+    if path.suffix == ".arrow":
+        import pyarrow as pa
+
+        with pa.memory_map(str(path)) as source:
+            rows = pa.ipc.open_file(source).read_all().to_pylist()
+    else:
+        rows = read_jsonl(path)
+    examples = [Example.from_dict(row) for row in rows]
+    return Corpus(examples=examples, prompts=RolePrompts(**manifest["prompts"]), manifest=manifest)
+
+
 def summary_table(manifest: dict) -> str:
     rows = manifest["counts"]["rows"]
     header = ("kind", "prompt", "domain", "task", "count")
@@ -271,17 +307,11 @@ def corpus_command(
         model: model whose default system prompt is p_c when ``prompts.central`` is unset (``embedded``, a
             folder or hub id); only its tokenizer is loaded.
     """
-    config = corpus
-    from rega.config import ModelConfig
-    from rega.data.chat import ChatFormat
-    from rega.model_source import load_tokenizer
-
-    check_config(config)
+    check_config(corpus)
     default = None
-    if config.prompts.central is None:
+    if corpus.prompts.central is None:
         default = ChatFormat(load_tokenizer(ModelConfig(name_or_path=model))).default_system
-    built = build_corpus(config, model_default_prompt=default)
+    built = build_corpus(corpus, model_default_prompt=default)
     path = write_corpus(built, output, format)
     print(summary_table(built.manifest))
     print(f"wrote {path} and {Path(output) / 'manifest.json'}")
-    return None

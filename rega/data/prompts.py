@@ -1,6 +1,6 @@
 """Role prompts: the central prompt p_c and one role prompt p_i per domain.
 
-p_c is the model's own instruction-tuning system prompt unless configured (see DESIGN.md §1), so it is resolved
+p_c is the model's own instruction-tuning system prompt unless configured (the paper's setting), so it is resolved
 once a tokenizer is known. Built-in role prompts for English and Chinese live in ``rega/data/prompts/*.yaml``; a
 user file or inline ``roles`` override them. A domain without a prompt is a configuration error, raised before
 any data is read.

@@ -1,4 +1,4 @@
-"""Corpus strategies: pure functions from records and prompts to the training corpus (DESIGN.md §1).
+"""Corpus strategies: pure functions from records and prompts to the training corpus (the paper's method).
 
 | strategy  | training corpus                                   | prompt at inference |
 |-----------|---------------------------------------------------|---------------------|
@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from rega.data.prompts import CENTRAL, RolePrompts
-from rega.data.records import Record
+from rega.data.records import GENERAL, Record
 from rega.errors import ConfigError
 
 log = logging.getLogger(__name__)
-# Example kinds: where a training example comes from.
-DOMAIN, GENERAL_KIND, INTEGRATED = "domain", "general", "integrated"
+# Example kinds: where a training example comes from; D_g examples are of kind GENERAL, their records' domain.
+DOMAIN, INTEGRATED = "domain", "integrated"
 ROLE = "role"  # inference rule: answer each input under its own domain's role prompt
 
 
@@ -63,6 +63,12 @@ class Example:
             row["dropped_system"] = self.dropped_system
         return row
 
+    @classmethod
+    def from_dict(cls, row: dict) -> Example:
+        """The inverse of :meth:`to_dict` (a corpus file's line)."""
+        history = tuple(tuple(pair) for pair in row.get("history") or ())
+        return cls(**{**row, "history": history})
+
 
 _STRING_FIELDS = tuple(name for name in Example.__slots__ if name not in ("history", "dropped_system"))
 
@@ -72,7 +78,7 @@ class CorpusInputs:
     domain_records: list[Record]  # ∪ D_i
     general_records: list[Record] | None  # D_g (self-distilled), if any
     prompts: RolePrompts
-    mix_ratio: float = 0.1
+    mix_ratio: float = 0.1  # in [0, 1]: checked where the config is read (corpus.check_config)
     seed: int = 1234
 
 
@@ -161,8 +167,6 @@ def sample_integration(records: list[Record], ratio: float, seed: int) -> list[R
     Each task draws from its own generator seeded by (seed, domain, task), so adding a task does not change what
     the others draw. A task that gets no record although r > 0 is warned about by name.
     """
-    if not 0.0 <= ratio <= 1.0:
-        raise ConfigError(f"mix_ratio must be within [0, 1], got {ratio}")
     chosen: set[str] = set()
     for (domain, task), group in task_groups(records).items():
         k = integration_size(ratio, len(group))
@@ -203,7 +207,7 @@ def ft(inputs: CorpusInputs) -> list[Example]:
 )
 def ftsd(inputs: CorpusInputs) -> list[Example]:
     general = _require_general(inputs, "ftsd")
-    return as_examples(general, CENTRAL, inputs.prompts, GENERAL_KIND) + as_examples(
+    return as_examples(general, CENTRAL, inputs.prompts, GENERAL) + as_examples(
         inputs.domain_records, CENTRAL, inputs.prompts, DOMAIN
     )
 
@@ -224,7 +228,7 @@ def rega(inputs: CorpusInputs) -> list[Example]:
     general = _require_general(inputs, "rega")
     integrated = sample_integration(inputs.domain_records, inputs.mix_ratio, inputs.seed)
     return (
-        as_examples(general, CENTRAL, inputs.prompts, GENERAL_KIND)
+        as_examples(general, CENTRAL, inputs.prompts, GENERAL)
         + as_examples(integrated, CENTRAL, inputs.prompts, INTEGRATED)
         + as_examples(inputs.domain_records, ROLE, inputs.prompts, DOMAIN)
     )
@@ -233,8 +237,6 @@ def rega(inputs: CorpusInputs) -> list[Example]:
 def build_examples(strategy: str, inputs: CorpusInputs) -> list[Example]:
     """Validate the configuration against the strategy, then build its corpus."""
     spec = get_strategy(strategy)
-    if not 0.0 <= inputs.mix_ratio <= 1.0:
-        raise ConfigError(f"mix_ratio must be within [0, 1], got {inputs.mix_ratio}")
     if spec.needs_general:
         _require_general(inputs, strategy)
     return spec.build(inputs)
@@ -266,7 +268,7 @@ def ft_replay(inputs: CorpusInputs) -> list[Example]:
             f"records are self-distilled (e.g. {distilled[0]!r}): set data.corpus.general to the instruction "
             "pool itself (configs/experiment/cpu_en_baseline_replay.yaml)"
         )
-    return as_examples(general, CENTRAL, inputs.prompts, GENERAL_KIND) + as_examples(
+    return as_examples(general, CENTRAL, inputs.prompts, GENERAL) + as_examples(
         inputs.domain_records, CENTRAL, inputs.prompts, DOMAIN
     )
 

@@ -1,50 +1,54 @@
-"""REGADataModule: builds the strategy's corpus, renders every example with the model's chat template under its
-prompt, tokenizes with response-only labels, caches the result on disk, and serves padding-free batches.
+"""REGADataModule: turns a corpus and a tokenizer into batches. The corpus is built from its configuration (the
+strategy's examples, :mod:`rega.data.corpus`) or read from a folder written by ``rega corpus`` (``corpus_dir``);
+the tokenizer is the model's (its config is linked from the model's). Tokenization and batch planning live in
+:mod:`rega.datamodules.tokenized`.
 
 D_g is read from ``distill.output_dir`` when the strategy needs it and ``corpus.general`` is empty; producing it is
 a stage of its own (``rega distill``, or ``rega fit`` itself before training when it runs as one process), never
 work that one rank does while the others wait.
 
-``prepare_data`` (once per node) does the expensive work and writes the cache; ``setup`` (every rank) rebuilds
-the cheap corpus to derive the cache key and loads the cache. Training batches resume mid-epoch exactly.
+``prepare_data`` (once per node) builds the corpus once, tokenizes it into a cache keyed by its content, and
+writes a small record, keyed by the configuration, naming those files; ``setup`` (every rank) reads the record
+and the files without building anything. Training batches resume mid-epoch exactly.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import itertools
 import json
 import logging
 import math
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 from torch.utils.data import DataLoader, DistributedSampler
 
 from rega.config import MERGED, DataSource, DistillConfig, ModelConfig
 from rega.data.chat import ChatFormat
-from rega.data.corpus import Corpus, CorpusConfig, build_corpus, check_config
+from rega.data.corpus import Corpus, CorpusConfig, build_corpus, check_config, read_corpus, read_manifest
 from rega.data.loaders import load_many
 from rega.data.prompts import CENTRAL, RolePrompts
-from rega.data.strategies import ROLE, Example, as_examples, get_strategy
+from rega.data.records import GENERAL, Record
+from rega.data.strategies import DOMAIN, ROLE, Example, as_examples, get_strategy
 from rega.datamodules.tokenized import (
+    CACHE_VERSION,
     EMPTY_BATCH,
     BatchDataset,
     TokenizedExamples,
     cache_file,
+    examples_key,
     host_counts,
     plan_batches,
-    supervised_spans,
+    tokenize,
+    tokenizer_identity,
 )
 from rega.errors import ConfigError
-from rega.io import stable_hash
+from rega.io import stable_hash, write_json
 from rega.model_source import load_tokenizer
-from rega.paths import cache_dir
+from rega.paths import cache_dir, resolve_path
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # bump when the tokenized format or rendering changes (2: supervised spans, conversations)
 
 
 class TrainerEpochSampler(DistributedSampler):
@@ -89,6 +93,7 @@ class REGADataModule(L.LightningDataModule):
     def __init__(
         self,
         corpus: CorpusConfig | None = None,
+        corpus_dir: str | None = None,
         val: list[DataSource] | None = None,
         distill: DistillConfig | None = None,
         model: ModelConfig | None = None,
@@ -103,6 +108,9 @@ class REGADataModule(L.LightningDataModule):
         """
         Args:
             corpus: strategy, domain sets D_i, general set D_g, prompts, mix ratio r and seed.
+            corpus_dir: instead of ``corpus``, a folder written by ``rega corpus`` (``corpus.jsonl`` or
+                ``corpus.arrow`` with ``manifest.json``): trains on exactly those examples, under the prompts
+                and strategy its manifest records.
             val: dev sets for validation loss (logged per domain), rendered with the strategy's inference prompt.
             distill: self-distillation settings (or a distill YAML file: one file for ``rega distill`` and fit); D_g
                 is its ``output_dir``, read when the strategy needs D_g and ``corpus.general`` is empty.
@@ -117,32 +125,35 @@ class REGADataModule(L.LightningDataModule):
             seed: seed of the batch plan and shuffling.
         """
         super().__init__()
+        if corpus is not None and corpus_dir is not None:
+            raise ConfigError(
+                "data.corpus and data.corpus_dir both set: give the corpus's config or its folder"
+            )
         self.corpus_config = corpus or CorpusConfig()
+        self.corpus_dir = Path(corpus_dir) if corpus_dir is not None else None
         self.val_sources = list(val or [])
         self.distill_config = distill
         self.model_config = model or ModelConfig()
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.batching = batching
+        self.max_length, self.batch_size, self.batching, self.seed = max_length, batch_size, batching, seed
         self.val_limit_per_task = val_limit_per_task
         self.num_workers = num_workers
         self.cache_root = Path(cache) if cache else cache_dir()
-        self.seed = seed
-        check_config(self._effective_corpus_config())  # fail at configuration time, not mid-run
-        self._warn_if_distilled_by_another_model()
-        self.strategy = self.corpus_config.strategy
-        self.prompts: RolePrompts | None = None
-        self.domains: list[str] = []
-        self.train_data: TokenizedExamples | None = None
-        self.val_data: TokenizedExamples | None = None
-        self.manifest: dict = {}
+        if self.corpus_dir is None:
+            check_config(self._effective_corpus_config())  # fail at configuration time, not mid-run
+            self._warn_if_distilled_by_another_model()
+        self.strategy = (
+            read_manifest(self.corpus_dir)["strategy"] if self.corpus_dir else self.corpus_config.strategy
+        )
         self._chat: ChatFormat | None = None
         self._resume: dict | None = None
+        self._adopt(None, None, [], None, {})  # set by prepare_data or setup
 
     # --- corpus -------------------------------------------------------------------------------------------
     @property
     def pending_distillation(self) -> DistillConfig | None:
         """The distillation whose output this corpus reads as D_g, or None when it reads no distilled D_g."""
+        if self.corpus_dir is not None:
+            return None
         needs = get_strategy(self.corpus_config.strategy).needs_general and not self.corpus_config.general
         return self.distill_config if needs else None
 
@@ -155,12 +166,11 @@ class REGADataModule(L.LightningDataModule):
             )  # fmt: skip
 
     def _effective_corpus_config(self) -> CorpusConfig:
+        """The corpus config with D_g pointed at the distillation's output when the strategy reads it from there."""
         if self.pending_distillation is None:
             return self.corpus_config
-        if self.distill_config is None:
-            return self.corpus_config  # check_config reports the missing D_g
         path = Path(self.distill_config.output_dir) / MERGED
-        return dataclasses.replace(self.corpus_config, general=[DataSource(path=str(path), domain="general")])
+        return replace(self.corpus_config, general=[DataSource(path=str(path), domain=GENERAL)])
 
     @property
     def chat(self) -> ChatFormat:
@@ -172,20 +182,14 @@ class REGADataModule(L.LightningDataModule):
         return self._chat
 
     def build_corpus(self) -> Corpus:
+        if self.corpus_dir is not None:
+            return read_corpus(self.corpus_dir)
         return build_corpus(self._effective_corpus_config(), model_default_prompt=self.chat.default_system)
 
     def val_examples(self, prompts: RolePrompts) -> list[Example]:
         if not self.val_sources:
             return []
-        records = load_many(self.val_sources).records
-        if self.val_limit_per_task is not None:
-            kept, seen = [], {}
-            for rec in records:
-                key = (rec.domain, rec.task)
-                seen[key] = seen.get(key, 0) + 1
-                if seen[key] <= self.val_limit_per_task:
-                    kept.append(rec)
-            records = kept
+        records = first_per_task(load_many(self.val_sources).records, self.val_limit_per_task)
         rule = ROLE if get_strategy(self.strategy).inference[0] == ROLE else CENTRAL
         if rule == ROLE:  # e.g. single-domain FTRP: no role prompt for the other domains' validation sets
             unprompted = sorted({r.domain for r in records} - set(prompts.roles))
@@ -193,107 +197,100 @@ class REGADataModule(L.LightningDataModule):
                 log.warning("validation: no role prompt for %s (the corpus trains %s); left out",
                             ", ".join(unprompted), ", ".join(sorted(prompts.roles)))  # fmt: skip
                 records = [r for r in records if r.domain in prompts.roles]
-        return as_examples(records, rule, prompts, "domain")
+        return as_examples(records, rule, prompts, DOMAIN)
 
-    # --- tokenization and cache ---------------------------------------------------------------------------
-    def _cache_key(self, examples: list[Example]) -> str:
-        digest = hashlib.sha256()
-        for ex in examples:
-            # A conversation's earlier turns are part of what is tokenized; single-turn lines stay as they were.
-            history = [[list(pair) for pair in ex.history]] if ex.history else []
-            digest.update(
-                json.dumps(
-                    [ex.system, ex.user_text, ex.output, ex.domain, *history], ensure_ascii=False
-                ).encode()
-            )
-        tok = self.chat.tokenizer
+    # --- prepare once, set up on every rank ----------------------------------------------------------------
+    def record_key(self) -> str:
+        """Everything the prepared data depends on that is known before building the corpus: the configuration,
+        the size and time of its local input files, the tokenizer and the cut."""
+        corpus = (
+            {"dir": str(self.corpus_dir.resolve())}
+            if self.corpus_dir
+            else asdict(self._effective_corpus_config())
+        )
+        sources = self._input_sources()
         return stable_hash(
             {
-                "examples": digest.hexdigest(),
-                "tokenizer": [tok.name_or_path, len(tok), getattr(tok, "chat_template", None)],
-                "template": self.model_config.chat_template,
-                "placement": self.model_config.system_placement,
+                "corpus": corpus,
+                "inputs": [file_stamp(source) for source in sources],
+                "val": [asdict(s) for s in self.val_sources],
+                "val_limit": self.val_limit_per_task,
+                **tokenizer_identity(self.chat),
                 "max_length": self.max_length,
                 "version": CACHE_VERSION,
             }
         )
 
-    def tokenize(self, examples: list[Example], domains: list[str]) -> TokenizedExamples:
-        index = {d: i for i, d in enumerate(domains)}
-        encoded = self.chat.encode_many(
-            [(e.system, e.user_text, e.output, e.history) for e in examples], self.max_length
-        )
-        kept = [(e, enc) for e, enc in zip(examples, encoded) if enc is not None]
-        lengths = np.array([len(enc.input_ids) for _, enc in kept], dtype=np.int64)
-        spans = [supervised_spans(enc.labels) for _, enc in kept]
-        return TokenizedExamples(
-            tokens=np.fromiter(
-                (t for _, enc in kept for t in enc.input_ids), dtype=np.int32, count=int(lengths.sum())
-            ),
-            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            prompt_lens=np.array([enc.labels.count(-100) for _, enc in kept], dtype=np.int32),
-            domain_ids=np.array([index[e.domain] for e, _ in kept], dtype=np.int16),
-            domains=domains,
-            truncated=sum(enc.truncated for _, enc in kept),
-            dropped=len(examples) - len(kept),
-            spans=np.array([s for row in spans for s in row], dtype=np.int32).reshape(-1, 2),
-            span_offsets=np.concatenate([[0], np.cumsum([len(row) for row in spans])]).astype(np.int64),
-        )
+    def _input_sources(self) -> list[str]:
+        if self.corpus_dir is not None:
+            return [str(self.corpus_dir / name) for name in ("manifest.json", "corpus.jsonl", "corpus.arrow")]
+        config = self._effective_corpus_config()
+        return [s.path for s in [*config.domains, *config.general, *self.val_sources]]
 
-    def _tokenized(self, examples: list[Example], domains: list[str], create: bool) -> TokenizedExamples:
-        path = cache_file(self.cache_root, self._cache_key(examples))
-        if path.exists():
-            return TokenizedExamples.load(path)
-        if not create:
-            raise FileNotFoundError(f"tokenized cache {path} missing: prepare_data did not run on this node")
-        data = self.tokenize(examples, domains)
-        data.save(path)
-        return data
+    def _record_path(self) -> Path:
+        return self.cache_root / "prepared" / f"{self.record_key()}.json"
 
     def prepare_data(self) -> None:
-        self._load(create=True)
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_data is None:
-            self._load(create=False)
-
-    def _load(self, create: bool) -> None:
         corpus = self.build_corpus()
         val = self.val_examples(corpus.prompts)
-        self.prompts = corpus.prompts
-        self.domains = sorted({e.domain for e in corpus.examples} | {e.domain for e in val})
+        domains = sorted({e.domain for e in corpus.examples} | {e.domain for e in val})
         if not corpus.examples:
             raise ConfigError(
                 f"strategy {self.strategy!r} builds no training examples; to score the base model use "
                 "`python cli.py evaluate` without --adapter"
             )
-        self.train_data = self._tokenized(corpus.examples, self.domains, create)
-        if len(self.train_data) == 0:
+        train_key, train = self._tokenized(corpus.examples, domains)
+        val_key, val_data = self._tokenized(val, domains) if val else (None, None)
+        manifest = {**corpus.manifest, "tokenized": self._tokenized_stats(train)}
+        record = {"train": train_key, "val": val_key, "domains": domains, "prompts": corpus.prompts.to_dict()}
+        write_json(self._record_path(), {**record, "manifest": manifest})
+        self._adopt(train, val_data, domains, corpus.prompts, manifest)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_data is not None:
+            return
+        path = self._record_path()
+        if not path.exists():
+            raise FileNotFoundError(f"prepared data {path} missing: prepare_data did not run on this node")
+        record = json.loads(path.read_text(encoding="utf-8"))
+        train = TokenizedExamples.load(cache_file(self.cache_root, record["train"]))
+        val = TokenizedExamples.load(cache_file(self.cache_root, record["val"])) if record["val"] else None
+        self._adopt(train, val, record["domains"], RolePrompts(**record["prompts"]), record["manifest"])
+
+    def _tokenized(self, examples: list[Example], domains: list[str]) -> tuple[str, TokenizedExamples]:
+        """The examples' tokenized file (content-addressed: reused by any run that renders the same tokens)."""
+        key = examples_key(self.chat, examples, self.max_length)
+        path = cache_file(self.cache_root, key)
+        if path.exists():
+            return key, TokenizedExamples.load(path)
+        data = tokenize(self.chat, examples, domains, self.max_length)
+        data.save(path)
+        return key, data
+
+    def _tokenized_stats(self, train: TokenizedExamples) -> dict:
+        if len(train) == 0:
             raise ConfigError(
-                f"no training example fits data.max_length={self.max_length}: all {self.train_data.dropped} "
+                f"no training example fits data.max_length={self.max_length}: all {train.dropped} "
                 "prompts leave no room for an answer (raise max_length)"
             )
-        self.val_data = self._tokenized(val, self.domains, create) if val else None
-        lengths = self.train_data.lengths
-        self.manifest = {
-            **corpus.manifest,
-            "tokenized": {
-                "examples": len(self.train_data),
-                "tokens": int(lengths.sum()),
-                "supervised_tokens": int(lengths.sum() - self.train_data.prompt_lens.sum()),
-                "truncated": self.train_data.truncated,
-                "dropped": self.train_data.dropped,
-                "max_length": self.max_length,
-            },
+        return {
+            "examples": len(train),
+            "tokens": int(train.lengths.sum()),
+            "supervised_tokens": train.supervised_tokens,
+            "truncated": train.truncated,
+            "dropped": train.dropped,
+            "max_length": self.max_length,
         }
-        log.info(
-            "corpus %s: %d examples, %d tokens (%d truncated, %d dropped)",
-            self.strategy,
-            len(self.train_data),
-            int(lengths.sum()),
-            self.train_data.truncated,
-            self.train_data.dropped,
-        )
+
+    def _adopt(self, train, val, domains: list[str], prompts: RolePrompts | None, manifest: dict) -> None:
+        self.train_data: TokenizedExamples | None = train
+        self.val_data: TokenizedExamples | None = val
+        self.domains, self.prompts, self.manifest = domains, prompts, manifest
+        if train is None:
+            return
+        tokens = manifest["tokenized"]
+        log.info("corpus %s: %d examples, %d tokens (%d truncated, %d dropped)",
+                 self.strategy, tokens["examples"], tokens["tokens"], tokens["truncated"], tokens["dropped"])  # fmt: skip
 
     # --- exact resume ------------------------------------------------------------------------------------
     # Lightning checkpoints a data module's state_dict and restores it before training resumes. (Its own
@@ -341,3 +338,27 @@ class REGADataModule(L.LightningDataModule):
     def _batches(self, data: TokenizedExamples, mode: str) -> BatchDataset:
         batches = plan_batches(data.lengths.tolist(), mode, self.batch_size, self.max_length, self.seed)
         return BatchDataset(data, batches, self.chat.tokenizer.pad_token_id)
+
+
+def first_per_task(records: list[Record], limit: int | None) -> list[Record]:
+    """The first ``limit`` records of each (domain, task), in order; all of them without a limit."""
+    if limit is None:
+        return records
+    seen: dict[tuple[str, str], int] = {}
+    kept = []
+    for rec in records:
+        key = (rec.domain, rec.task)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] <= limit:
+            kept.append(rec)
+    return kept
+
+
+def file_stamp(path: str) -> list | None:
+    """Size and modification time of a local input file (None for hub datasets and missing files): a record
+    written for other contents of the same files is not reused."""
+    resolved = resolve_path(path)
+    if not resolved.is_file():
+        return None
+    stat = resolved.stat()
+    return [str(resolved), stat.st_size, stat.st_mtime_ns]

@@ -1,15 +1,16 @@
-"""Tokenized examples stored flat (one int32 token array plus offsets), cached on disk, and batched without
-wasting compute on padding.
+"""Examples tokenized with the model's chat template, stored flat (one int32 token array plus offsets), cached on
+disk, and batched without wasting compute on padding.
 
-Labels are not stored as tokens: an example's labels are its own ids on its supervised spans (the answers) and -100
-elsewhere. The spans are stored flat as ``[start, end)`` pairs within the example (``spans``, int32, k x 2) with
-``span_offsets`` (int64, n+1) saying which are whose: one span for a single-turn example (``[prompt_len, length)``),
-one per assistant turn for a conversation. Files written before spans existed hold only ``prompt_lens``: their
-spans are derived from it.
+Labels have one form from the chat format to the batch: the supervised ``[start, end)`` spans of each example
+(its answers). They are stored flat (``spans``, int32, k x 2) with ``span_offsets`` (int64, n+1) saying which
+are whose: one span for a single-turn example, one per assistant turn for a conversation. A batch's label tensor
+holds the example's own ids on its spans and IGNORE_INDEX elsewhere.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,38 +20,41 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from rega.data.chat import IGNORE_INDEX
-from rega.io import atomic_write
+from rega.data.chat import IGNORE_INDEX, ChatFormat
+from rega.data.strategies import Example
+from rega.io import atomic_write, stable_hash
+
+# Bump when the tokenized format or rendering changes (2: supervised spans, conversations; 3: spans only).
+CACHE_VERSION = 3
+NO_DOMAIN = -1  # token_domain of padding
 
 
 @dataclass
 class TokenizedExamples:
     tokens: np.ndarray  # int32, all examples concatenated
     offsets: np.ndarray  # int64, len n+1
-    prompt_lens: np.ndarray  # int32, tokens of each example that carry no loss
+    spans: np.ndarray  # int32 (k, 2): the supervised [start, end) runs within an example
+    span_offsets: (
+        np.ndarray
+    )  # int64, len n+1: example i's spans are spans[span_offsets[i] : span_offsets[i+1]]
     domain_ids: np.ndarray  # int16, index into `domains`
     domains: list[str]
     truncated: int = 0  # responses cut to fit max_length
     dropped: int = 0  # examples whose prompt left no room for an answer
-    # Supervised [start, end) spans within an example, int32 (k, 2), and int64 offsets (n+1) saying whose they
-    # are; None: one span per example, from prompt_lens to the example's end (every example prompt + response).
-    spans: np.ndarray | None = None
-    span_offsets: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        if self.spans is None:
-            self.spans = np.stack([self.prompt_lens, self.lengths]).T.astype(np.int32).reshape(-1, 2)
-            self.span_offsets = np.arange(len(self.prompt_lens) + 1, dtype=np.int64)
 
     def label_spans(self, i: int) -> np.ndarray:
         return self.spans[self.span_offsets[i] : self.span_offsets[i + 1]]
 
     def __len__(self) -> int:
-        return len(self.prompt_lens)
+        return len(self.offsets) - 1
 
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    @property
+    def supervised_tokens(self) -> int:
+        return int((self.spans[:, 1] - self.spans[:, 0]).sum())
 
     def ids(self, i: int) -> np.ndarray:
         return self.tokens[self.offsets[i] : self.offsets[i + 1]]
@@ -63,43 +67,72 @@ class TokenizedExamples:
                 handle,
                 tokens=self.tokens,
                 offsets=self.offsets,
-                prompt_lens=self.prompt_lens,
+                spans=self.spans,
+                span_offsets=self.span_offsets,
                 domain_ids=self.domain_ids,
                 domains=np.array(self.domains, dtype=np.str_),
                 stats=np.array([self.truncated, self.dropped]),
-                spans=self.spans,
-                span_offsets=self.span_offsets,
             )
 
     @classmethod
     def load(cls, path: Path) -> TokenizedExamples:
-        """Read a cache file without pickle (files of the older pickled format have another name: never read)."""
         with np.load(path, allow_pickle=False) as data:
             truncated, dropped = (int(x) for x in data["stats"])
+            arrays = {
+                name: data[name] for name in ("tokens", "offsets", "spans", "span_offsets", "domain_ids")
+            }
             return cls(
-                tokens=data["tokens"],
-                offsets=data["offsets"],
-                prompt_lens=data["prompt_lens"],
-                domain_ids=data["domain_ids"],
-                domains=[str(d) for d in data["domains"]],
-                truncated=truncated,
-                dropped=dropped,
-                spans=data["spans"] if "spans" in data.files else None,
-                span_offsets=data["span_offsets"] if "span_offsets" in data.files else None,
+                **arrays, domains=[str(d) for d in data["domains"]], truncated=truncated, dropped=dropped
             )
 
 
-def supervised_spans(labels: Sequence[int]) -> list[tuple[int, int]]:
-    """The [start, end) runs of positions whose label is not IGNORE_INDEX (the answers), in order."""
-    spans: list[tuple[int, int]] = []
-    for k, label in enumerate(labels):
-        if label == IGNORE_INDEX:
-            continue
-        if spans and spans[-1][1] == k:
-            spans[-1] = (spans[-1][0], k + 1)
-        else:
-            spans.append((k, k + 1))
-    return spans
+def flat_offsets(sizes: Sequence[int]) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+
+def tokenize(
+    chat: ChatFormat, examples: list[Example], domains: list[str], max_length: int
+) -> TokenizedExamples:
+    """Render and tokenize ``examples``; those whose prompt leaves no room for an answer are dropped (counted)."""
+    index = {d: i for i, d in enumerate(domains)}
+    encoded = chat.encode_many([(e.system, e.user_text, e.output, e.history) for e in examples], max_length)
+    kept = [(e, enc) for e, enc in zip(examples, encoded) if enc is not None]
+    lengths = [len(enc.input_ids) for _, enc in kept]
+    return TokenizedExamples(
+        tokens=np.fromiter((t for _, enc in kept for t in enc.input_ids), dtype=np.int32, count=sum(lengths)),
+        offsets=flat_offsets(lengths),
+        spans=np.array([s for _, enc in kept for s in enc.spans], dtype=np.int32).reshape(-1, 2),
+        span_offsets=flat_offsets([len(enc.spans) for _, enc in kept]),
+        domain_ids=np.array([index[e.domain] for e, _ in kept], dtype=np.int16),
+        domains=domains,
+        truncated=sum(enc.truncated for _, enc in kept),
+        dropped=len(examples) - len(kept),
+    )
+
+
+def examples_key(chat: ChatFormat, examples: list[Example], max_length: int) -> str:
+    """What a tokenized file depends on: each example's rendered fields, the tokenizer and template, the cut."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        # A conversation's earlier turns are part of what is tokenized; single-turn lines stay as they were.
+        history = [[list(pair) for pair in ex.history]] if ex.history else []
+        digest.update(
+            json.dumps([ex.system, ex.user_text, ex.output, ex.domain, *history], ensure_ascii=False).encode()
+        )
+    identity = tokenizer_identity(chat)
+    return stable_hash(
+        {"examples": digest.hexdigest(), **identity, "max_length": max_length, "version": CACHE_VERSION}
+    )
+
+
+def tokenizer_identity(chat: ChatFormat) -> dict:
+    """The tokenizer and how the chat format uses it: what makes the same text tokenize differently."""
+    tok = chat.tokenizer
+    return {
+        "tokenizer": [tok.name_or_path, len(tok), getattr(tok, "chat_template", None)],
+        "template": chat.template,
+        "placement": chat.system_placement,
+    }
 
 
 def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
@@ -182,7 +215,7 @@ def collate_rows(data: TokenizedExamples, rows: list[list[int]], pad_id: int) ->
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    seq_domain = torch.full((len(rows), width), -1, dtype=torch.long)
+    seq_domain = torch.full((len(rows), width), NO_DOMAIN, dtype=torch.long)
     for r, row in enumerate(rows):
         pos = 0
         for i in row:
@@ -204,14 +237,14 @@ def collate_rows(data: TokenizedExamples, rows: list[list[int]], pad_id: int) ->
         "token_domain": seq_domain,
     }
     if all(len(row) == 1 for row in rows):
-        batch["attention_mask"] = (seq_domain >= 0).long()
+        batch["attention_mask"] = (seq_domain != NO_DOMAIN).long()
     return batch
 
 
 def host_counts(batch: dict[str, torch.Tensor]) -> dict:
     """What a training step needs to know of a batch, counted while it is still on the host: each row's width
     without its right padding, and the real and supervised token counts (read on a GPU, each would be a sync)."""
-    real = batch["token_domain"] >= 0
+    real = batch["token_domain"] != NO_DOMAIN
     return {
         "widths": (real.cumsum(1) * real).argmax(1).add(1).tolist(),  # each row's last real column + 1
         "supervised": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
