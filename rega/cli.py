@@ -11,9 +11,10 @@ missing files), 1 for anything else. ``--debug`` (or ``REGA_DEBUG=1``) shows the
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import sys
+
+from rega.logs import configure_logging
 
 # command -> "module:function"; each function's signature and docstring define its arguments.
 COMMANDS = {
@@ -52,30 +53,6 @@ def run_command(name: str, args: list[str]):
 
     module, func = COMMANDS[name].split(":")
     return CLI(getattr(importlib.import_module(module), func), args=args, as_positional=False)
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time (a handler bound to the stderr of its creation would write
-    into a closed stream once a caller, such as a test, swaps stderr)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
-def configure_logging() -> None:
-    # Our own loggers only: Lightning and transformers bring their handlers, and a root handler would repeat them.
-    logger = logging.getLogger("rega")
-    if not logger.handlers:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
 
 
 def load_plugins() -> None:

@@ -17,6 +17,7 @@ from rega.eval import domain as domain_mod
 from rega.eval.domain import choice_candidates, evaluate_domains, load_task_records, system_prompt
 from rega.eval.metrics import closed_spec
 from rega.eval.runner import evaluate_command
+from rega.eval.settings import EvalSettings
 from rega.model_source import load_tokenizer
 from rega.modules.generation import Generation
 from rega.modules.model import load_model
@@ -224,10 +225,7 @@ def test_tiny_model_end_to_end_with_loglik_matches_manual(tiny, task_file):
         prompts,
         ["central"],
         data,
-        max_new_tokens=4,
-        closed_max_new_tokens=3,
-        loglik_choices=True,
-        batch_size=4,
+        EvalSettings(max_new_tokens=4, closed_max_new_tokens=3, loglik_choices=True, batch_size=4),
     )
     tasks = results["central"]["domains"]["medical"]["tasks"]
     assert set(tasks) == {"pubmedqa", "medmcqa", "cmedtc"} and all("ll_acc" in t for t in tasks.values())
@@ -381,7 +379,7 @@ def test_loglik_scoring_generates_nothing_for_closed_tasks(tiny, task_file, monk
     data = load_task_records([DataSource(str(task_file))], limit_per_task=2)
     data.records = [r for r in data.records if r.domain == "medical"]
     results, rows = evaluate_domains(
-        model, tokenizer, chat, prompts_for(chat), ["central"], data, closed_scoring="loglik"
+        model, tokenizer, chat, prompts_for(chat), ["central"], data, EvalSettings(closed_scoring="loglik")
     )
     pubmedqa = results["central"]["domains"]["medical"]["tasks"]["pubmedqa"]
     assert (
@@ -395,7 +393,7 @@ def test_loglik_scoring_generates_nothing_for_closed_tasks(tiny, task_file, monk
             else {"yes", "no", "maybe", "Age", "Disease", "Sign"}
         )
     with pytest.raises(ConfigError, match="closed_scoring"):
-        evaluate_domains(model, tokenizer, chat, prompts_for(chat), ["central"], data, closed_scoring="guess")
+        EvalSettings(closed_scoring="guess")
 
 
 def test_identical_prompts_are_answered_once(tiny, task_file, monkeypatch):

@@ -9,9 +9,7 @@ from rega.data.records import Record
 from rega.eval.metrics import (
     LABEL,
     MC,
-    ClosedAccuracy,
     ClosedSpec,
-    UnigramF1,
     WeightedMean,
     closed_spec,
     extract_choice,
@@ -163,13 +161,13 @@ def test_closed_spec_kinds_and_grading():
 def test_metrics_compute_and_states_merge():
     spec = ClosedSpec(LABEL, ("yes", "no"), "yes")
     responses = ["yes", "no", "Yes!", "maybe", "yes", "no"]
-    whole = ClosedAccuracy()
-    whole.update(responses, [spec] * 6)
+    whole = WeightedMean()
+    whole.update([grade_closed(r, spec)[1] for r in responses])
     assert metric_value(whole) == pytest.approx(3 / 6)
     # two "ranks" each see half; their sum states add up to the whole (what DDP sync does)
-    left, right = ClosedAccuracy(), ClosedAccuracy()
-    left.update(responses[:2], [spec] * 2)
-    right.update(responses[2:], [spec] * 4)
+    left, right = WeightedMean(), WeightedMean()
+    left.update([grade_closed(r, spec)[1] for r in responses[:2]])
+    right.update([grade_closed(r, spec)[1] for r in responses[2:]])
     assert left._reductions["total"] is not None and left._defaults["total"].item() == 0
     merged_total = left.total + right.total
     merged_weight = left.weight + right.weight
@@ -180,10 +178,10 @@ def test_metrics_compute_and_states_merge():
 
 
 def test_f1_metric_and_weighted_mean():
-    f1 = UnigramF1()
-    f1.update(["cat sat", "中国银行"], ["cat sat on mat", "中国人民银行"], ["en", "zh"])
-    other = UnigramF1()
-    other.update(["x"], ["x"])
+    f1 = WeightedMean()
+    f1.update([unigram_f1("cat sat", "cat sat on mat"), unigram_f1("中国银行", "中国人民银行", "zh")])
+    other = WeightedMean()
+    other.update([unigram_f1("x", "x")])
     assert metric_value(other) == 1.0
     f1.merge_state(other)
     assert metric_value(f1) == pytest.approx((2 / 3 + 0.8 + 1.0) / 3)

@@ -9,8 +9,9 @@ import pytest
 from test_judge import KEY_ENV, FakeJudgeServer, assert_secret_absent
 
 from rega.data.chat import ChatFormat
-from rega.eval import general_zh, mt_bench
+from rega.eval import general_judged, mt_bench, mt_bench_answers
 from rega.eval.judge import JudgeClient, JudgeConfig
+from rega.eval.mt_bench_validate import validate_judge_pipeline
 from rega.io import read_jsonl
 
 SYSTEM = "You are a careful assistant."
@@ -64,7 +65,7 @@ def pick_questions(shared_data, ids):
 def test_published_gpt4_judgments_are_reproduced(shared_data):
     """Every judge prompt in the published GPT-4 judgment file is rebuilt character for character from question,
     model answer and reference, with the same prompt name; every stored judgment parses to the stored score."""
-    report = mt_bench.validate_judge_pipeline(shared_data / "mt_bench")
+    report = validate_judge_pipeline(shared_data / "mt_bench")
     assert report["records"] == 650
     assert report["all_match"] == report["records"], report["mismatches"]
 
@@ -78,8 +79,14 @@ def test_prompt_selection_and_rating_rules():
     assert mt_bench.parse_rating("Rating: [[9]]") == 9.0
     assert mt_bench.parse_rating("score [8.5] overall") == 8.5
     assert mt_bench.parse_rating("Rating: 7/10") is None
-    assert mt_bench.TEMPERATURE_CONFIG["writing"] == 0.7 and mt_bench.TEMPERATURE_CONFIG["math"] == 0.0
-    assert mt_bench.TEMPERATURE_CONFIG["stem"] == 0.1 and mt_bench.TEMPERATURE_CONFIG["humanities"] == 0.1
+    assert (
+        mt_bench_answers.TEMPERATURE_CONFIG["writing"] == 0.7
+        and mt_bench_answers.TEMPERATURE_CONFIG["math"] == 0.0
+    )
+    assert (
+        mt_bench_answers.TEMPERATURE_CONFIG["stem"] == 0.1
+        and mt_bench_answers.TEMPERATURE_CONFIG["humanities"] == 0.1
+    )
 
 
 def test_scores_follow_fastchat_show_result():
@@ -108,9 +115,9 @@ def test_scores_follow_fastchat_show_result():
 
 def test_multi_turn_rendering_with_the_chat_template(tiny):
     _, tokenizer, chat = tiny
-    first = mt_bench.render_conversation(chat, SYSTEM, ["Q-one"], [])
+    first = mt_bench_answers.render_conversation(chat, SYSTEM, ["Q-one"], [])
     assert first == chat.prompt_text(SYSTEM, "Q-one")
-    second = mt_bench.render_conversation(chat, SYSTEM, ["Q-one", "Q-two"], ["A-one"])
+    second = mt_bench_answers.render_conversation(chat, SYSTEM, ["Q-one", "Q-two"], ["A-one"])
     expected = tokenizer.apply_chat_template(
         [
             {"role": "system", "content": SYSTEM},
@@ -127,17 +134,17 @@ def test_multi_turn_rendering_with_the_chat_template(tiny):
     # Turn 1 of the conversation is exactly what single-turn evaluation renders.
     assert second.startswith(first)
     prefixed = ChatFormat(tokenizer, system_placement="prefix")
-    text = mt_bench.render_conversation(prefixed, SYSTEM, ["Q-one", "Q-two"], ["A-one"])
+    text = mt_bench_answers.render_conversation(prefixed, SYSTEM, ["Q-one", "Q-two"], ["A-one"])
     assert f"{SYSTEM}\n\nQ-one" in text and text.count(SYSTEM) == 1
 
 
 def test_multi_turn_rendering_with_a_named_template(tiny):
     _, tokenizer, _ = tiny
     vicuna = ChatFormat(tokenizer, template="vicuna_v1.1")
-    text = mt_bench.render_conversation(vicuna, "SYS", ["Q1", "Q2"], ["A1"])
+    text = mt_bench_answers.render_conversation(vicuna, "SYS", ["Q1", "Q2"], ["A1"])
     # FastChat's vicuna_v1.1 conversation format.
     assert text == f"SYS USER: Q1 ASSISTANT: A1{tokenizer.eos_token}USER: Q2 ASSISTANT:"
-    ids = mt_bench.encode_conversation(vicuna, "SYS", ["Q1"], [])
+    ids = mt_bench_answers.encode_conversation(vicuna, "SYS", ["Q1"], [])
     assert ids == vicuna.encode_prompt("SYS", "Q1")
 
 
@@ -148,7 +155,7 @@ def test_generate_answers_in_fastchat_format(tiny, shared_data, tmp_path):
     model, tokenizer, chat = tiny
     # writing (temperature 0.7), math (greedy), extraction (greedy)
     questions = pick_questions(shared_data, [81, 111, 131])
-    rows = mt_bench.generate_answers(
+    rows = mt_bench_answers.generate_answers(
         model, tokenizer, chat, SYSTEM, questions, model_id="tiny", max_new_tokens=5, batch_size=2
     )
     assert [r["question_id"] for r in rows] == [81, 111, 131]
@@ -156,7 +163,7 @@ def test_generate_answers_in_fastchat_format(tiny, shared_data, tmp_path):
         assert set(row) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
         assert row["model_id"] == "tiny" and len(row["choices"]) == 1 and len(row["choices"][0]["turns"]) == 2
         assert all(isinstance(t, str) for t in row["choices"][0]["turns"])
-    again = mt_bench.generate_answers(
+    again = mt_bench_answers.generate_answers(
         model, tokenizer, chat, SYSTEM, questions[1:], model_id="tiny", max_new_tokens=5
     )
     assert [r["choices"][0]["turns"] for r in again] == [r["choices"][0]["turns"] for r in rows[1:]]  # greedy
@@ -262,10 +269,10 @@ def test_general_zh_and_en_with_loopback_judge(tiny, shared_data, secret, tmp_pa
     data = shared_data / "general_eval_zh_dev" / "dev.jsonl"
     with FakeJudgeServer(secret, judge) as server:
         config = judge_config(server, tmp_path)
-        cgev = general_zh.run_general_zh(
+        cgev = general_judged.run_general_zh(
             model, tokenizer, chat, SYSTEM, config, data, tmp_path / "zh", limit=3, max_new_tokens=4
         )
-        belle = general_zh.run_general_zh(
+        belle = general_judged.run_general_zh(
             model,
             tokenizer,
             chat,
@@ -277,7 +284,7 @@ def test_general_zh_and_en_with_loopback_judge(tiny, shared_data, secret, tmp_pa
             max_new_tokens=4,
             prompt_style="belle",
         )
-        en = general_zh.run_general_en(
+        en = general_judged.run_general_en(
             model,
             tokenizer,
             chat,
@@ -295,7 +302,7 @@ def test_general_zh_and_en_with_loopback_judge(tiny, shared_data, secret, tmp_pa
     assert sum(v["n"] for v in cgev["per_category"].values()) == 3
     rows = read_jsonl(belle["judgments_path"])
     assert all(r["raw_score"] == 0.7 and r["score"] == 7.0 for r in rows)
-    no_judge = general_zh.run_general_zh(
+    no_judge = general_judged.run_general_zh(
         model, tokenizer, chat, SYSTEM, None, data, tmp_path / "nojudge", limit=2, max_new_tokens=4
     )
     assert no_judge["overall"] == {"mean": None, "n": 0, "missing": 2} and no_judge["judgments_path"] is None
@@ -308,7 +315,7 @@ def test_judge_client_can_be_shared(tiny, shared_data, secret, tmp_path):
     model, tokenizer, chat = tiny
     with FakeJudgeServer(secret) as server:
         client = JudgeClient(judge_config(server, tmp_path))
-        general_zh.run_general_zh(
+        general_judged.run_general_zh(
             model,
             tokenizer,
             chat,
@@ -321,3 +328,43 @@ def test_judge_client_can_be_shared(tiny, shared_data, secret, tmp_path):
             judge_client=client,
         )
         assert client.stats.requests == 2 and len(server.hits) == 2
+
+
+# -- through `rega evaluate`: grading an existing answer file, validating the judge pipeline ---------------------
+
+
+def test_evaluate_grades_an_answer_file_without_a_model(tiny, shared_data, secret, tmp_path, capsys):
+    """What ``python -m rega.eval.mt_bench judge`` did: a FastChat answer file graded, no model loaded."""
+    import yaml
+
+    from rega.eval.runner import evaluate_command
+
+    model, tokenizer, chat = tiny
+    questions_path = shared_data / "mt_bench" / "question.jsonl"
+    made = mt_bench.run_mt_bench(
+        model, tokenizer, chat, SYSTEM, None, questions_path, tmp_path / "made", model_id="other/model",
+        question_ids=[81, 111], max_new_tokens=3,
+    )  # fmt: skip
+    with FakeJudgeServer(secret, mt_bench_judge) as server:
+        judge_file = tmp_path / "judge.yaml"
+        settings = {"cache_dir": str(tmp_path / "cache"), "max_retries": 2, "backoff_s": 0.01}
+        judge_file.write_text(yaml.safe_dump({**vars(judge_config(server, tmp_path)), **settings}))
+        evaluate_command(
+            judge=["mt_bench"], judge_config=str(judge_file), judge_answers=made["answers_path"],
+            output=str(tmp_path / "graded"),
+        )  # fmt: skip
+        assert len(server.hits) == 4 + 1  # two questions, two turns, one retried reply
+    result = json.loads((tmp_path / "graded" / "eval.json").read_text())["judge"]["mt_bench"]
+    assert result["model_id"] == "other/model" and result["answers_path"] == made["answers_path"]
+    assert result["overall"] == {"mean": 6.0, "n": 3, "missing": 1}  # q81: unparsable, 6; q111: 9, 3
+    assert (tmp_path / "graded" / "mt_bench" / "scores.json").exists()
+    assert "mt_bench: mean 6.0 (n=3, missing 1)" in capsys.readouterr().out
+    assert_secret_absent(tmp_path, secret)
+
+
+def test_evaluate_validates_the_judge_pipeline(shared_data, capsys):
+    from rega.eval.runner import evaluate_command
+
+    evaluate_command(validate_judge=str(shared_data / "mt_bench"))
+    report = json.loads(capsys.readouterr().out)
+    assert report["records"] == 650 and report["all_match"] == 650

@@ -12,6 +12,7 @@ from rega.data.chat import ChatFormat
 from rega.data.loaders import load_records
 from rega.data.prompts import RolePrompts
 from rega.errors import ConfigError
+from rega.eval.pipeline import base_reference, evaluate_model
 from rega.eval.retention import (
     continuation_logprobs,
     continuation_text,
@@ -21,7 +22,7 @@ from rega.eval.retention import (
     pick_backend,
     resolve_mc_set,
 )
-from rega.eval.runner import EvalSettings, base_reference, evaluate_model
+from rega.eval.settings import EvalSettings
 from rega.model_source import load_tokenizer
 from rega.modules.model import LoraSettings, add_lora, load_model
 
@@ -144,7 +145,7 @@ def test_drift_matches_manual_and_base_reference(tiny, tiny_model_config, shared
     got = drift_scores(model, tokenizer, chat, system, {"general_en": records}, batch_size=2)["general_en"]
     total = tokens = 0
     for rec in records:
-        enc = chat.encode(system, rec.user_text, rec.output, max_length=1024, min_response_tokens=1)
+        enc = chat.encode_many([(system, rec.user_text, rec.output)], 1024, min_response_tokens=1)[0]
         start = next(k for k, label in enumerate(enc.labels) if label != -100)
         total += manual_logprob(model, enc.input_ids[:start], enc.input_ids[start:])
         tokens += len(enc.input_ids) - start

@@ -1,6 +1,6 @@
 """Evaluate during training: domain tasks, general multiple choice and drift after chosen epochs and at the end.
 
-The callback only schedules and logs; the work is :func:`rega.eval.runner.evaluate_model`, which ``rega evaluate``
+The callback only schedules and logs; the work is :func:`rega.eval.pipeline.evaluate_model`, which ``rega evaluate``
 also calls. It reads the model from the LightningModule (``.model``: the peft-wrapped causal LM, ``.tokenizer``,
 ``.chat``) and the prompts from the DataModule (``.prompts``: RolePrompts, ``.strategy``: strategy name whose
 inference rules apply).
@@ -14,7 +14,7 @@ Files (rank 0), under ``output_dir`` (default ``<trainer.log_dir>/eval``):
 * ``base.json``: general MC and drift of the base model (adapters disabled), measured once when
   ``compare_base``; every evaluation then reports ``base`` and ``delta`` next to them.
 
-Logging: every scalar of :func:`rega.eval.runner.scalars` (``eval/<rule>/overall``,
+Logging: every scalar of :func:`rega.eval.summary.scalars` (``eval/<rule>/overall``,
 ``eval/<rule>/<domain>/<task>/acc``, ``eval/general_mc/<name>``, ``eval/drift/<name>/logprob_per_token`` ...) goes
 to every logger through ``logger.log_metrics(..., step=global_step)`` — the same path at epoch end and at the end of
 training, where ``LightningModule.log`` is not allowed — and a markdown table of sample answers goes to
@@ -38,10 +38,11 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from rega.config import DataSource
 from rega.data.prompts import CENTRAL
 from rega.errors import ConfigError
-from rega.eval.runner import EvalSettings, base_reference, evaluate_model, samples_markdown, scalars
+from rega.eval.pipeline import base_reference, evaluate_model
+from rega.eval.settings import EvalSettings
+from rega.eval.summary import samples_markdown, scalars
 from rega.io import write_json
 
 log = logging.getLogger(__name__)
@@ -61,57 +62,29 @@ class EvaluationCallback(Callback):
 
     def __init__(
         self,
-        tasks: list[DataSource] | None = None,
-        limit_per_task: int | None = 50,
-        max_new_tokens: int = 128,
-        closed_max_new_tokens: int | None = 32,
-        batch_size: int = 8,
-        loglik_choices: bool = False,
-        loglik_norm: str = "mean",
         after_epochs: list[int] | None = None,
         at_fit_end: bool = True,
         rules: list[str] | None = None,
-        general_mc: list[str] | None = None,
-        general_mc_limit: int | None = 100,
-        general_mc_backend: str = "auto",
-        drift: list[DataSource] | None = None,
-        drift_limit: int | None = 100,
-        drift_max_length: int = 1024,
         compare_base: bool = True,
         output_dir: str | None = None,
-        sample_rows: int = 3,
+        limit_per_task: int | None = 50,
+        **settings,
     ):
-        """
+        """What to evaluate (tasks, general_mc, drift ...): the fields of EvalSettings, listed with these.
+
         Args:
-            tasks: domain evaluation sources (test or dev sets), e.g. ``{path: "shared:pubmedqa/dev.jsonl"}``;
-                each names its domain or its rows do.
-            limit_per_task: first N records of each (domain, task); ``None`` keeps all.
-            max_new_tokens: greedy generation cap for free-form answers.
-            closed_max_new_tokens: generation cap for closed tasks (labels, letters); ``None`` uses max_new_tokens.
-            batch_size: sequences per generation / scoring batch.
-            loglik_choices: also score closed tasks by option log-likelihood (``ll_acc``).
-            loglik_norm: ``mean`` or ``sum`` of the option's token log-probabilities for ``ll_acc``.
             after_epochs: 1-based epochs after which to evaluate; ``None`` means ``[2]`` (the paper evaluates the
                 checkpoint after epoch 2); ``[]`` evaluates only at the end of training.
             at_fit_end: also evaluate when training ends, unless that step was just evaluated.
             rules: prompt rules (``central``, ``role``); ``None`` uses the strategy's inference rules
                 (``trainer.datamodule.strategy``), or ``central`` without one.
-            general_mc: general multiple-choice sets (built-in names such as arc_easy, piqa, boolq, hellaswag,
-                winogrande, truthfulqa_mc1, ceval, cmmlu; JSONL paths; ``lm_eval:<task>``); ``None`` picks
-                arc_easy and piqa (English tasks) or ceval and cmmlu (Chinese); ``[]`` skips them.
-            general_mc_limit: first N items of each general multiple-choice set.
-            general_mc_backend: ``auto``, ``lm_eval`` or ``native``.
-            drift: reference-response sources for drift from the base model (held-out self-distilled answers,
-                general reference answers); ``None`` or ``[]`` skips drift.
-            drift_limit: first N records of each drift source.
-            drift_max_length: token cap per drift example.
             compare_base: measure general MC and drift of the base model (adapters disabled) once, and report
                 each evaluation's difference to it.
             output_dir: where eval files go; ``None`` uses ``<trainer.log_dir>/eval``.
-            sample_rows: sample answers per (rule, task) in eval.json and the TensorBoard table.
+            limit_per_task: first N records of each (domain, task); ``None`` keeps all.
         """
         super().__init__()
-        self.settings = EvalSettings.from_arguments(locals())
+        self.settings = EvalSettings(limit_per_task=limit_per_task, **settings)
         self.after_epochs = [2] if after_epochs is None else list(after_epochs)
         self.at_fit_end = at_fit_end
         self.rules = list(rules) if rules else None
@@ -159,45 +132,50 @@ class EvaluationCallback(Callback):
 
         return list(get_strategy(strategy).inference)
 
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str, epoch: int) -> dict:
-        """Run one evaluation now (all ranks), write its files and log it (rank 0); returns the result."""
-        from rega.eval.domain import load_task_records
-
-        model, tokenizer, chat = pl_module.model, pl_module.tokenizer, pl_module.chat
+    def _prompts(self, trainer: L.Trainer):
         prompts = getattr(trainer.datamodule, "prompts", None)
         if prompts is None:
             raise RuntimeError(
                 "EvaluationCallback needs trainer.datamodule.prompts (RolePrompts, set in setup)"
             )
+        return prompts
+
+    def _base_reference(self, trainer: L.Trainer, lm, prompts, out_dir: Path) -> dict | None:
+        """The base model's general MC and drift, measured once (adapters disabled) when ``compare_base``."""
+        if self.compare_base and self._base is None and hasattr(lm[0], "disable_adapter"):
+            self._base = base_reference(*lm, prompts, self.settings, self._data.records)
+            if trainer.is_global_zero:
+                write_json(out_dir / "base.json", self._base)
+        return self._base
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str, epoch: int) -> dict:
+        """Run one evaluation now (all ranks), write its files and log it (rank 0); returns the result."""
+        from rega.eval.domain import load_task_records
+
+        lm = (pl_module.model, pl_module.tokenizer, pl_module.chat)
+        prompts = self._prompts(trainer)
         out_dir = self._dir or Path(self.output_dir or "eval")
         if self._data is None:
             self._data = load_task_records(self.settings.tasks, self.settings.limit_per_task)
-        if self.compare_base and self._base is None and hasattr(model, "disable_adapter"):
-            self._base = base_reference(model, tokenizer, chat, prompts, self.settings, self._data.records)
-            if trainer.is_global_zero:
-                write_json(out_dir / "base.json", self._base)
+        base = self._base_reference(trainer, lm, prompts, out_dir)
         result = evaluate_model(
-            model,
-            tokenizer,
-            chat,
-            prompts,
-            self._rules(trainer),
-            self.settings,
-            data=self._data,
-            output_dir=out_dir / tag,
-            base_reference=self._base,
-        )
+            *lm, prompts, self._rules(trainer), self.settings, data=self._data, output_dir=out_dir / tag,
+            base_reference=base,
+        )  # fmt: skip
         result = {"tag": tag, "epoch": epoch, "global_step": trainer.global_step, **result}
+        self._record(trainer, result, out_dir)
+        return result
+
+    def _record(self, trainer: L.Trainer, result: dict, out_dir: Path) -> None:
         self._evaluated_steps.add(trainer.global_step)
         self.results.append(result)
         # On every rank, so that ModelCheckpoint(monitor="eval/central/overall") and summary.json see them.
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in scalars(result).items()})
         if trainer.is_global_zero:
-            write_json(out_dir / f"eval_{tag}.json", result)
+            write_json(out_dir / f"eval_{result['tag']}.json", result)
             write_json(out_dir / "eval.json", result)
             self._log(trainer, result)
         trainer.strategy.barrier("rega-eval")
-        return result
 
     def _log(self, trainer: L.Trainer, result: dict) -> None:
         values = scalars(result)

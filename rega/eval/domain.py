@@ -33,9 +33,7 @@ from rega.eval.items import option_label
 from rega.eval.loglik import continuation_text
 from rega.eval.metrics import (
     LABEL,
-    ClosedAccuracy,
     ClosedSpec,
-    UnigramF1,
     WeightedMean,
     closed_spec,
     dist_info,
@@ -48,13 +46,12 @@ from rega.eval.metrics import (
     unigram_f1,
 )
 from rega.eval.progress import Progress
+from rega.eval.settings import EvalSettings
 from rega.modules.generation import generate
 
 log = logging.getLogger(__name__)
 RULES = (CENTRAL, ROLE)
 FIXED_ROLE = "role:"
-LOGLIK_NORMS = ("mean", "sum")
-CLOSED_SCORING = ("generate", "loglik")
 
 
 @dataclass
@@ -137,12 +134,7 @@ def choice_candidates(record: Record, spec: ClosedSpec) -> tuple[list[str], int]
 
 
 def _task_metrics(device) -> dict[str, WeightedMean]:
-    return {
-        "acc": ClosedAccuracy().to(device),
-        "f1": UnigramF1().to(device),
-        "no_answer": WeightedMean().to(device),
-        "ll_acc": WeightedMean().to(device),
-    }
+    return {name: WeightedMean().to(device) for name in ("acc", "f1", "no_answer", "ll_acc")}
 
 
 def _distinct(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
@@ -153,96 +145,88 @@ def _distinct(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
     return [list(p) for p in seen], where
 
 
-def _generate(model, tokenizer, prompts, limit: int, batch_size, max_batch_tokens, desc) -> list:
+def _generate(model, tokenizer, prompts, limit: int, settings: EvalSettings, desc: str) -> list:
     distinct, where = _distinct(prompts)
     sampling = SamplingConfig(do_sample=False, temperature=1.0, top_p=1.0, max_new_tokens=limit)
     answers: list = [None] * len(distinct)
+    batches = {"batch_size": settings.batch_size, "max_batch_tokens": settings.max_batch_tokens}
     with Progress(len(distinct), desc, unit="answer") as progress:
-        for gen in generate(
-            model, tokenizer, distinct, sampling, batch_size=batch_size, max_batch_tokens=max_batch_tokens
-        ):
+        for gen in generate(model, tokenizer, distinct, sampling, **batches):
             answers[gen.index] = gen
             progress.update()
     return [answers[w] for w in where]
 
 
-def _answer(model, tokenizer, chat, mine, specs, settings: dict) -> tuple[dict, dict]:
+def _option_ids(tokenizer, chat, items, specs) -> tuple[list[list[list[int]]], list[int]]:
+    """(each item's options as token ids, written like its own answer; the gold option's index)."""
+    options, golds = [], []
+    for _, rec, system in items:
+        candidates, gold = choice_candidates(rec, specs[rec.id])
+        texts = [continuation_text(chat, system, rec.user_text, cand) for cand in candidates]
+        options.append([tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts])
+        golds.append(gold)
+    return options, golds
+
+
+def _pick(scores, gold: int, spec: ClosedSpec, norm: str) -> tuple:
+    """(option picked, gold option, option scores, picked label) from the options' (log-prob sum, tokens)."""
+    values = [t / max(1, c) if norm == "mean" else t for t, c in scores]
+    choice = max(range(len(values)), key=values.__getitem__)
+    return choice, gold, values, option_label(spec.kind, spec.options, choice)
+
+
+def _closed_with_options(model, tokenizer, chat, items, specs, prompt_ids, settings: EvalSettings):
+    """(greedy answers or None, option picks) of closed items, from one prefill per distinct prompt
+    (:func:`rega.eval.closed_pass.closed_pass`)."""
+    options, golds = _option_ids(tokenizer, chat, items, specs)
+    distinct, where = _distinct(prompt_ids)
+    first = {w: n for n, w in reversed(list(enumerate(where)))}
+    generated = settings.generates_closed
+    gens, scores = closed_pass(
+        model, tokenizer, distinct, [options[first[w]] for w in range(len(distinct))],
+        settings.answer_cap(True) if generated else None, settings.batch_size, settings.max_batch_tokens,
+        desc="domain closed questions" + (" (answer + options)" if generated else " (options)"),
+    )  # fmt: skip
+    picks = [
+        _pick(scores[w], golds[n], specs[items[n][1].id], settings.loglik_norm) for n, w in enumerate(where)
+    ]
+    return [gens[w] for w in where], picks
+
+
+def _answer(model, tokenizer, chat, mine, specs, settings: EvalSettings) -> tuple[dict, dict]:
     """({k: Generation or None}, {k: (option picked, gold option, option scores, picked label)}) for this rank's
-    items: generated answers, and for closed items with log-likelihood scoring the options' scores, from one
-    prefill per distinct prompt (:func:`rega.eval.closed_pass.closed_pass`)."""
-    loglik, generate_closed = settings["loglik"], settings["closed_scoring"] == "generate"
+    items: generated answers, and for closed items with option scoring the options' scores."""
     responses: dict[int, object] = {}
     ll_preds: dict[int, tuple] = {}
     for closed in (True, False):
         idx = [k for k, (_, rec, _) in enumerate(mine) if (specs[rec.id] is not None) == closed]
         if not idx:
             continue
-        closed_limit = settings["closed_max_new_tokens"]
-        limit = closed_limit if closed and closed_limit else settings["max_new_tokens"]
         # A conversation is answered after its earlier turns; its reference is the last assistant turn (output).
         prompt_ids = [chat.encode_prompt(mine[k][2], mine[k][1].user_text, mine[k][1].history) for k in idx]
-        kind = "closed" if closed else "free-form"
-        if not (closed and loglik):
-            gens = _generate(
-                model,
-                tokenizer,
-                prompt_ids,
-                limit,
-                settings["batch_size"],
-                settings["max_batch_tokens"],
-                f"domain generation ({kind})",
+        if closed and settings.scores_options:
+            gens, picks = _closed_with_options(
+                model, tokenizer, chat, [mine[k] for k in idx], specs, prompt_ids, settings
             )
-            responses.update(zip(idx, gens))
-            continue
-        options, golds = [], []
-        for k in idx:
-            _, rec, system = mine[k]
-            candidates, gold = choice_candidates(rec, specs[rec.id])
-            options.append([
-                tokenizer(continuation_text(chat, system, rec.user_text, cand), add_special_tokens=False)["input_ids"]
-                for cand in candidates
-            ])  # fmt: skip
-            golds.append(gold)
-        distinct, where = _distinct(prompt_ids)
-        first = {w: n for n, w in reversed(list(enumerate(where)))}
-        gens, scores = closed_pass(
-            model, tokenizer, distinct, [options[first[w]] for w in range(len(distinct))],
-            limit if generate_closed else None, settings["batch_size"], settings["max_batch_tokens"],
-            desc="domain closed questions" + (" (answer + options)" if generate_closed else " (options)"),
-        )  # fmt: skip
-        for n, k in enumerate(idx):
-            responses[k] = gens[where[n]]
-            values = [t / max(1, c) if settings["loglik_norm"] == "mean" else t for t, c in scores[where[n]]]
-            choice = max(range(len(values)), key=values.__getitem__)
-            spec = specs[mine[k][1].id]
-            ll_preds[k] = (choice, golds[n], values, option_label(spec.kind, spec.options, choice))
+            ll_preds.update(zip(idx, picks))
+        else:
+            desc = f"domain generation ({'closed' if closed else 'free-form'})"
+            gens = _generate(model, tokenizer, prompt_ids, settings.answer_cap(closed), settings, desc)
+        responses.update(zip(idx, gens))
     return responses, ll_preds
 
 
-def _row(rule, rec, spec, gen, ll, bucket) -> dict:
-    """One item's row (response, extracted and gold answer, score), its metrics updated."""
-    row = {
-        "rule": rule,
-        "domain": rec.domain,
-        "task": rec.task,
-        "id": rec.id,
-        "prompt": None,
-        "response": gen.text if gen is not None else "",
-        "finish_reason": gen.finish_reason if gen is not None else None,
-    }
-    if spec is None:
-        bucket["f1"].update([gen.text], [rec.output], rec.lang)
-        return {
-            **row,
-            "kind": "open",
-            "gold": rec.output,
-            "pred": None,
-            "score": unigram_f1(gen.text, rec.output, rec.lang),
-        }
-    row.update(kind="closed", gold=spec.gold)
+def _open_row(rec, gen, bucket) -> dict:
+    score = unigram_f1(gen.text, rec.output, rec.lang)
+    bucket["f1"].update([score])
+    return {"kind": "open", "gold": rec.output, "pred": None, "score": score}
+
+
+def _closed_row(spec, gen, ll, bucket) -> dict:
+    row: dict = {"kind": "closed", "gold": spec.gold}
     if gen is not None:
-        bucket["acc"].update([gen.text], [spec])
         pred, score = grade_closed(gen.text, spec)
+        bucket["acc"].update([score])
         bucket["no_answer"].update([float(pred is None)])
         row.update(pred=pred, score=score)
     if ll is not None:
@@ -254,23 +238,38 @@ def _row(rule, rec, spec, gen, ll, bucket) -> dict:
     return row
 
 
-def _task_entry(bucket, n_closed: int, n_open: int, loglik: bool, generated: bool) -> dict:
+def _row(rule, rec, spec, gen, ll, bucket) -> dict:
+    """One item's row (response, extracted and gold answer, score), its metrics updated."""
+    row = {
+        "rule": rule, "domain": rec.domain, "task": rec.task, "id": rec.id, "prompt": prompt_key(rule, rec),
+        "response": gen.text if gen is not None else "", "finish_reason": gen.finish_reason if gen is not None else None,
+    }  # fmt: skip
+    return {**row, **(_open_row(rec, gen, bucket) if spec is None else _closed_row(spec, gen, ll, bucket))}
+
+
+def _task_entry(bucket, n_closed: int, n_open: int, settings: EvalSettings) -> dict:
     entry: dict = {"n": n_closed + n_open}
     # every rank computes every metric, in the same order: each compute() is a collective under DDP
     values = {name: metric_value(bucket[name]) for name in ("acc", "no_answer", "ll_acc", "f1")}
+    generated = settings.generates_closed
     if n_closed:
         if generated:
             entry["acc"] = values["acc"]
             entry["no_answer"] = (
                 round(values["no_answer"] * n_closed) if values["no_answer"] is not None else 0
             )
-        if loglik:
+        if settings.scores_options:
             entry["ll_acc"] = values["ll_acc"]
     if n_open:
         entry["f1"] = values["f1"]
     entry["metric"] = ("acc" if generated else "ll_acc") if n_closed else "f1"
     entry["score"] = entry[entry["metric"]]
     return entry
+
+
+def _mean(values) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
 
 
 def _summarize(results: dict, rules: Sequence[str]) -> dict:
@@ -280,17 +279,36 @@ def _summarize(results: dict, rules: Sequence[str]) -> dict:
         for domain in summary["domains"].values():
             scores = [t["score"] for t in domain["tasks"].values() if t["score"] is not None]
             task_scores.extend(scores)
-            domain["score"] = sum(scores) / len(scores) if scores else None
-        domain_scores = [d["score"] for d in summary["domains"].values() if d["score"] is not None]
-        summary["overall"] = sum(domain_scores) / len(domain_scores) if domain_scores else None
-        summary["task_mean"] = sum(task_scores) / len(task_scores) if task_scores else None
+            domain["score"] = _mean(scores)
         # Keep the keys in a readable order: headline numbers first.
         results[rule] = {
-            "overall": summary["overall"],
-            "task_mean": summary["task_mean"],
+            "overall": _mean(d["score"] for d in summary["domains"].values()),
+            "task_mean": _mean(task_scores),
             "domains": summary["domains"],
         }
     return results
+
+
+def _counts(items, specs) -> dict[tuple[str, str, str], list[int]]:
+    """[closed, open] items per (rule, domain, task), in the items' order."""
+    counts: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for rule, rec, _ in items:
+        counts[(rule, rec.domain, rec.task)][specs[rec.id] is None] += 1
+    return counts
+
+
+def _aggregate(metrics: dict, counts: dict, rules: Sequence[str], settings: EvalSettings) -> dict:
+    results: dict[str, dict] = {}
+    for (rule, domain, task), bucket in metrics.items():
+        entry = _task_entry(bucket, *counts[(rule, domain, task)], settings)
+        domains = results.setdefault(rule, {"domains": {}})["domains"]
+        domains.setdefault(domain, {"tasks": {}})["tasks"][task] = entry
+    return _summarize(results, rules)
+
+
+def _in_item_order(rows: list[dict], items) -> list[dict]:
+    order = {(rule, rec.id): k for k, (rule, rec, _) in enumerate(items)}
+    return sorted(rows, key=lambda r: order[(r["rule"], r["id"])])
 
 
 def evaluate_domains(
@@ -300,69 +318,33 @@ def evaluate_domains(
     prompts: RolePrompts,
     rules: Sequence[str],
     data: TaskData,
-    *,
-    max_new_tokens: int = 128,
-    closed_max_new_tokens: int | None = 32,
-    batch_size: int = 8,
-    loglik_choices: bool = False,
-    loglik_norm: str = "mean",
-    closed_scoring: str = "generate",
-    max_batch_tokens: int | None = None,
+    settings: EvalSettings | None = None,
 ) -> tuple[dict[str, dict], list[dict]]:
     """({rule: {overall, task_mean, domains: {domain: {score, tasks: {task: {...}}}}}}, per-example rows).
 
-    ``closed_scoring``: ``generate`` scores closed tasks by the greedy answer (``acc``, the paper's metric;
-    with ``loglik_choices`` also ``ll_acc``, from the same prefill), ``loglik`` by the options' log-likelihood
-    only (``ll_acc``; nothing generated). ``max_batch_tokens`` caps a batch's padded tokens (longest prompt times
-    rows), so short prompts go in larger batches.
+    ``settings.closed_scoring``: ``generate`` scores closed tasks by the greedy answer (``acc``, the paper's
+    metric; with ``loglik_choices`` also ``ll_acc``, from the same prefill), ``loglik`` by the options'
+    log-likelihood only (``ll_acc``; nothing generated). ``max_batch_tokens`` caps a batch's padded tokens
+    (longest prompt times rows), so short prompts go in larger batches.
     """
-    if loglik_norm not in LOGLIK_NORMS:
-        raise ConfigError(f"loglik_norm must be mean or sum, got {loglik_norm!r}")
-    if closed_scoring not in CLOSED_SCORING:
-        raise ConfigError(f"closed_scoring must be {' or '.join(CLOSED_SCORING)}, got {closed_scoring!r}")
-    loglik, generated = loglik_choices or closed_scoring == "loglik", closed_scoring == "generate"
+    settings, rules = settings or EvalSettings(), list(rules)
     items = [(rule, rec, system_prompt(rule, rec, prompts)) for rule in rules for rec in data.records]
     specs = {rec.id: closed_spec(rec, data.labels.get((rec.domain, rec.task))) for rec in data.records}
     rank, world = dist_info()
-    device = next(model.parameters()).device
-    keys = dict.fromkeys((rule, rec.domain, rec.task) for rule, rec, _ in items)
-    metrics = {key: _task_metrics(device) for key in keys}
-    counts: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])  # [closed, open]
-    for rule, rec, _ in items:
-        counts[(rule, rec.domain, rec.task)][specs[rec.id] is None] += 1
-
     mine = shard(items, rank, world)
     n_closed = sum(specs[rec.id] is not None for _, rec, _ in mine)
     log.info(
-        "domain evaluation: %d answers (%d closed) under %s on rank %d",
-        len(mine),
-        n_closed,
-        list(rules),
-        rank,
+        "domain evaluation: %d answers (%d closed) under %s on rank %d", len(mine), n_closed, rules, rank
     )
-    settings = {
-        "max_new_tokens": max_new_tokens, "closed_max_new_tokens": closed_max_new_tokens, "batch_size": batch_size,
-        "max_batch_tokens": max_batch_tokens, "loglik": loglik, "closed_scoring": closed_scoring,
-        "loglik_norm": loglik_norm,
-    }  # fmt: skip
+    counts = _counts(items, specs)
+    device = next(model.parameters()).device
+    metrics = {key: _task_metrics(device) for key in counts}
     responses, ll_preds = _answer(model, tokenizer, chat, mine, specs, settings)
-    rows = []
-    for k, (rule, rec, _) in enumerate(mine):
-        row = _row(
-            rule, rec, specs[rec.id], responses[k], ll_preds.get(k), metrics[(rule, rec.domain, rec.task)]
-        )
-        rows.append({**row, "prompt": prompt_key(rule, rec)})
-    rows = gather_rows(rows)
-    order = {(rule, rec.id): k for k, (rule, rec, _) in enumerate(items)}
-    rows.sort(key=lambda r: order[(r["rule"], r["id"])])
-
-    results: dict[str, dict] = {}
-    for (rule, domain, task), bucket in metrics.items():
-        entry = _task_entry(bucket, *counts[(rule, domain, task)], loglik, generated)
-        results.setdefault(rule, {"domains": {}})["domains"].setdefault(domain, {"tasks": {}})["tasks"][
-            task
-        ] = entry
-    return _summarize(results, rules), rows
+    rows = [
+        _row(rule, rec, specs[rec.id], responses[k], ll_preds.get(k), metrics[(rule, rec.domain, rec.task)])
+        for k, (rule, rec, _) in enumerate(mine)
+    ]
+    return _aggregate(metrics, counts, rules, settings), _in_item_order(gather_rows(rows), items)
 
 
 __all__ = [

@@ -16,11 +16,9 @@ missing values and count them (:func:`summarize`); :func:`missing_problem` turns
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -35,6 +33,16 @@ from pathlib import Path
 import yaml
 
 from rega.errors import ConfigError, JudgeError
+from rega.eval.judge_http import (
+    FATAL_STATUS,
+    RETRY_STATUS,
+    RequestFailed,
+    RetryableError,
+    body_summary,
+    openai_client,
+    parse_retry_after,
+    text_summary,
+)
 from rega.eval.progress import rate_and_time_left
 from rega.io import atomic_write
 from rega.paths import cache_dir as default_cache_root
@@ -42,13 +50,8 @@ from rega.paths import resolve_path
 
 log = logging.getLogger(__name__)
 
-FATAL_STATUS = frozenset({401, 403, 404})  # the same for every request: stop at once
-RETRY_STATUS = frozenset({408, 409, 425, 429})  # and every 5xx
-MAX_RETRY_AFTER_S = 600.0  # a server asking for a longer pause is treated as asking for this one
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_*\-]{4,}")
 PROGRESS_EVERY_S = 30.0
-HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.I | re.S)
 
 
 @dataclass
@@ -159,54 +162,11 @@ class JudgeStats:
             return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
 
-class _RetryableError(Exception):
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class _RequestFailed(Exception):
-    """Not worth retrying, but only this request is affected (e.g. 400: the prompt is too long)."""
-
-    retries = 0  # how many retries came before
-
-
 def cache_key(config: JudgeConfig, messages: Sequence[dict]) -> str:
     request = {"model": config.model, "base_url": config.base_url.rstrip("/"), "messages": list(messages)}
     request.update(temperature=config.temperature, max_tokens=config.max_tokens)
     blob = json.dumps(request, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        try:
-            seconds = email.utils.parsedate_to_datetime(value.strip()).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S) if math.isfinite(seconds) else None
-
-
-def _openai_client(config: JudgeConfig, api_key: str | None):
-    try:
-        import openai
-    except ImportError:
-        raise JudgeError("the LLM judge needs the 'openai' package: pip install 'rega[judge]'") from None
-    host = urllib.parse.urlparse(config.base_url).hostname or ""
-    # A local judge server must not be sent through an HTTP proxy from the environment.
-    http_client = openai.DefaultHttpxClient(trust_env=False) if host in LOOPBACK_HOSTS else None
-    return openai.OpenAI(
-        api_key=api_key or "none",  # servers without authentication ignore it; openai insists on one
-        base_url=config.base_url,
-        timeout=config.timeout_s,
-        max_retries=0,  # retries are ours: see the module docstring
-        http_client=http_client,
-    )
 
 
 class JudgeClient:
@@ -240,7 +200,7 @@ class JudgeClient:
                     f"the judge API key is read from the environment variable {config.api_key_env}, which is "
                     "not set; export it, or set api_key_env: null for a server without authentication"
                 )
-        self._client = _openai_client(config, self._api_key)
+        self._client = openai_client(config, self._api_key)
 
     def __repr__(self) -> str:  # never show the key
         return f"JudgeClient(model={self.config.model!r}, base_url={self.config.base_url!r})"
@@ -293,32 +253,32 @@ class JudgeClient:
         except openai.APIStatusError as err:
             self._status_error(err.status_code, err.response)
         except openai.APITimeoutError:
-            raise _RetryableError(f"no answer within {timeout:.1f} s") from None
+            raise RetryableError(f"no answer within {timeout:.1f} s") from None
         except openai.APIConnectionError as err:
-            raise _RetryableError(f"connection error: {err.__cause__ or err}") from None
+            raise RetryableError(f"connection error: {err.__cause__ or err}") from None
         return self._content(response)
 
     def _status_error(self, status: int, response) -> None:
-        detail = self._redact(_body_summary(response))
+        detail = self._redact(body_summary(response))
         if status in FATAL_STATUS:
             raise JudgeError(f"judge endpoint {self.config.endpoint} answered HTTP {status}: {detail}")
         if status in RETRY_STATUS or status >= 500:
             retry_after = parse_retry_after(response.headers.get("retry-after"))
-            raise _RetryableError(f"HTTP {status}: {detail}", retry_after)
-        raise _RequestFailed(f"HTTP {status}: {detail}")
+            raise RetryableError(f"HTTP {status}: {detail}", retry_after)
+        raise RequestFailed(f"HTTP {status}: {detail}")
 
     def _content(self, response) -> tuple[str, str | None]:
         if isinstance(response, str):  # a 200 that is not JSON: a proxy's or gateway's page
-            raise _RetryableError(f"HTTP 200 with a non-JSON body: {_text_summary(response)}")
+            raise RetryableError(f"HTTP 200 with a non-JSON body: {text_summary(response)}")
         try:
             choice = response.choices[0]
             content = choice.message.content
         except (AttributeError, IndexError, TypeError):
-            raise _RequestFailed(
+            raise RequestFailed(
                 f"response without choices[0].message.content: {str(response)[:200]}"
             ) from None
         if not isinstance(content, str):
-            raise _RequestFailed("response content is not a string")
+            raise RequestFailed("response content is not a string")
         usage = getattr(response, "usage", None)
         if usage is not None:
             self.stats.add(
@@ -335,16 +295,16 @@ class JudgeClient:
             timeout = max(min(self.config.timeout_s, deadline - self._clock()), 0.001)
             try:
                 return (*self._try_once(messages, timeout), attempt)
-            except _RequestFailed as err:
+            except RequestFailed as err:
                 err.retries = attempt
                 raise
-            except _RetryableError as err:
+            except RetryableError as err:
                 last, delay = str(err), self._delay(attempt, err.retry_after)
             spent = self._clock() - start
             over_budget = self._clock() + delay >= deadline
             if attempt == self.config.max_retries or over_budget:
                 budget = f" (request_budget_s={self.config.request_budget_s:g})" if over_budget else ""
-                failed = _RequestFailed(f"gave up after {attempt + 1} tries in {spent:.0f} s{budget}: {last}")
+                failed = RequestFailed(f"gave up after {attempt + 1} tries in {spent:.0f} s{budget}: {last}")
                 failed.retries = attempt
                 raise failed
             log.debug("judge request failed (%s); retry %d in %.2fs", last, attempt + 1, delay)
@@ -355,7 +315,7 @@ class JudgeClient:
     def _fetch(self, key: str, messages: Sequence[dict]) -> JudgeReply:
         try:
             content, finish_reason, retries = self._request(messages)
-        except _RequestFailed as err:
+        except RequestFailed as err:
             self.stats.add(failures=1, retried=int(err.retries > 0))
             log.warning("judge request failed: %s", err)
             return JudgeReply(content=None, error=str(err), retried=err.retries > 0)
@@ -411,14 +371,3 @@ class JudgeClient:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
         return replies
-
-
-def _text_summary(text: str) -> str:
-    if "<html" in text[:1000].lower() or "<!doctype" in text[:200].lower():
-        title = HTML_TITLE.search(text)
-        return f"an HTML page ({' '.join(title.group(1).split())[:100]})" if title else "an HTML page"
-    return " ".join(text.split())[:300] or "(empty body)"
-
-
-def _body_summary(response) -> str:
-    return _text_summary(getattr(response, "text", None) or "")  # openai has read the error body already

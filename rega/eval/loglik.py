@@ -133,6 +133,30 @@ def _shared_prefix_logprobs(
     return out
 
 
+def _share_contexts(pairs, max_length: int | None, share_prefix: bool) -> tuple[list, list[int]]:
+    """([(context, indices of its pairs)] for contexts shared by several pairs, indices of the other pairs)."""
+    grouped: dict[tuple[int, ...], list[int]] = {}
+    singles: list[int] = []
+    for i, (ctx, cont) in enumerate(pairs):
+        fits = max_length is None or len(ctx) + len(cont) <= max_length
+        if share_prefix and fits and ctx and cont:
+            grouped.setdefault(tuple(ctx), []).append(i)
+        else:
+            singles.append(i)
+    for members in [m for m in grouped.values() if len(m) == 1]:
+        singles.extend(members)
+    return [(list(ctx), members) for ctx, members in grouped.items() if len(members) > 1], singles
+
+
+def _cut(pair, max_length: int | None) -> tuple[list[int], int]:
+    """(context + continuation, continuation length), context tokens dropped from the left beyond ``max_length``."""
+    ctx, cont = pair
+    ids, n = [*ctx, *cont], len(cont)
+    if max_length is not None and len(ids) > max_length:
+        ids, n = ids[-max_length:], min(n, max_length - 1)
+    return ids, n
+
+
 @torch.inference_mode()
 def continuation_logprobs(
     model,
@@ -156,17 +180,7 @@ def continuation_logprobs(
     device = next(model.parameters()).device
     pad_id = _pad_id(tokenizer)
     out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
-    grouped: dict[tuple[int, ...], list[int]] = {}
-    singles: list[int] = []
-    for i, (ctx, cont) in enumerate(pairs):
-        fits = max_length is None or len(ctx) + len(cont) <= max_length
-        if share_prefix and fits and ctx and cont:
-            grouped.setdefault(tuple(ctx), []).append(i)
-        else:
-            singles.append(i)
-    for members in [m for m in grouped.values() if len(m) == 1]:
-        singles.extend(members)
-    groups = [(list(ctx), members) for ctx, members in grouped.items() if len(members) > 1]
+    groups, singles = _share_contexts(pairs, max_length, share_prefix)
     was_training = model.training
     model.eval()
     progress = Progress(len(pairs), desc or "log-likelihood", unit="seq", enabled=None if desc else False)
@@ -183,13 +197,7 @@ def continuation_logprobs(
             for (_, members), values in zip(groups, scored):
                 for i, value in zip(members, values):
                     out[i] = value
-        seqs = []
-        for i in singles:
-            ctx, cont = pairs[i]
-            ids, n = [*ctx, *cont], len(cont)
-            if max_length is not None and len(ids) > max_length:
-                ids, n = ids[-max_length:], min(n, max_length - 1)
-            seqs.append((ids, n))
+        seqs = [_cut(pairs[i], max_length) for i in singles]
         if seqs:
             for i, value in zip(singles, _full_logprobs(model, pad_id, seqs, batch_size, device, progress)):
                 out[i] = value

@@ -1,6 +1,6 @@
 """Domain metrics: answer extraction for closed tasks, unigram F1 for free-form tasks, and rank-aware helpers.
 
-Everything here is a pure function or a :class:`torchmetrics.Metric` whose states are sums
+Everything here is a pure function or :class:`WeightedMean`, a :class:`torchmetrics.Metric` whose states are sums
 (``dist_reduce_fx="sum"``), so the states of metrics updated on different ranks add up to the metric of the union
 and ``compute()`` syncs them under DDP.
 
@@ -230,7 +230,8 @@ def grade_closed(response: str, spec: ClosedSpec) -> tuple[str | None, float]:
 class WeightedMean(Metric):
     """sum(values) / sum(weights), with both sums as states reduced by summation across ranks.
 
-    An empty metric computes NaN (reported as ``None`` in JSON).
+    An empty metric computes NaN (reported as ``None`` in JSON). Per-item scores come from plain functions and
+    feed it: ``acc.update([grade_closed(response, spec)[1]])``, ``f1.update([unigram_f1(pred, ref, lang)])``.
     """
 
     full_state_update = False
@@ -245,9 +246,6 @@ class WeightedMean(Metric):
     def update(
         self, values: Sequence[float] | torch.Tensor, weights: Sequence[float] | torch.Tensor | None = None
     ) -> None:
-        self._add(values, weights)
-
-    def _add(self, values, weights=None) -> None:
         values = torch.as_tensor(values, dtype=torch.float64, device=self.total.device).flatten()
         if weights is None:
             weights = torch.ones_like(values)
@@ -260,23 +258,6 @@ class WeightedMean(Metric):
         if self.weight == 0:
             return torch.tensor(float("nan"), dtype=torch.float64)
         return self.total / self.weight
-
-
-class ClosedAccuracy(WeightedMean):
-    """Accuracy of free-text answers to closed questions, after answer extraction (see module docstring)."""
-
-    def update(self, responses: Sequence[str], specs: Sequence[ClosedSpec]) -> None:  # type: ignore[override]
-        self._add([grade_closed(r, s)[1] for r, s in zip(responses, specs, strict=True)])
-
-
-class UnigramF1(WeightedMean):
-    """Mean unigram F1 between predictions and references (words for English, characters for ``lang="zh"``)."""
-
-    def update(  # type: ignore[override]
-        self, predictions: Sequence[str], references: Sequence[str], lang: str | Sequence[str] = "en"
-    ) -> None:
-        langs = [lang] * len(predictions) if isinstance(lang, str) else list(lang)
-        self._add([unigram_f1(p, r, g) for p, r, g in zip(predictions, references, langs, strict=True)])
 
 
 def metric_value(metric: Metric) -> float | None:

@@ -196,6 +196,35 @@ def _native_mc(
     return summary, rows
 
 
+def _lm_eval_tasks(sets: list[MCSet], folder: str) -> dict[str, str]:
+    """{set: lm-eval task name}: a task YAML in ``folder`` for every local set, stock tasks by their name."""
+    names = {}
+    for mc in sets:
+        if mc.stock:
+            names[mc.name] = mc.name
+            continue
+        task = task_template(mc.style)
+        task["task"] = names[mc.name] = f"rega_{mc.name}"
+        task["dataset_kwargs"]["data_files"]["test"] = mc.path
+        (Path(folder) / f"rega_{mc.name}.yaml").write_text(
+            yaml.safe_dump(task, allow_unicode=True), encoding="utf-8"
+        )
+    return names
+
+
+def _lm_eval_row(mc: MCSet, sample: dict) -> dict:
+    """One lm-eval sample as a general_mc.jsonl row (option log-likelihoods, plain and per-character picks)."""
+    lls = [float(resp[0]) for resp in sample["filtered_resps"]]
+    doc = sample["doc"]
+    choices = doc.get("choices") or []
+    norms = [ll / max(1, len(str(c))) for ll, c in zip(lls, choices)] if len(choices) == len(lls) else lls
+    return {
+        "set": mc.name, "id": str(doc.get("id", sample["doc_id"])), "gold": sample["target"],
+        "pred": max(range(len(lls)), key=lls.__getitem__), "pred_norm": max(range(len(norms)), key=norms.__getitem__),
+        "loglik": lls,
+    }  # fmt: skip
+
+
 def _lm_eval_mc(
     model, tokenizer, system: str, sets: list[MCSet], limit, batch_size
 ) -> dict[str, tuple[dict, list[dict]]]:
@@ -207,17 +236,7 @@ def _lm_eval_mc(
     was_training = model.training
     try:
         with tempfile.TemporaryDirectory(prefix="rega-lm-eval-") as tmp:
-            names = {}
-            for mc in sets:
-                if mc.stock:
-                    names[mc.name] = mc.name
-                    continue
-                task = task_template(mc.style)
-                task["task"] = names[mc.name] = f"rega_{mc.name}"
-                task["dataset_kwargs"]["data_files"]["test"] = mc.path
-                (Path(tmp) / f"rega_{mc.name}.yaml").write_text(
-                    yaml.safe_dump(task, allow_unicode=True), encoding="utf-8"
-                )
+            names = _lm_eval_tasks(sets, tmp)
             manager = TaskManager(include_path=tmp, include_defaults=any(mc.stock for mc in sets))
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
             result = simple_evaluate(
@@ -239,26 +258,8 @@ def _lm_eval_mc(
         model.train(was_training)
     out = {}
     for mc in sets:
-        task = names[mc.name]
-        metrics = result["results"][task]
-        rows = []
-        for sample in result["samples"].get(task, []):
-            lls = [float(resp[0]) for resp in sample["filtered_resps"]]
-            doc = sample["doc"]
-            choices = doc.get("choices") or []
-            norms = (
-                [ll / max(1, len(str(c))) for ll, c in zip(lls, choices)] if len(choices) == len(lls) else lls
-            )
-            rows.append(
-                {
-                    "set": mc.name,
-                    "id": str(doc.get("id", sample["doc_id"])),
-                    "gold": sample["target"],
-                    "pred": max(range(len(lls)), key=lls.__getitem__),
-                    "pred_norm": max(range(len(norms)), key=norms.__getitem__),
-                    "loglik": lls,
-                }
-            )
+        metrics = result["results"][names[mc.name]]
+        rows = [_lm_eval_row(mc, sample) for sample in result["samples"].get(names[mc.name], [])]
         summary = {"acc": metrics.get("acc,none"), "acc_norm": metrics.get("acc_norm,none"), "n": len(rows)}
         out[mc.name] = (summary, rows)
     return out

@@ -11,7 +11,8 @@ def scalars(result: dict, prefix: str = "eval") -> dict[str, float]:
 
     ``eval/<rule>/overall``, ``eval/<rule>/task_mean``, ``eval/<rule>/<domain>/score``,
     ``eval/<rule>/<domain>/<task>/{acc,f1,ll_acc}``, ``eval/general_mc/<name>`` (headline metric),
-    ``eval/general_mc/<name>/{acc,acc_norm,delta}``, ``eval/drift/<name>/{logprob_per_token,delta}``.
+    ``eval/general_mc/<name>/{acc,acc_norm,delta}``, ``eval/drift/<name>/{logprob_per_token,delta}``, and the
+    mean judge score of each judged benchmark, ``eval/<benchmark>/score`` (``eval/mt_bench/score``).
     """
     out: dict[str, float] = {}
 
@@ -34,6 +35,8 @@ def scalars(result: dict, prefix: str = "eval") -> dict[str, float]:
     for name, value in result.get("drift", {}).items():
         put(f"drift/{name}/logprob_per_token", value.get("logprob_per_token"))
         put(f"drift/{name}/delta", value.get("delta"))
+    for name, value in result.get("judge", {}).items():
+        put(f"{name}/score", (value.get("overall") or {}).get("mean"))
     return out
 
 
@@ -73,6 +76,41 @@ def _fmt(value, pct: bool = True) -> str:
     return f"{100 * value:6.1f}" if pct else f"{value:8.4f}"
 
 
+def _mc_line(name: str, value: dict) -> str:
+    delta = f"  Δ {100 * value['delta']:+.1f}" if value.get("delta") is not None else ""
+    return (
+        f"  {name:<16} {value['metric']:<8} {_fmt(value['score'])}  acc {_fmt(value['acc'])}"
+        f"  acc_norm {_fmt(value['acc_norm'])}  n={value['n']}  [{value['backend']}]{delta}"
+    )
+
+
+def _drift_line(name: str, value: dict) -> str:
+    delta = f"  Δ {value['delta']:+.4f}" if value.get("delta") is not None else ""
+    return (
+        f"  {name:<16} {_fmt(value['logprob_per_token'], pct=False)}  ppl {value['ppl']:.2f}"
+        f"  records={value['n_records']} tokens={value['n_tokens']}{delta}"
+    )
+
+
+def _section(result: dict, key: str, title: str, line) -> list[str]:
+    values = result.get(key) or {}
+    return [title, *(line(name, value) for name, value in values.items())] if values else []
+
+
+def judge_text(result: dict) -> str:
+    """One line per judged benchmark: its mean score and counts, or why it failed."""
+    lines = []
+    for name, value in result.get("judge", {}).items():
+        overall = value.get("overall") or {}
+        counts = f"n={overall.get('n', 0)}, missing {overall.get('missing', 0)}"
+        lines.append(
+            f"{name}: failed: {value['error']}"
+            if value.get("error")
+            else f"{name}: mean {overall.get('mean')} ({counts})"
+        )
+    return "\n".join(lines)
+
+
 def summary_text(result: dict) -> str:
     """A readable summary: domain scores per rule, general MC, drift."""
     lines = []
@@ -88,22 +126,8 @@ def summary_text(result: dict) -> str:
                 lines.append(
                     f"    {task:<20} {tsum['metric']:<4} {_fmt(tsum['score'])}  n={tsum['n']}{no_answer}{extra}"
                 )
-    if result.get("general_mc"):
-        lines.append("general multiple choice (log-likelihood, under p_c):")
-        for name, value in result["general_mc"].items():
-            delta = f"  Δ {100 * value['delta']:+.1f}" if value.get("delta") is not None else ""
-            lines.append(
-                f"  {name:<16} {value['metric']:<8} {_fmt(value['score'])}  acc {_fmt(value['acc'])}"
-                f"  acc_norm {_fmt(value['acc_norm'])}  n={value['n']}  [{value['backend']}]{delta}"
-            )
-    if result.get("drift"):
-        lines.append("drift (mean log-prob per response token, under p_c):")
-        for name, value in result["drift"].items():
-            delta = f"  Δ {value['delta']:+.4f}" if value.get("delta") is not None else ""
-            lines.append(
-                f"  {name:<16} {_fmt(value['logprob_per_token'], pct=False)}  ppl {value['ppl']:.2f}"
-                f"  records={value['n_records']} tokens={value['n_tokens']}{delta}"
-            )
+    lines += _section(result, "general_mc", "general multiple choice (log-likelihood, under p_c):", _mc_line)
+    lines += _section(result, "drift", "drift (mean log-prob per response token, under p_c):", _drift_line)
     timings = result.get("meta", {}).get("timings", {})
     if timings:
         lines.append("time: " + ", ".join(f"{k} {v}" for k, v in timings.items()))

@@ -39,8 +39,9 @@ from rega.data.loaders import load_records
 from rega.data.records import Record
 from rega.errors import ConfigError, EmptyDataError
 from rega.eval.judge import JudgeClient, JudgeConfig
-from rega.eval.ratings import chat_messages, first_error, parse_bracket_rating, summarize
-from rega.io import read_jsonl, write_json, write_jsonl
+from rega.eval.judged import write_judged_run
+from rega.eval.ratings import chat_messages, parse_bracket_rating, summarize
+from rega.io import read_jsonl, write_jsonl
 from rega.paths import resolve_path
 
 log = logging.getLogger(__name__)
@@ -237,14 +238,62 @@ def generate_general_answers(
     return rows
 
 
+def _style(prompt_style: str | None, lang: str) -> str:
+    style = prompt_style or DEFAULT_STYLE.get(lang, "single_en")
+    if style not in PROMPT_STYLES:
+        raise ConfigError(f"unknown prompt_style {style!r}; choose from {', '.join(PROMPT_STYLES)}")
+    return style
+
+
+def _belle_prompts(style: str, records, data_path, belle_prompts_path) -> dict[str, str] | None:
+    """BELLE's per-class prompts when ``style`` is belle (every item's class must have one), else None."""
+    if style != "belle":
+        return None
+    prompts_file = belle_prompts_path or resolve_path(data_path).parent / "eval_prompt.json"
+    belle_prompts = load_belle_prompts(prompts_file)
+    unknown = sorted({category_of(r) for r in records} - set(belle_prompts))
+    if unknown:  # before any generation
+        raise ConfigError(f"{prompts_file} has no BELLE prompt for categories {unknown}")
+    return belle_prompts
+
+
+def _answer_rows(
+    lm, system_prompt, records, answers_path: Path, reuse: bool, model_id: str, generation: dict
+):
+    """(records answered, their answer rows): generated and written to ``answers_path``, or read from it."""
+    if reuse:
+        by_id = {row["id"]: row for row in read_jsonl(answers_path)}
+        return [r for r in records if r.id in by_id], [by_id[r.id] for r in records if r.id in by_id]
+    rows = generate_general_answers(*lm, system_prompt, records, **generation)
+    for row in rows:
+        row["model_id"] = model_id
+    write_jsonl(answers_path, rows)
+    return records, rows
+
+
+def _judgments(client: JudgeClient, style: str, records, rows, belle_prompts) -> list[dict]:
+    requests = [build_prompt(style, r, row["answer"], belle_prompts) for r, row in zip(records, rows)]
+    replies = client.complete_many(requests)
+    judgments = []
+    for record, row, messages, reply in zip(records, rows, requests, replies):
+        raw, score = parse_score(style, reply.content)
+        judgment = {
+            "id": record.id, "category": row["category"], "judge": [client.config.model, style],
+            "user_prompt": messages[-1]["content"], "judgment": reply.content if reply.content is not None else "",
+            "raw_score": raw, "score": score,
+        }  # fmt: skip
+        judgments.append({**judgment, "error": reply.error} if reply.error else judgment)
+    return judgments
+
+
 def run_general_eval(
     model,
     tokenizer,
     chat_format,
     system_prompt: str,
     judge: JudgeConfig | None,
-    data_path: str | os.PathLike = DEFAULT_ZH,
-    output_dir: str | os.PathLike = "general_zh",
+    data_path: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike | None = None,
     *,
     lang: str = "zh",
     benchmark: str | None = None,
@@ -256,121 +305,47 @@ def run_general_eval(
     model_id: str = "rega",
     reuse_answers: bool = False,
     judge_client: JudgeClient | None = None,
+    answers_file: str | os.PathLike | None = None,
 ) -> dict:
     """Answer every item greedily and (with a judge) score it 0-10; returns a JSON-serialisable dict.
 
     Writes ``answers.jsonl``, ``judgments.jsonl`` (when judged) and ``scores.json`` under ``output_dir``.
-    Without a judge, scores are reported missing and nothing touches the network.
+    Without a judge, scores are reported missing and nothing touches the network. ``reuse_answers`` grades the
+    answers of an earlier run in ``output_dir``, ``answers_file`` those of that file (no model needed).
     """
-    style = prompt_style or DEFAULT_STYLE.get(lang, "single_en")
-    if style not in PROMPT_STYLES:
-        raise ConfigError(f"unknown prompt_style {style!r}; choose from {', '.join(PROMPT_STYLES)}")
+    style = _style(prompt_style, lang)
+    data_path = data_path or (DEFAULT_ZH if lang == "zh" else DEFAULT_EN)
     records = load_general_eval(data_path, lang=lang, limit=limit)
     if not records:
         raise EmptyDataError(f"general evaluation set {data_path} has no items to evaluate")
-    belle_prompts = None
-    if style == "belle":
-        prompts_file = belle_prompts_path or resolve_path(data_path).parent / "eval_prompt.json"
-        belle_prompts = load_belle_prompts(prompts_file)
-        unknown = sorted({category_of(r) for r in records} - set(belle_prompts))
-        if unknown:  # before any generation
-            raise ConfigError(f"{prompts_file} has no BELLE prompt for categories {unknown}")
-    output = Path(output_dir)
-    answers_path = output / "answers.jsonl"
-    if reuse_answers and answers_path.exists():
-        by_id = {row["id"]: row for row in read_jsonl(answers_path)}
-        rows = [by_id[r.id] for r in records if r.id in by_id]
-        records = [r for r in records if r.id in by_id]
-    else:
-        rows = generate_general_answers(
-            model,
-            tokenizer,
-            chat_format,
-            system_prompt,
-            records,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-        )
-        for row in rows:
-            row["model_id"] = model_id
-        write_jsonl(answers_path, rows)
-    name = benchmark or f"general_{lang}"
+    belle_prompts = _belle_prompts(style, records, data_path, belle_prompts_path)
+    output = Path(output_dir or f"general_{lang}")
+    answers_path = Path(answers_file) if answers_file else output / "answers.jsonl"
+    reuse = bool(answers_file) or (reuse_answers and answers_path.exists())
+    generation = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    lm = (model, tokenizer, chat_format)
+    records, rows = _answer_rows(lm, system_prompt, records, answers_path, reuse, model_id, generation)
     result: dict = {
-        "benchmark": name,
-        "model_id": model_id,
-        "system_prompt": system_prompt,
-        "data_path": str(data_path),
-        "n_items": len(records),
-        "scale": "0-10",
-        "prompt_style": style,
-        "score_mapping": PROMPT_STYLES[style].description,
-        "answers_path": str(answers_path),
+        "benchmark": benchmark or f"general_{lang}", "model_id": model_id, "system_prompt": system_prompt,
+        "data_path": str(data_path), "n_items": len(records), "scale": "0-10", "prompt_style": style,
+        "score_mapping": PROMPT_STYLES[style].description, "answers_path": str(answers_path),
         "generation": {"decoding": "greedy", "max_new_tokens": max_new_tokens},
-    }
+    }  # fmt: skip
     if judge is None and judge_client is None:
-        for row in rows:
-            row["score"] = None
-        result.update(judge=None, judgments_path=None, **score_items(rows))
-        write_json(output / "scores.json", result)
-        return result
+        return write_judged_run(output, result, score_items([{**row, "score": None} for row in rows]))
     client = judge_client or JudgeClient(judge)
-    requests = [build_prompt(style, r, row["answer"], belle_prompts) for r, row in zip(records, rows)]
-    replies = client.complete_many(requests)
-    judgments = []
-    for record, row, messages, reply in zip(records, rows, requests, replies):
-        raw, score = parse_score(style, reply.content)
-        judgment = {
-            "id": record.id,
-            "category": row["category"],
-            "judge": [client.config.model, style],
-            "user_prompt": messages[-1]["content"],
-            "judgment": reply.content if reply.content is not None else "",
-            "raw_score": raw,
-            "score": score,
-        }
-        if reply.error:
-            judgment["error"] = reply.error
-        judgments.append(judgment)
-    judgments_path = output / "judgments.jsonl"
-    write_jsonl(judgments_path, judgments)
-    result.update(
-        judge=client.config.describe(),
-        judgments_path=str(judgments_path),
-        judge_stats=client.stats.to_dict(),
-        first_error=first_error(judgments),
-        **score_items(judgments),
-    )
-    write_json(output / "scores.json", result)
-    return result
-
-
-def run_general_zh(
-    model,
-    tokenizer,
-    chat_format,
-    system_prompt: str,
-    judge: JudgeConfig | None,
-    data_path: str | os.PathLike = DEFAULT_ZH,
-    output_dir: str | os.PathLike = "general_zh",
-    **kwargs,
-) -> dict:
-    """Chinese general evaluation (CGev style); see :func:`run_general_eval` for the keyword arguments."""
-    return run_general_eval(
-        model, tokenizer, chat_format, system_prompt, judge, data_path, output_dir, lang="zh", **kwargs
+    judgments = _judgments(client, style, records, rows, belle_prompts)
+    return write_judged_run(
+        output, result, score_items(judgments), client, judgments, output / "judgments.jsonl"
     )
 
 
-def run_general_en(
-    model,
-    tokenizer,
-    chat_format,
-    system_prompt: str,
-    judge: JudgeConfig | None,
-    data_path: str | os.PathLike = DEFAULT_EN,
-    output_dir: str | os.PathLike = "general_en",
-    **kwargs,
-) -> dict:
-    """English general evaluation on the same code path (FastChat single-v1 judge prompt by default)."""
-    return run_general_eval(
-        model, tokenizer, chat_format, system_prompt, judge, data_path, output_dir, lang="en", **kwargs
-    )
+def run_general_zh(*args, **kwargs) -> dict:
+    """Chinese general evaluation (CGev style) on :data:`DEFAULT_ZH`; arguments as :func:`run_general_eval`'s."""
+    return run_general_eval(*args, lang="zh", **kwargs)
+
+
+def run_general_en(*args, **kwargs) -> dict:
+    """English general evaluation on :data:`DEFAULT_EN`, judged with FastChat's single-v1 prompt by default;
+    arguments as :func:`run_general_eval`'s."""
+    return run_general_eval(*args, lang="en", **kwargs)
