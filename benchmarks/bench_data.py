@@ -23,7 +23,6 @@ import os
 import platform
 import pstats
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -34,17 +33,15 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.common import peak_rss_mib  # noqa: E402
+
 ENGLISH_DOMAIN_SETS = ("pubmedqa", "medmcqa", "overruling", "fiqa")
 CENTRAL = "A fixed central prompt for the benchmark (no tokenizer is loaded)."
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def shared_config():
     # p_c fixed to a placeholder: the build is measured without loading a model for its system prompt
-    from bench_training import corpus_config
+    from benchmarks.training_data import corpus_config
 
     return corpus_config(central=CENTRAL)
 

@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 from peft.tuners.lora.layer import Linear as LoraLinear  # noqa: E402
 
-from benchmarks.bench_training import cpu_model, load_average  # noqa: E402
+from benchmarks.common import cpu_model, load_average  # noqa: E402
 from benchmarks.profile_step import packed_batch  # noqa: E402
 from rega.config import ModelConfig  # noqa: E402
 from rega.modules.attention import packed_rows  # noqa: E402

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,16 +28,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from benchmarks.common import peak_rss_mib  # noqa: E402
 
 
 def run_child(phase: str, records: int, cache: str) -> dict:
-    from bench_training import corpus_config
-
+    from benchmarks.training_data import corpus_config
     from rega.datamodules.rega_datamodule import REGADataModule
     from rega.datamodules.tokenized import cache_file
 

@@ -38,7 +38,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
-from benchmarks.bench_training import cpu_model, load_average  # noqa: E402
+from benchmarks.common import cpu_model, load_average  # noqa: E402
 from rega.config import ModelConfig  # noqa: E402
 from rega.modules import fast_lora  # noqa: E402
 from rega.modules.attention import packed_rows  # noqa: E402
