@@ -85,22 +85,12 @@ def synthetic_config(domains_path: Path, general_path: Path):
     )
 
 
-def run_child(scenario: str, work: Path, records: int, profile: bool) -> dict:
-    """Measure one scenario in this (fresh) process."""
+def timed_build(config, work: Path, profile: bool) -> tuple[dict, Path, dict, dict]:
+    """Build and write the corpus of ``config``: (manifest, written file, times, extra info).
+
+    The stages inside build_corpus are timed by wrapping the functions it looks up in its module."""
     import rega.data.corpus as corpus_module
 
-    rss_start = peak_rss_mib()
-    info: dict = {"scenario": scenario}
-    if scenario == "shared_en":
-        config = shared_config()
-    else:
-        t = time.perf_counter()
-        domains_path, general_path, n_domain, n_general = synthesize(work, records)
-        info["synthesize_s"] = round(time.perf_counter() - t, 3)
-        config = synthetic_config(domains_path, general_path)
-    rss_before = peak_rss_mib()
-
-    # time the stages inside build_corpus by wrapping the functions it looks up in its module
     stages: dict[str, float] = {}
 
     def timed(name, func):
@@ -116,6 +106,7 @@ def run_child(scenario: str, work: Path, records: int, profile: bool) -> dict:
     corpus_module.load_inputs = timed("load_validate_s", corpus_module.load_inputs)
     corpus_module.build_examples = timed("strategy_s", corpus_module.build_examples)
 
+    info: dict = {}
     profiler = cProfile.Profile() if profile else None
     if profiler:
         profiler.enable()
@@ -129,8 +120,23 @@ def run_child(scenario: str, work: Path, records: int, profile: bool) -> dict:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
         info["profile_top"] = text.getvalue()
+    return corpus.manifest, path, {**stages, "build": t1 - t0, "write": t2 - t1, "total": t2 - t0}, info
 
-    manifest = corpus.manifest
+
+def run_child(scenario: str, work: Path, records: int, profile: bool) -> dict:
+    """Measure one scenario in this (fresh) process."""
+    rss_start = peak_rss_mib()
+    info: dict = {"scenario": scenario}
+    if scenario == "shared_en":
+        config = shared_config()
+    else:
+        t = time.perf_counter()
+        domains_path, general_path, n_domain, n_general = synthesize(work, records)
+        info["synthesize_s"] = round(time.perf_counter() - t, 3)
+        config = synthetic_config(domains_path, general_path)
+    rss_before = peak_rss_mib()
+    manifest, path, times, extra = timed_build(config, work, profile)
+    info.update(extra)
     rows_in = sum(manifest["source_sizes"]["domain"].values()) + manifest["source_sizes"]["general"]
     rows_in += len(manifest["skipped_rows"])
     info.update(
@@ -139,13 +145,13 @@ def run_child(scenario: str, work: Path, records: int, profile: bool) -> dict:
             "skipped_rows": len(manifest["skipped_rows"]),
             "examples_out": manifest["num_examples"],
             "by_kind": manifest["counts"]["by_kind"],
-            "load_validate_s": round(stages["load_validate_s"], 3),
-            "strategy_s": round(stages["strategy_s"], 3),
-            "other_build_s": round(t1 - t0 - stages["load_validate_s"] - stages["strategy_s"], 3),
-            "build_corpus_s": round(t1 - t0, 3),
-            "write_s": round(t2 - t1, 3),
-            "total_s": round(t2 - t0, 3),
-            "rows_per_s": round(rows_in / (t2 - t0)),
+            "load_validate_s": round(times["load_validate_s"], 3),
+            "strategy_s": round(times["strategy_s"], 3),
+            "other_build_s": round(times["build"] - times["load_validate_s"] - times["strategy_s"], 3),
+            "build_corpus_s": round(times["build"], 3),
+            "write_s": round(times["write"], 3),
+            "total_s": round(times["total"], 3),
+            "rows_per_s": round(rows_in / times["total"]),
             "corpus_mib": round(path.stat().st_size / 2**20, 1),
             "rss_at_start_mib": round(rss_start, 1),
             "rss_before_build_mib": round(rss_before, 1),

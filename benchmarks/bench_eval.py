@@ -33,6 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.common import repo_relative  # noqa: E402
+
 
 def closed_items(chat, tokenizer, system: str, counts: dict[str, int]):
     """(contexts, options per context, gold option) of the first dev items of each task."""
@@ -111,7 +113,7 @@ def ranking(scores) -> list[int]:
     return [max(range(len(row)), key=lambda k: row[k][0] / max(1, row[k][1])) for row in scores]
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pubmedqa", type=int, default=6)
     parser.add_argument("--medmcqa", type=int, default=12)
@@ -120,7 +122,71 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "eval.json"))
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def time_rounds(runs: dict, rounds: int) -> tuple[dict, dict, dict]:
+    """(wall seconds, CPU seconds, last output) of each variant, alternating order over ``rounds`` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
+    outputs = {}
+    for round_ in range(rounds):
+        order = list(runs) if round_ % 2 == 0 else list(reversed(runs))
+        for name in order:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            outputs[name] = runs[name]()
+            times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+            print(
+                f"round {round_} {name}: {times[name][-1]:.1f} s wall, {cpu[name][-1]:.1f} s CPU", flush=True
+            )
+    return times, cpu, outputs
+
+
+def exactness(outputs: dict, items: int) -> dict:
+    """How far the one-pass path agrees with the plain one: answers, option choices, log-probabilities."""
+    plain_answers, plain_scores = outputs["generate+ll"]
+    fast_answers, fast_scores = outputs["one_pass"]
+    return {
+        "greedy_answers_identical": sum(a == b for a, b in zip(plain_answers, fast_answers)) / items,
+        "option_choice_identical": sum(a == b for a, b in zip(ranking(plain_scores), ranking(fast_scores)))
+        / items,
+        "loglik_only_choice_identical": sum(
+            a == b for a, b in zip(ranking(plain_scores), ranking(outputs["loglik"][1]))
+        )
+        / items,
+        "max_abs_logprob_diff": max(
+            abs(a[0] - b[0]) for pa, pb in zip(plain_scores, fast_scores) for a, b in zip(pa, pb)
+        ),
+    }
+
+
+def summary(args, lengths: dict, items: int, times: dict, cpu: dict, agree: dict) -> dict:
+    import torch
+
+    pairs = {"generate+ll / one_pass": ("generate+ll", "one_pass"), "generate / loglik": ("generate", "loglik"),
+             "generate / one_pass": ("generate", "one_pass")}  # fmt: skip
+    ratio = {k: [x / y for x, y in zip(times[a], times[b])] for k, (a, b) in pairs.items()}
+    cpu_ratio = {k: [x / y for x, y in zip(cpu[a], cpu[b])] for k, (a, b) in pairs.items()}
+    return {
+        "items": {"pubmedqa": args.pubmedqa, "medmcqa": args.medmcqa},
+        "mean_prompt_tokens": lengths,
+        "settings": {**vars(args), "output": repo_relative(args.output)},
+        "seconds": times,
+        "cpu_seconds": cpu,
+        "seconds_per_item_median": {k: statistics.median(v) / items for k, v in times.items()},
+        "ratios": {k: statistics.median(v) for k, v in ratio.items()},
+        "cpu_time_ratios": {k: statistics.median(v) for k, v in cpu_ratio.items()},
+        "prefill_share_of_generate": statistics.median(
+            [b / a for a, b in zip(cpu["generate"], cpu["prefill"])]
+        ),
+        "exactness": agree,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
 
     import torch
 
@@ -137,53 +203,9 @@ def main() -> None:
     contexts, options, golds, lengths = closed_items(
         chat, tokenizer, chat.default_system, {"pubmedqa": args.pubmedqa, "medmcqa": args.medmcqa}
     )
-    runs = variants(model, tokenizer, contexts, options, args)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    cpu: dict[str, list[float]] = {name: [] for name in runs}
-    outputs = {}
-    for round_ in range(args.rounds):
-        order = list(runs) if round_ % 2 == 0 else list(reversed(runs))
-        for name in order:
-            start, start_cpu = time.perf_counter(), time.process_time()
-            outputs[name] = runs[name]()
-            times[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-            print(
-                f"round {round_} {name}: {times[name][-1]:.1f} s wall, {cpu[name][-1]:.1f} s CPU", flush=True
-            )
-    pairs = {"generate+ll / one_pass": ("generate+ll", "one_pass"), "generate / loglik": ("generate", "loglik"),
-             "generate / one_pass": ("generate", "one_pass")}  # fmt: skip
-    ratio = {k: [x / y for x, y in zip(times[a], times[b])] for k, (a, b) in pairs.items()}
-    cpu_ratio = {k: [x / y for x, y in zip(cpu[a], cpu[b])] for k, (a, b) in pairs.items()}
-    plain_answers, plain_scores = outputs["generate+ll"]
-    fast_answers, fast_scores = outputs["one_pass"]
-    agree = {
-        "greedy_answers_identical": sum(a == b for a, b in zip(plain_answers, fast_answers)) / len(contexts),
-        "option_choice_identical": sum(a == b for a, b in zip(ranking(plain_scores), ranking(fast_scores)))
-        / len(contexts),
-        "loglik_only_choice_identical": sum(
-            a == b for a, b in zip(ranking(plain_scores), ranking(outputs["loglik"][1]))
-        )
-        / len(contexts),
-        "max_abs_logprob_diff": max(
-            abs(a[0] - b[0]) for pa, pb in zip(plain_scores, fast_scores) for a, b in zip(pa, pb)
-        ),
-    }
-    result = {
-        "items": {"pubmedqa": args.pubmedqa, "medmcqa": args.medmcqa},
-        "mean_prompt_tokens": lengths,
-        "settings": vars(args),
-        "seconds": times,
-        "cpu_seconds": cpu,
-        "seconds_per_item_median": {k: statistics.median(v) / len(contexts) for k, v in times.items()},
-        "ratios": {k: statistics.median(v) for k, v in ratio.items()},
-        "cpu_time_ratios": {k: statistics.median(v) for k, v in cpu_ratio.items()},
-        "prefill_share_of_generate": statistics.median(
-            [b / a for a, b in zip(cpu["generate"], cpu["prefill"])]
-        ),
-        "exactness": agree,
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads},
-    }
+    times, cpu, outputs = time_rounds(variants(model, tokenizer, contexts, options, args), args.rounds)
+    agree = exactness(outputs, len(contexts))
+    result = summary(args, lengths, len(contexts), times, cpu, agree)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     for name, value in result["ratios"].items():

@@ -67,7 +67,8 @@ def baseline_tokens_per_s(model, tokenizer, prompts: list[list[int]], sampling) 
 
 
 def runner_tokens_per_s(cfg, workdir: Path, round_no: int) -> dict:
-    from rega.distill.runner import SUMMARY, run_distillation
+    from rega.distill.context import SUMMARY
+    from rega.distill.runner import run_distillation
 
     cfg = replace(cfg, output_dir=str(workdir / f"round{round_no}"))
     start = time.perf_counter()
@@ -82,7 +83,7 @@ def runner_tokens_per_s(cfg, workdir: Path, round_no: int) -> dict:
     }
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -106,19 +107,13 @@ def main() -> None:
         "2 OpenMP threads and another busy process, every small op waits for a descheduled thread (10x slower)",
     )
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "generation.json"))
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
-    import torch
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-
+def distill_config(args: argparse.Namespace):
+    """The runner's settings: the first ``--n`` general_en instructions (the demo pool without shared data)."""
     from rega.config import DataSource, DistillConfig, ModelConfig, SamplingConfig
-    from rega.data.chat import ChatFormat
-    from rega.distill.runner import load_instructions
-    from rega.model_source import load_tokenizer
     from rega.modules.generation import GREEDY
-    from rega.modules.model import load_model
     from rega.paths import shared_data_dir
 
     pool = (
@@ -129,47 +124,67 @@ def main() -> None:
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
     if args.greedy:
         sampling = replace(GREEDY, max_new_tokens=args.max_new_tokens)
-    model_cfg = ModelConfig(name_or_path=args.model)
-    cfg = DistillConfig(
+    return DistillConfig(
         source=[DataSource(path=pool)],
-        model=model_cfg,
+        model=ModelConfig(name_or_path=args.model),
         sampling=sampling,
         limit=args.n,
         batch_size=args.batch_size,
         accelerator="cpu",
     )
 
-    # The baseline renders exactly the prompts the runner renders.
-    tokenizer = load_tokenizer(model_cfg)
-    chat = ChatFormat(tokenizer, model_cfg.chat_template, model_cfg.system_placement)
-    prompts = [chat.encode_prompt(chat.default_system or "", r.user_text) for r in load_instructions(cfg)]
-    model = load_model(model_cfg).eval()
 
+def run_rounds(cfg, model, tokenizer, prompts: list[list[int]], repeats: int) -> list[dict]:
+    """Baseline and runner once a round (ABBA order), with the round's runner/baseline tokens/s ratio."""
     rounds = []
     with tempfile.TemporaryDirectory(prefix="bench-gen-") as tmp:
-        for k in range(args.repeats):
+        for k in range(repeats):
             result = {}
             order = ("baseline", "runner") if k % 2 == 0 else ("runner", "baseline")
             for name in order:
                 if name == "baseline":
-                    result[name] = baseline_tokens_per_s(model, tokenizer, prompts, sampling)
+                    result[name] = baseline_tokens_per_s(model, tokenizer, prompts, cfg.sampling)
                 else:
                     result[name] = runner_tokens_per_s(cfg, Path(tmp), k)
             result["ratio"] = round(result["runner"]["tokens_per_s"] / result["baseline"]["tokens_per_s"], 3)
             rounds.append(result)
             print(
-                f"round {k + 1}/{args.repeats}: baseline {result['baseline']['tokens_per_s']:.1f} tok/s, "
+                f"round {k + 1}/{repeats}: baseline {result['baseline']['tokens_per_s']:.1f} tok/s, "
                 f"runner {result['runner']['tokens_per_s']:.1f} tok/s, ratio {result['ratio']:.2f}x",
                 flush=True,
             )
+    return rounds
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    from rega.data.chat import ChatFormat
+    from rega.distill.context import load_instructions
+    from rega.model_source import load_tokenizer
+    from rega.modules.model import load_model
+
+    cfg = distill_config(args)
+    model_cfg = cfg.model
+    # The baseline renders exactly the prompts the runner renders.
+    tokenizer = load_tokenizer(model_cfg)
+    chat = ChatFormat(tokenizer, model_cfg.chat_template, model_cfg.system_placement)
+    prompts = [chat.encode_prompt(chat.default_system or "", r.user_text) for r in load_instructions(cfg)]
+    model = load_model(model_cfg).eval()
+    rounds = run_rounds(cfg, model, tokenizer, prompts, args.repeats)
 
     ratio = statistics.median(r["ratio"] for r in rounds)
     report = {
         "benchmark": "generation: distillation runner vs per-sample model.generate loop",
         "model": args.model,
         "instructions": len(prompts),
-        "source": pool,
-        "sampling": asdict(sampling),
+        "source": cfg.source[0].path,
+        "sampling": asdict(cfg.sampling),
         "batch_size": args.batch_size,
         "torch_threads": torch.get_num_threads(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},

@@ -73,7 +73,7 @@ def useful_gflop(module, batch) -> float:
     return 4 * (len(decoder.layers) * layer * tokens + head * response) / 1e9
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -81,18 +81,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "lora_layer.json"))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    start_load = load_average()
+    return parser.parse_args(argv)
+
+
+def cut_module(layers: int) -> REGAModule:
+    """The embedded model with LoRA, in training mode, cut to its first ``layers`` decoder layers."""
     torch.manual_seed(0)
     module = REGAModule(model=ModelConfig(), lora=LoraSettings())
     module.configure_model()
     module.train()
     decoder = module.model.get_base_model().get_decoder()
-    decoder.layers = decoder.layers[: args.layers]
-    decoder.config.num_hidden_layers = args.layers
+    decoder.layers = decoder.layers[:layers]
+    decoder.config.num_hidden_layers = layers
+    return module
+
+
+def time_paths(module: REGAModule, batch, rounds: int, threads: int) -> tuple[dict, dict, list[float]]:
+    """(wall seconds, CPU seconds per path, GEMM GFLOP/s per round): the paths in rotating order each round,
+    the GEMM rate timed between the first two paths of the round."""
     groups = {m: m._fast_group for m in module.model.modules() if isinstance(m, FastLoraLinear)}
-    batch = {k: v for k, v in packed_batch(1).items() if k != "token_domain"}
+    cpu_seconds: dict[str, list[float]] = {p: [] for p in PATHS}
 
     def run(path: str) -> float:
         switch(module.model, path, groups)
@@ -105,35 +113,38 @@ def main(argv: list[str] | None = None) -> dict:
         cpu_seconds[path].append(time.process_time() - cpu)
         return time.perf_counter() - start
 
-    cpu_seconds: dict[str, list[float]] = {p: [] for p in PATHS}
     for path in PATHS:
         run(path)  # warm-up
         cpu_seconds[path].clear()
     seconds: dict[str, list[float]] = {p: [] for p in PATHS}
     gemm: list[float] = []
-    gflop = useful_gflop(module, batch)
-    for r in range(args.rounds):
+    for r in range(rounds):
         order = PATHS[r % 3 :] + PATHS[: r % 3]
         for i, path in enumerate(order):
             seconds[path].append(run(path))
             if i == 1:
-                gemm.append(gemm_gflops(args.threads))
-    ratios = {
-        "fast_alone vs peft": statistics.median(
-            p / f for p, f in zip(seconds["peft"], seconds["fast_alone"])
-        ),
-        "fast vs fast_alone": statistics.median(
-            a / f for a, f in zip(seconds["fast_alone"], seconds["fast"])
-        ),
-        "fast vs peft": statistics.median(p / f for p, f in zip(seconds["peft"], seconds["fast"])),
+                gemm.append(gemm_gflops(threads))
+    return seconds, cpu_seconds, gemm
+
+
+def ratios(seconds: dict[str, list[float]]) -> dict[str, float]:
+    """Per-round time ratios of the path pairs, median over rounds."""
+    s = seconds
+    return {
+        "fast_alone vs peft": statistics.median(p / f for p, f in zip(s["peft"], s["fast_alone"])),
+        "fast vs fast_alone": statistics.median(a / f for a, f in zip(s["fast_alone"], s["fast"])),
+        "fast vs peft": statistics.median(p / f for p, f in zip(s["peft"], s["fast"])),
     }
-    # CPU time of the process: less sensitive to other processes' load than wall time (exact with 1 thread)
-    c = cpu_seconds
-    cpu_ratios = {
-        "fast_alone vs peft": statistics.median(p / f for p, f in zip(c["peft"], c["fast_alone"])),
-        "fast vs fast_alone": statistics.median(a / f for a, f in zip(c["fast_alone"], c["fast"])),
-        "fast vs peft": statistics.median(p / f for p, f in zip(c["peft"], c["fast"])),
-    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start_load = load_average()
+    module = cut_module(args.layers)
+    batch = {k: v for k, v in packed_batch(1).items() if k != "token_domain"}
+    gflop = useful_gflop(module, batch)
+    seconds, cpu_seconds, gemm = time_paths(module, batch, args.rounds, args.threads)
     report = {
         "cpu": cpu_model(),
         "threads": args.threads,
@@ -141,8 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
         "rounds": args.rounds,
         "median_s": {p: statistics.median(v) for p, v in seconds.items()},
         "seconds": seconds,
-        "speedup": ratios,
-        "speedup_cpu_time": cpu_ratios,
+        "speedup": ratios(seconds),
+        # CPU time of the process: less sensitive to other processes' load than wall time (exact with 1 thread)
+        "speedup_cpu_time": ratios(cpu_seconds),
         "cpu_seconds": cpu_seconds,
         "gemm_gflops": gemm,
         "useful_gflop": gflop,
@@ -153,15 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1))
-    print(
-        json.dumps(
-            {
-                k: report[k]
-                for k in ("cpu", "median_s", "speedup", "speedup_cpu_time", "gemm_share", "load_average")
-            },
-            indent=1,
-        )
-    )
+    keys = ("cpu", "median_s", "speedup", "speedup_cpu_time", "gemm_share", "load_average")
+    print(json.dumps({k: report[k] for k in keys}, indent=1))
     return report
 
 

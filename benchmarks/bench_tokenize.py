@@ -3,8 +3,8 @@
 The real English ``rega`` corpus (``configs/data/shared_en.yaml``, 11K examples under the embedded model's chat
 template) is repeated with fresh ids up to ``--records`` examples. Two child processes (separate peak RSS):
 
-* ``cold``: cache key (hash of every example), ``REGADataModule.tokenize`` (chat template rendering, batched fast
-  tokenizer, response-only labels, flat int32 arrays) and the ``.npz`` cache write;
+* ``cold``: cache key (hash of every example), ``rega.datamodules.tokenized.tokenize`` (chat template rendering,
+  batched fast tokenizer, response-only labels, flat int32 arrays) and the ``.npz`` cache write;
 * ``cached``: the same call path a second time, which finds the cache and loads it.
 
 Tokenizer and model-template loading are excluded (timed separately as ``setup_s``).
@@ -31,14 +31,16 @@ if str(REPO) not in sys.path:
 
 from benchmarks.common import peak_rss_mib  # noqa: E402
 
+MAX_LENGTH = 512
+
 
 def run_child(phase: str, records: int, cache: str) -> dict:
     from benchmarks.training_data import corpus_config
     from rega.datamodules.rega_datamodule import REGADataModule
-    from rega.datamodules.tokenized import cache_file
+    from rega.datamodules.tokenized import TokenizedExamples, cache_file, examples_key, tokenize
 
     t0 = time.perf_counter()
-    datamodule = REGADataModule(corpus=corpus_config(), max_length=512, cache=cache)
+    datamodule = REGADataModule(corpus=corpus_config(), max_length=MAX_LENGTH, cache=cache)
     base = datamodule.build_corpus().examples
     examples = [
         dataclasses.replace(base[i % len(base)], id=f"{base[i % len(base)].id}~{i // len(base)}")
@@ -49,11 +51,15 @@ def run_child(phase: str, records: int, cache: str) -> dict:
     rss_before = peak_rss_mib()
 
     t1 = time.perf_counter()
-    key = datamodule._cache_key(examples)
+    key = examples_key(datamodule.chat, examples, MAX_LENGTH)
     t2 = time.perf_counter()
     path = cache_file(datamodule.cache_root, key)
     found = path.exists()
-    data = datamodule._tokenized(examples, domains, create=True)  # tokenize + save, or load
+    if found:  # what the data module does: load a cached file, or tokenize and save
+        data = TokenizedExamples.load(path)
+    else:
+        data = tokenize(datamodule.chat, examples, domains, MAX_LENGTH)
+        data.save(path)
     t3 = time.perf_counter()
     tokens = int(data.lengths.sum())
     return {

@@ -170,7 +170,7 @@ def lightning_overhead(module: REGAModule, rows: int, steps: int) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -180,7 +180,32 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lightning-steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "profile_step.json"))
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def profiled_step(module: REGAModule, batch, optimizer, times: dict, real: int) -> dict:
+    """One step under the profiler: the phases' shares (from the unprofiled ``times``), op categories, top ops."""
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(module, batch, optimizer)
+    wall_us = (time.perf_counter() - t0) * 1e6
+    phases = {k: statistics.median(v) for k, v in times.items()}
+    total = sum(phases.values())
+    return {
+        "step_s": total,
+        "tokens_per_s": real / total,
+        "phases_share": {k: 100 * v / total for k, v in phases.items()},
+        "profiled_step_s": wall_us / 1e6,
+        "categories_share": categorize(prof, wall_us),
+        "top_ops": [
+            (e.key, round(100 * e.self_cpu_time_total / wall_us, 2), e.count)
+            for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+        ],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     start_load = load_average()
@@ -213,23 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         "paths": {},
     }
     for path in modules:
-        t0 = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            step(modules[path], batch, optimizers[path])
-        wall_us = (time.perf_counter() - t0) * 1e6
-        phases = {k: statistics.median(v) for k, v in times[path].items()}
-        total = sum(phases.values())
-        report["paths"][path] = {
-            "step_s": total,
-            "tokens_per_s": real / total,
-            "phases_share": {k: 100 * v / total for k, v in phases.items()},
-            "profiled_step_s": wall_us / 1e6,
-            "categories_share": categorize(prof, wall_us),
-            "top_ops": [
-                (e.key, round(100 * e.self_cpu_time_total / wall_us, 2), e.count)
-                for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
-            ],
-        }
+        report["paths"][path] = profiled_step(modules[path], batch, optimizers[path], times[path], real)
     if args.lightning_steps:
         report["lightning"] = lightning_overhead(modules[args.paths[0]], args.rows, args.lightning_steps)
     report["load_average"] = [start_load, load_average()]
