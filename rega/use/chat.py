@@ -27,7 +27,7 @@ from rega.config import ModelConfig, SamplingConfig
 from rega.data.prompts import PromptConfig
 from rega.errors import ConfigError
 from rega.modules.generation import decoding_kwargs, stop_token_ids
-from rega.use.loading import LoadedModel, load_for_use, system_text
+from rega.use.loading import LoadedModel, load_for_use, system_text, use_settings
 
 HELP = "/reset forgets the history, /system TEXT sets the system prompt, /role DOMAIN uses a role prompt, /exit ends"
 
@@ -193,10 +193,7 @@ def chat_command(
         device: auto (CUDA when available), cpu or cuda[:N].
         threads: CPU threads for torch; null = default.
     """
-    if threads:
-        torch.set_num_threads(threads)
-    config = model or ModelConfig()
-    sampling = SamplingConfig(do_sample, temperature, top_p, max_new_tokens, seed=seed)
+    config, sampling = use_settings(model, threads, max_new_tokens, do_sample, temperature, top_p, seed)
     loaded = load_for_use(config, adapter, device)
     session = ChatSession(
         loaded, system_text(loaded.chat, prompts, role, system), sampling, prompts, max_context_tokens

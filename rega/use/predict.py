@@ -44,7 +44,7 @@ from rega.eval.domain import check_rule, prompt_key
 from rega.io import file_sha256, stable_hash, write_json, write_jsonl
 from rega.modules.export import ADAPTER_WEIGHTS, check_adapter
 from rega.modules.generation import generate_batch, length_sorted_batches
-from rega.use.loading import load_chat_format, load_for_use, role_prompts
+from rega.use.loading import load_chat_format, load_for_use, role_prompts, use_settings
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +221,42 @@ def merge(output: Path, job: Job, metrics: list[Metric], generated: int) -> dict
     return summary
 
 
+def input_sources(
+    input_file: str | None, domain: str | None, source: list[DataSource] | None
+) -> list[DataSource]:
+    if bool(input_file) == bool(source):
+        raise ConfigError("give the records as --input_file FILE or as --source [...], one of the two")
+    return list(source or [DataSource(path=input_file, domain=domain)])
+
+
+def run_locked(
+    out: Path, job: Job, device, config, adapter, batch_size, max_batch_tokens, metrics
+) -> tuple[int, dict]:
+    """Under the output's lock: generate what no shard holds yet, then merge; (records generated, summary)."""
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(output_lock(out))
+        except ConfigError:
+            raise ConfigError(f"another process is writing predictions to {out}; wait for it") from None
+        write_json(out / SETTINGS_FILE, job.settings)
+        for note in seal_leftovers(out):
+            log.info(note)
+        done = done_ids(out, job)
+        todo = [i for i, rec in enumerate(job.records) if rec.id not in done]
+        before = len(job.records) - len(todo)
+        log.info(
+            "predict: %d records, %d answered before, %d to generate", len(job.records), before, len(todo)
+        )
+        generated = generate_missing(out, job, todo, device, config, adapter, batch_size, max_batch_tokens)
+        return generated, merge(out, job, list(metrics or []), generated)
+
+
+def print_summary(summary: dict, generated: int) -> None:
+    print(f"{summary['records']} predictions ({generated} generated now) in {summary['predictions']}")
+    for name, per_task in summary["metrics"].items():
+        print(f"  {name}: " + ", ".join(f"{task} {value:.3f}" for task, value in per_task.items()))
+
+
 def predict_command(
     output: str,
     input_file: str | None = None,
@@ -272,32 +308,10 @@ def predict_command(
         device: auto (CUDA when available), cpu or cuda[:N].
         threads: CPU threads for torch; null = default.
     """
-    if threads:
-        torch.set_num_threads(threads)
-    if bool(input_file) == bool(source):
-        raise ConfigError("give the records as --input_file FILE or as --source [...], one of the two")
-    sources = list(source or [DataSource(path=input_file, domain=domain)])
-    config = model or ModelConfig()
-    sampling = SamplingConfig(do_sample, temperature, top_p, max_new_tokens, seed=seed)
-    job = prepare(config, adapter, sources, rule, prompts, sampling, limit, skip_invalid)
+    config, sampling = use_settings(model, threads, max_new_tokens, do_sample, temperature, top_p, seed)
+    job = prepare(config, adapter, input_sources(input_file, domain, source), rule, prompts, sampling, limit,
+                  skip_invalid)  # fmt: skip
     out = Path(output)
     check_settings(out, job.settings)  # before the lock and the model: a refusal costs nothing
-    with contextlib.ExitStack() as held:
-        try:
-            held.enter_context(output_lock(out))
-        except ConfigError:
-            raise ConfigError(f"another process is writing predictions to {out}; wait for it") from None
-        write_json(out / SETTINGS_FILE, job.settings)
-        for note in seal_leftovers(out):
-            log.info(note)
-        done = done_ids(out, job)
-        todo = [i for i, rec in enumerate(job.records) if rec.id not in done]
-        before = len(job.records) - len(todo)
-        log.info(
-            "predict: %d records, %d answered before, %d to generate", len(job.records), before, len(todo)
-        )
-        generated = generate_missing(out, job, todo, device, config, adapter, batch_size, max_batch_tokens)
-        summary = merge(out, job, list(metrics or []), generated)
-    print(f"{summary['records']} predictions ({generated} generated now) in {summary['predictions']}")
-    for name, per_task in summary["metrics"].items():
-        print(f"  {name}: " + ", ".join(f"{task} {value:.3f}" for task, value in per_task.items()))
+    generated, summary = run_locked(out, job, device, config, adapter, batch_size, max_batch_tokens, metrics)
+    print_summary(summary, generated)
