@@ -86,7 +86,8 @@ def random_examples(vocab: int, lengths=LENGTHS) -> TokenizedExamples:
     tokens = rng.integers(0, vocab, size=sum(lengths)).astype(np.int32)
     return TokenizedExamples(
         tokens=tokens, offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        prompt_lens=np.array([n // 3 for n in lengths], dtype=np.int32),
+        spans=np.array([(n // 3, n) for n in lengths], dtype=np.int32).reshape(-1, 2),
+        span_offsets=np.arange(len(lengths) + 1, dtype=np.int64),  # one span each: the last two thirds
         domain_ids=np.zeros(len(lengths), dtype=np.int16), domains=["d"],
     )  # fmt: skip
 

@@ -142,7 +142,9 @@ def test_packed_bf16_rows_on_gpu_run_varlen_and_equal_examples_alone(tiny_model_
     rng = np.random.default_rng(0)
     data = TokenizedExamples(
         tokens=rng.integers(0, len(module.tokenizer), size=sum(lengths)).astype(np.int32),
-        offsets=np.concatenate([[0], np.cumsum(lengths)]), prompt_lens=np.array([n // 3 for n in lengths]),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]),
+        spans=np.array([(n // 3, n) for n in lengths], dtype=np.int32).reshape(-1, 2),
+        span_offsets=np.arange(len(lengths) + 1, dtype=np.int64),  # one span each: the last two thirds
         domain_ids=np.zeros(len(lengths), dtype=np.int16), domains=["d"],
     )  # fmt: skip
     rows = pack_rows(lengths, 64)
