@@ -238,7 +238,8 @@ def packed_batches(cfg: dict, count: int):
     data = TokenizedExamples(
         tokens=rng.integers(PAD + 1, cfg["vocab"], size=int(lengths.sum())).astype(np.int32),
         offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        prompt_lens=(lengths * 0.6).astype(np.int32), domain_ids=np.zeros(len(lengths), dtype=np.int16),
+        spans=np.stack([(lengths * 0.6).astype(np.int32), lengths], 1).astype(np.int32),
+        span_offsets=np.arange(len(lengths) + 1, dtype=np.int64), domain_ids=np.zeros(len(lengths), dtype=np.int16),
         domains=["random"],
     )  # fmt: skip
     rows = pack_rows(
@@ -257,7 +258,8 @@ def step_flops(cfg: dict, layers: int, data, rows: list[list[int]]) -> dict:
     linear = 2 * (4 * d * d + 3 * d * cfg["mlp"])  # per token and layer, forward (multi-head attention)
     lengths = [int(data.lengths[i]) for row in rows for i in row]
     tokens, pairs = sum(lengths), sum(n * (n + 1) // 2 for n in lengths)
-    head = 2 * d * cfg["vocab"] * sum(int(data.lengths[i] - data.prompt_lens[i]) for row in rows for i in row)
+    supervised = sum(int(end - start) for row in rows for i in row for start, end in data.label_spans(i))
+    head = 2 * d * cfg["vocab"] * supervised
     layer_forward = linear * tokens + 4 * d * pairs
     model = layers * (2 * linear * tokens + 3.5 * 4 * d * pairs) + 2 * head
     return {"tokens": tokens, "model": model, "hardware": model + layers * layer_forward}

@@ -34,9 +34,8 @@ class TokenizedExamples:
     tokens: np.ndarray  # int32, all examples concatenated
     offsets: np.ndarray  # int64, len n+1
     spans: np.ndarray  # int32 (k, 2): the supervised [start, end) runs within an example
-    span_offsets: (
-        np.ndarray
-    )  # int64, len n+1: example i's spans are spans[span_offsets[i] : span_offsets[i+1]]
+    # int64, len n+1: example i's spans are spans[span_offsets[i] : span_offsets[i+1]]
+    span_offsets: np.ndarray
     domain_ids: np.ndarray  # int16, index into `domains`
     domains: list[str]
     truncated: int = 0  # responses cut to fit max_length
