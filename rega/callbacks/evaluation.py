@@ -1,9 +1,10 @@
-"""Evaluate during training: domain tasks, general multiple choice and drift after chosen epochs and at the end.
+"""Evaluate during training: domain tasks, general multiple choice and drift after chosen epochs and at the end, and
+optionally LLM-judged benchmarks (MT-Bench, the judged general sets).
 
 The callback only schedules and logs; the work is :func:`rega.eval.pipeline.evaluate_model`, which ``rega evaluate``
-also calls. It reads the model from the LightningModule (``.model``: the peft-wrapped causal LM, ``.tokenizer``,
-``.chat``) and the prompts from the DataModule (``.prompts``: RolePrompts, ``.strategy``: strategy name whose
-inference rules apply).
+also calls, and :func:`rega.eval.judged.run_judge_benchmarks`. It reads the model from the LightningModule (``.model``:
+the peft-wrapped causal LM, ``.tokenizer``, ``.chat``) and the prompts from the DataModule (``.prompts``: RolePrompts,
+``.strategy``: strategy name whose inference rules apply).
 
 Files (rank 0), under ``output_dir`` (default ``<trainer.log_dir>/eval``):
 
@@ -11,15 +12,21 @@ Files (rank 0), under ``output_dir`` (default ``<trainer.log_dir>/eval``):
   evaluation that does not fall on an evaluated epoch boundary, and ``eval.json`` = the latest of them;
   each carries ``epoch`` (epochs completed), ``global_step`` and ``tag``;
 * ``<tag>/predictions.jsonl`` and ``<tag>/general_mc.jsonl``: per-example answers and option log-likelihoods;
+* ``<tag>/<benchmark>/``: a judged benchmark's answers, judgments and ``scores.json`` (with ``judge``);
 * ``base.json``: general MC and drift of the base model (adapters disabled), measured once when
   ``compare_base``; every evaluation then reports ``base`` and ``delta`` next to them.
 
 Logging: every scalar of :func:`rega.eval.summary.scalars` (``eval/<rule>/overall``,
-``eval/<rule>/<domain>/<task>/acc``, ``eval/general_mc/<name>``, ``eval/drift/<name>/logprob_per_token`` ...) goes
-to every logger through ``logger.log_metrics(..., step=global_step)`` — the same path at epoch end and at the end of
-training, where ``LightningModule.log`` is not allowed — and a markdown table of sample answers goes to
-TensorBoard as text (``eval/samples``). The scalars also go into ``trainer.callback_metrics`` on every rank, so
-``ModelCheckpoint(monitor="eval/central/overall", mode="max")`` can keep the best evaluated epoch.
+``eval/<rule>/<domain>/<task>/acc``, ``eval/general_mc/<name>``, ``eval/drift/<name>/logprob_per_token``, a judged
+benchmark's mean ``eval/mt_bench/score`` ...) goes to every logger through ``logger.log_metrics(...,
+step=global_step)`` — the same path at epoch end and at the end of training, where ``LightningModule.log`` is not
+allowed — and a markdown table of sample answers goes to TensorBoard as text (``eval/samples``). The scalars also go
+into ``trainer.callback_metrics`` on every rank, so ``ModelCheckpoint(monitor="eval/central/overall", mode="max")``
+can keep the best evaluated epoch.
+
+Judged benchmarks (``judge`` with ``judge_config``) run on rank 0 only, after the judge-free scores; the other ranks
+wait for their results. The judge's API key is read from the environment variable the judge config names, and
+nowhere else: when it is not set, one log line says the judged benchmarks are skipped and why, and training goes on.
 
 Distributed training (DDP): every rank runs the evaluation; generation, option scoring and drift are sharded
 across ranks and their torchmetrics sums are synced, per-example rows are gathered, lm-eval (single-process
@@ -40,6 +47,7 @@ from lightning.pytorch.callbacks import Callback
 
 from rega.data.prompts import CENTRAL
 from rega.errors import ConfigError
+from rega.eval.judged import JudgeRequest, judge_problems, missing_key, run_judge_benchmarks
 from rega.eval.pipeline import base_reference, evaluate_model
 from rega.eval.settings import EvalSettings
 from rega.eval.summary import samples_markdown, scalars
@@ -67,6 +75,10 @@ class EvaluationCallback(Callback):
         rules: list[str] | None = None,
         compare_base: bool = True,
         output_dir: str | None = None,
+        judge: list[str] | None = None,
+        judge_config: str | None = None,
+        judge_limit: int | None = None,
+        judge_max_new_tokens: int | None = None,
         limit_per_task: int | None = 50,
         **settings,
     ):
@@ -81,10 +93,19 @@ class EvaluationCallback(Callback):
             compare_base: measure general MC and drift of the base model (adapters disabled) once, and report
                 each evaluation's difference to it.
             output_dir: where eval files go; ``None`` uses ``<trainer.log_dir>/eval``.
+            judge: LLM-judged benchmarks to run too (mt_bench, general_en, general_zh), on rank 0; needs
+                ``judge_config``. Their mean scores are logged as ``eval/<benchmark>/score``.
+            judge_config: the judge's YAML (``configs/eval/judge_*.yaml``); its API key comes from the
+                environment variable it names; when that is not set, the judged benchmarks are skipped.
+            judge_limit: first N questions of each judged benchmark.
+            judge_max_new_tokens: answer length cap of the judged benchmarks; ``None`` keeps theirs (MT-Bench 1024).
             limit_per_task: first N records of each (domain, task); ``None`` keeps all.
         """
         super().__init__()
         self.settings = EvalSettings(limit_per_task=limit_per_task, **settings)
+        if bool(judge) != bool(judge_config):
+            raise ConfigError("evaluation: judge (the benchmarks) and judge_config (the judge) go together")
+        self.judge = JudgeRequest(judge or [], judge_config, judge_limit, max_new_tokens=judge_max_new_tokens)
         self.after_epochs = [2] if after_epochs is None else list(after_epochs)
         self.at_fit_end = at_fit_end
         self.rules = list(rules) if rules else None
@@ -93,6 +114,7 @@ class EvaluationCallback(Callback):
         self._dir: Path | None = None
         self._data = None
         self._base: dict | None = None
+        self._judge_client = None
         self._evaluated_steps: set[int] = set()
         self.results: list[dict] = []  # every evaluation of this run, in order
 
@@ -110,6 +132,8 @@ class EvaluationCallback(Callback):
         # trainer.log_dir broadcasts from rank 0, so every rank resolves it here, together.
         root = self.output_dir or str(Path(trainer.log_dir or trainer.default_root_dir) / "eval")
         self._dir = Path(root)
+        if self.judge.benchmarks and trainer.is_global_zero:
+            self._judge_client = self._connect_judge()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
@@ -121,6 +145,17 @@ class EvaluationCallback(Callback):
             self.evaluate(trainer, pl_module, tag=f"step{trainer.global_step}", epoch=trainer.current_epoch)
 
     # ------------------------------------------------------------------------------------------ work
+
+    def _connect_judge(self):
+        """The judge's client, or None (one log line) when its API key is not in the environment."""
+        from rega.eval.judge import JudgeClient, load_judge_config
+
+        judge = load_judge_config(self.judge.config)
+        why = missing_key(judge)
+        if why:
+            log.warning("evaluation: judged benchmarks %s skipped: %s", ", ".join(self.judge.benchmarks), why)
+            return None
+        return JudgeClient(judge)
 
     def _rules(self, trainer: L.Trainer) -> list[str]:
         if self.rules:
@@ -148,6 +183,16 @@ class EvaluationCallback(Callback):
                 write_json(out_dir / "base.json", self._base)
         return self._base
 
+    def _judged(self, trainer: L.Trainer, lm, system: str, out: Path) -> dict | None:
+        """The judged benchmarks' results (rank 0 runs them, every rank receives them); None when skipped."""
+        results = None
+        if trainer.is_global_zero and self._judge_client is not None:
+            client = self._judge_client
+            results = run_judge_benchmarks(lm, system, self.judge, client.config, client, out)
+            for problem in judge_problems(results, client.config):
+                log.warning("evaluation: %s", problem)
+        return trainer.strategy.broadcast(results, src=0)
+
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str, epoch: int) -> dict:
         """Run one evaluation now (all ranks), write its files and log it (rank 0); returns the result."""
         from rega.eval.domain import load_task_records
@@ -163,6 +208,9 @@ class EvaluationCallback(Callback):
             base_reference=base,
         )  # fmt: skip
         result = {"tag": tag, "epoch": epoch, "global_step": trainer.global_step, **result}
+        judged = self._judged(trainer, lm, prompts.central, out_dir / tag) if self.judge.benchmarks else None
+        if judged is not None:
+            result["judge"] = judged
         self._record(trainer, result, out_dir)
         return result
 

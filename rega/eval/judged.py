@@ -38,12 +38,14 @@ class JudgeRequest:
         limit: first N questions of each benchmark.
         answers: grade this answer file instead of generating (one benchmark: a FastChat ``model_answer`` JSONL
             for mt_bench, an ``answers.jsonl`` of an earlier run for a general set); no model is loaded.
+        max_new_tokens: answer length cap; ``None`` keeps each benchmark's own (MT-Bench 1024, general sets 512).
     """
 
     benchmarks: list[str] = field(default_factory=list)
     config: str | None = None
     limit: int | None = None
     answers: str | None = None
+    max_new_tokens: int | None = None
 
     def __post_init__(self) -> None:
         self.benchmarks = list(self.benchmarks or [])
@@ -86,6 +88,8 @@ def run_judge_benchmarks(lm, system: str, request: JudgeRequest, judge, client, 
         kwargs = {"output_dir": str(out / name), "limit": request.limit, "judge_client": client}
         if request.answers:
             kwargs["answers_file"] = request.answers
+        if request.max_new_tokens:
+            kwargs["max_new_tokens"] = request.max_new_tokens
         try:
             results[name] = run(*lm, system, judge, **kwargs)
         except JudgeError as err:
