@@ -589,8 +589,8 @@ def killed(handle, **arrays):  # half the bytes are out when the process dies
     handle.write(b"PK half a zip"); handle.flush(); os._exit(9)
 
 np.savez = killed
-TokenizedExamples(np.arange(3, dtype=np.int32), np.array([0, 3]), np.array([1], dtype=np.int32),
-                  np.array([0], dtype=np.int16), ["medical"]).save(Path(sys.argv[1]))
+TokenizedExamples(np.arange(3, dtype=np.int32), np.array([0, 3]), np.array([[1, 3]], dtype=np.int32),
+                  np.array([0, 1]), np.array([0], dtype=np.int16), ["medical"]).save(Path(sys.argv[1]))
 """
 
 
@@ -603,7 +603,8 @@ def test_tokenized_cache_kill_and_no_pickle(tmp_path, monkeypatch):
     done = subprocess.run([sys.executable, "-c", KILLED_CACHE_WRITE, str(path)], cwd=REPO_ROOT, timeout=120)
     assert done.returncode == 9 and not path.exists()  # no half-written cache file under the real name
     assert [p.name for p in path.parent.iterdir()][0].startswith(".key.v2.npz.~")
-    data = TokenizedExamples(np.arange(5, dtype=np.int32), np.array([0, 2, 5]), np.array([1, 1], dtype=np.int32),
+    spans = np.array([[1, 2], [1, 3]], dtype=np.int32)
+    data = TokenizedExamples(np.arange(5, dtype=np.int32), np.array([0, 2, 5]), spans, np.array([0, 1, 2]),
                              np.array([0, 1], dtype=np.int16), ["legal", "medical"], truncated=1)  # fmt: skip
     data.save(path)
     assert [p.name for p in path.parent.iterdir()] == ["key.v2.npz"]  # the killed run's temp file is gone
@@ -615,6 +616,7 @@ def test_tokenized_cache_kill_and_no_pickle(tmp_path, monkeypatch):
         loaded.domains == ["legal", "medical"]
         and loaded.truncated == 1
         and loaded.tokens.tolist() == [0, 1, 2, 3, 4]
+        and loaded.spans.tolist() == [[1, 2], [1, 3]]
     )
 
 

@@ -74,6 +74,9 @@ def trainer_for(tmp_path, callback, logger=True):
     return L.Trainer(
         max_epochs=2,
         accelerator="cpu",
+        default_root_dir=str(
+            tmp_path
+        ),  # without a logger the callback writes under it, not the working directory
         logger=TensorBoardLogger(str(tmp_path), name="tb") if logger else False,
         limit_train_batches=2,
         enable_checkpointing=False,
