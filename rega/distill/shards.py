@@ -84,6 +84,15 @@ def read_all_shards(output_dir: Path) -> Iterator[tuple[Path, dict]]:
             yield path, row
 
 
+def lock_or_refuse(handle, message: str) -> None:
+    """Take an exclusive lock on an open file (released by the kernel when the process dies), or refuse with
+    ``message`` when a live process holds it."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ConfigError(message) from None
+
+
 def seal_leftovers(output_dir: Path) -> list[str]:
     """Make the ``*.partial`` shards of killed runs final: cut the torn tail, rename. Returns what was done."""
     notes = []
@@ -91,12 +100,10 @@ def seal_leftovers(output_dir: Path) -> list[str]:
         if not path.name.endswith(PARTIAL):
             continue
         with open(path, "rb+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ConfigError(
-                    f"{path} is still being written by a process of an earlier run; stop it before restarting"
-                ) from None
+            lock_or_refuse(
+                handle,
+                f"{path} is still being written by a process of an earlier run; stop it before restarting",
+            )
             keep = len(_complete_bytes(path))
             size = os.fstat(handle.fileno()).st_size
             if keep < size:
@@ -141,12 +148,9 @@ def output_lock(output_dir: Path) -> Iterator[None]:
     """Exclusive use of ``output_dir`` for one run (released by the kernel if the process dies)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     with open(output_dir / ".distill.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(
-                f"another distillation is running on {output_dir}; wait for it or use another output_dir"
-            ) from None
+        lock_or_refuse(
+            handle, f"another distillation is running on {output_dir}; wait for it or use another output_dir"
+        )
         yield
 
 
