@@ -1,5 +1,6 @@
 """The package's layers point only down: every module of ``rega`` sits on one floor of :data:`LAYERS`, and no import
-(at the top of a file or inside a function) reaches a higher floor or closes a cycle between modules.
+(at the top of a file or inside a function) reaches a higher floor or closes a cycle between modules. And its files
+and functions (with the benchmarks') stay short enough to read.
 
 Read by parsing the sources with ``ast``; nothing is imported, so the test takes no time and sees lazy imports too.
 """
@@ -179,3 +180,32 @@ def test_checker_finds_a_cycle(tiny):
 def test_checker_finds_a_module_missing_from_the_table(tiny):
     (tiny / "stray.py").write_text("")
     assert unplaced(import_graph(tiny), TINY_LAYERS) == ["rega.stray"]
+
+
+# --- sizes: short functions, files a reader can hold ----------------------------------------------------------
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 60
+
+
+def oversized(paths: list[Path]) -> list[str]:
+    """Files over MAX_FILE_LINES lines and functions over MAX_FUNCTION_LINES lines, as ``path[:line] name``."""
+    found = []
+    for path in paths:
+        text = path.read_text(encoding="utf-8")
+        if len(text.splitlines()) > MAX_FILE_LINES:
+            found.append(f"{path.name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            function = isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            if function and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
+                found.append(f"{path.name}:{node.lineno} {node.name}")
+    return found
+
+
+def test_no_long_file_or_function_in_rega_and_benchmarks():
+    paths = [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "benchmarks").rglob("*.py")]
+    assert oversized(paths) == []
+
+
+def test_size_check_finds_a_long_function(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "long.py").write_text(f"def long():\n{body}\n")
+    assert oversized([tmp_path / "long.py"]) == ["long.py:1 long"]
