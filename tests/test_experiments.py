@@ -145,10 +145,11 @@ def test_grid_runs_fit_and_eval_then_skips_finished_runs(tiny_model_dir, tmp_pat
     assert [row["label"] for row in report["rows"]] == ["zero-shot", "FTRP"]
 
 
-def test_committed_cpu_results_regenerate_from_their_runs(tmp_path, shared_data):
-    """docs/results/cpu_en holds the CPU-scale grid's run records; the report command rebuilds its table from them
-    (their trivial baselines from the shared data: these records predate ``baselines`` in eval.json)."""
-    committed = Path(__file__).resolve().parents[1] / "docs" / "results" / "cpu_en"
+@pytest.mark.parametrize("grid", ["cpu_en", "cpu_zh"])
+def test_committed_cpu_results_regenerate_from_their_runs(grid, tmp_path, shared_data):
+    """docs/results/<grid> holds a CPU-scale grid's run records; the report command rebuilds its table from them
+    (cpu_en's trivial baselines from the shared data: those records predate ``baselines`` in eval.json)."""
+    committed = Path(__file__).resolve().parents[1] / "docs" / "results" / grid
     report = write_report(committed / "runs", tmp_path)
     for name in ("results.md", "results.csv", "report.json"):
         assert (tmp_path / name).read_text() == (committed / name).read_text(), name
