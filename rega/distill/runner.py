@@ -17,10 +17,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import random
 import time
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from rega.config import MERGED, DistillConfig
@@ -215,6 +217,18 @@ def run_distillation(cfg: DistillConfig, *, progress: bool = True, in_process: b
     return _run(cfg, progress, in_process)[0]
 
 
+@contextlib.contextmanager
+def preserved_random_state():
+    """Leave the global random generators (Python, NumPy, torch CPU and CUDA) as they were: a fit that distils D_g
+    first then trains exactly as one whose D_g already existed (sampling consumes random numbers, and the LoRA
+    weights are drawn after it, when the model is configured)."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        yield
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+
+
 def ensure_distilled(cfg: DistillConfig, processes: int) -> Path:
     """D_g for a training run: generated here when the run is one process, else it must exist already.
 
@@ -222,7 +236,8 @@ def ensure_distilled(cfg: DistillConfig, processes: int) -> Path:
     time out); ``rega distill`` spreads the work over every GPU instead.
     """
     if processes == 1:
-        return run_distillation(cfg, in_process=True)
+        with preserved_random_state():
+            return run_distillation(cfg, in_process=True)
     check_config(cfg)
     if not is_complete(cfg, build_context(cfg)):
         raise ConfigError(
