@@ -169,6 +169,14 @@ def cache_key(config: JudgeConfig, messages: Sequence[dict]) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def api_key(config: JudgeConfig) -> str | None:
+    """The judge's API key, read only from the environment variable ``config.api_key_env`` names; None when no
+    variable is named or it is unset or blank."""
+    if not config.api_key_env:
+        return None
+    return os.environ.get(config.api_key_env, "").strip() or None
+
+
 class JudgeClient:
     """Sends chat-completions requests to the judge, with retries, a disk cache and a thread pool.
 
@@ -192,14 +200,12 @@ class JudgeClient:
         self._cache_dir = (
             Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_root() / "judge"
         )
-        self._api_key: str | None = None
-        if config.api_key_env:
-            self._api_key = os.environ.get(config.api_key_env, "").strip() or None
-            if self._api_key is None:
-                raise JudgeError(
-                    f"the judge API key is read from the environment variable {config.api_key_env}, which is "
-                    "not set; export it, or set api_key_env: null for a server without authentication"
-                )
+        self._api_key = api_key(config)
+        if config.api_key_env and self._api_key is None:
+            raise JudgeError(
+                f"the judge API key is read from the environment variable {config.api_key_env}, which is "
+                "not set; export it, or set api_key_env: null for a server without authentication"
+            )
         self._client = openai_client(config, self._api_key)
 
     def __repr__(self) -> str:  # never show the key

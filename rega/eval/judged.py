@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rega.errors import ConfigError, JudgeError
+from rega.eval.judge import api_key
 from rega.eval.ratings import first_error, missing_problem
 from rega.io import write_json, write_jsonl
 
@@ -59,9 +59,8 @@ class JudgeRequest:
 def missing_key(judge) -> str | None:
     """Why ``judge`` (a JudgeConfig) cannot authenticate, or None: its key variable is named but not set. The
     message names the variable, never a value."""
-    name = judge.api_key_env
-    if name and not os.environ.get(name, "").strip():
-        return f"the judge's API key variable {name} is not set"
+    if judge.api_key_env and api_key(judge) is None:
+        return f"the judge's API key variable {judge.api_key_env} is not set"
     return None
 
 
