@@ -201,6 +201,18 @@ def test_decoder_layer_classes_come_from_the_model(tiny_dirs):
     )
 
 
+def test_compile_layers_finds_every_architectures_decoder_layers(tiny_dirs):
+    """compile_layers compiles the decoder blocks of any architecture (BLOOM keeps them in ``transformer.h``, not
+    ``.layers``), and nothing else."""
+    for arch in ("llama", "bloom"):
+        module = REGAModule(model=ModelConfig(name_or_path=str(tiny_dirs(arch))), compile_layers=True)
+        module.configure_model()
+        layer_types = decoder_layer_classes(module.model)
+        compiled = [m for m in module.model.modules() if m._compiled_call_impl is not None]
+        assert all(isinstance(m, layer_types) for m in compiled), arch
+        assert len(compiled) == module.model.config.num_hidden_layers > 0, arch
+
+
 def test_bloom_loads_with_eager_attention(tiny_dirs):
     model = load_model(
         ModelConfig(name_or_path=str(tiny_dirs("bloom")))

@@ -131,7 +131,10 @@ class REGAModule(L.LightningModule):
         # from_pretrained returns eval mode and Lightning keeps submodule modes: without this, LoRA dropout is off.
         self.model = model.train()
         if self.compile_layers:  # compiled lazily, at each layer's first call
-            for layer in model.get_base_model().get_decoder().layers:
+            layer_types = decoder_layer_classes(
+                model
+            )  # the FSDP units' classes: any architecture (BLOOM's h)
+            for layer in [m for m in model.modules() if isinstance(m, layer_types)]:
                 layer.compile()
 
     # --- loss ---------------------------------------------------------------------------------------------
