@@ -96,12 +96,11 @@ def variants(model, tokenizer, contexts, options, args):
     def prefill_only():  # where the time goes: the prompts' forward pass alone, same batches
         import torch
 
-        from rega.eval.loglik import _left_padded
-        from rega.modules.generation import length_sorted_batches
+        from rega.modules.generation import left_padded, length_sorted_batches
 
         with torch.inference_mode():
             for batch in length_sorted_batches([len(c) for c in contexts], args.batch_size):
-                ids, mask, pos = _left_padded([contexts[i] for i in batch], tokenizer.pad_token_id)
+                ids, mask, pos = left_padded([contexts[i] for i in batch], tokenizer.pad_token_id)
                 model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, use_cache=False)
         return None, None
 

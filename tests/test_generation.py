@@ -1,11 +1,28 @@
-"""Batched generation: the fast top-p equals transformers' warpers; batches follow length order."""
+"""Batched generation: the fast top-p equals transformers' warpers; batches follow length order; the decoding
+loop that drops finished rows answers as ``model.generate`` does."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import replace
+
+import pytest
 import torch
 from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
-from rega.modules.generation import TemperatureTopP, length_sorted_batches
+from rega.config import ModelConfig, SamplingConfig
+from rega.data.chat import ChatFormat
+from rega.model_source import load_tokenizer
+from rega.modules.generation import (
+    GREEDY,
+    TemperatureTopP,
+    decoding_kwargs,
+    generate_batch,
+    left_padded,
+    length_sorted_batches,
+    pad_token_id,
+    stop_token_ids,
+)
 
 
 def reference(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -33,3 +50,112 @@ def test_length_sorted_batches_cover_every_prompt_once():
     assert [lengths[i] for i in batches[0]] == [9, 7, 7]
     capped = length_sorted_batches(lengths, batch_size=3, max_batch_tokens=14)
     assert all(max(lengths[i] for i in b) * len(b) <= 14 or len(b) == 1 for b in capped)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random LLaMA whose answers vary with the prompt (the shared tiny model, at the usual 0.02
+    initialisation, answers the same token at every step), with the embedded model's tokenizer and template."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer(ModelConfig())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    chat = ChatFormat(tokenizer)
+    texts = [
+        "Hi",
+        "A much longer question about the patient, the outcome and the dose",
+        "Why so?",
+        "Tell me more",
+    ]
+    return model, tokenizer, [chat.encode_prompt(chat.default_system, t) for t in texts]
+
+
+def hf_generate(model, tokenizer, prompts, sampling) -> list[tuple[list[int], str]]:
+    """``model.generate`` on the same left-padded batch, each row cut at its first stop token."""
+    pad = pad_token_id(tokenizer)
+    input_ids, attention, _ = left_padded(prompts, pad)
+    stops = stop_token_ids(model, tokenizer)
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attention, **decoding_kwargs(sampling, stops, pad)
+        )
+    rows = []
+    for new in out[:, input_ids.shape[1] :].tolist():
+        cut = next((k for k, t in enumerate(new) if t in stops), None)
+        rows.append((new, "length") if cut is None else (new[:cut], "stop"))
+    return rows
+
+
+@contextmanager
+def stopping_at(model, tokens: list[int]):
+    """These tokens end a turn (as a model's end-of-turn token does), for one test."""
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = tokens
+    try:
+        yield
+    finally:
+        model.generation_config.eos_token_id = saved
+
+
+@contextmanager
+def rows_per_forward(model):
+    seen: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda _, a, kw: seen.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        yield seen
+    finally:
+        hook.remove()
+
+
+def test_greedy_decoding_equals_generate_and_drops_finished_rows(tiny):
+    model, tokenizer, prompts = tiny
+    greedy = replace(GREEDY, max_new_tokens=12)
+    free = hf_generate(model, tokenizer, prompts, greedy)
+    assert len({tuple(t) for t, _ in free}) == len(prompts)  # the rows answer differently
+    with stopping_at(model, [free[0][0][2], free[2][0][6]]):  # row 0 ends at step 3, row 2 at step 7
+        with rows_per_forward(model) as seen:
+            ours = generate_batch(model, tokenizer, prompts, greedy)
+        theirs = hf_generate(model, tokenizer, prompts, greedy)
+    assert [(g.token_ids, g.finish_reason) for g in ours] == theirs
+    assert [len(g.token_ids) for g in ours][0] == 2 and {"stop", "length"} <= {g.finish_reason for g in ours}
+    assert seen[0] == len(prompts) and seen[-1] < len(prompts)  # finished rows left the batch
+    assert seen == sorted(seen, reverse=True) and len(seen) == greedy.max_new_tokens
+
+
+def test_sampling_draws_as_generate(tiny):
+    """Seeded draws are generate's token for token (temperature, top-p and the repetition penalty applied as
+    generate applies them) while every row is in the batch; a row that finishes changes later draws of the
+    others (fewer rows, other random numbers), not their law."""
+    model, tokenizer, prompts = tiny
+    sampling = SamplingConfig(temperature=0.7, top_p=0.95, max_new_tokens=10, repetition_penalty=1.3)
+    torch.manual_seed(5)
+    ours = generate_batch(model, tokenizer, prompts, sampling)
+    torch.manual_seed(5)
+    theirs = hf_generate(model, tokenizer, prompts, sampling)
+    assert [(g.token_ids, g.finish_reason) for g in ours] == theirs
+    torch.manual_seed(6)
+    assert [g.token_ids for g in generate_batch(model, tokenizer, prompts, sampling)] != [
+        t for t, _ in theirs
+    ]
+    with stopping_at(model, [theirs[1][0][3]]):  # row 1 ends at step 4
+        torch.manual_seed(5)
+        early = generate_batch(model, tokenizer, prompts, sampling)
+    assert early[1].token_ids == theirs[1][0][:3] and early[1].finish_reason == "stop"
+    for g, (tokens, _) in zip(early, theirs):
+        assert g.token_ids[:3] == tokens[:3]  # the same draws until row 1 stopped
+        assert g.finish_reason == "stop" or len(g.token_ids) == sampling.max_new_tokens

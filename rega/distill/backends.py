@@ -1,4 +1,4 @@
-"""Generation backends for distillation: Hugging Face ``generate`` (default, every device) and vLLM (optional).
+"""Generation backends for distillation: transformers models (default, every device) and vLLM (optional).
 
 A backend takes a batch of tokenized prompts plus their record ids and returns one
 :class:`~rega.modules.generation.Generation` per prompt, in order. Seeds are derived from the configured seed and
@@ -42,7 +42,8 @@ def check_backend(name: str) -> None:
 
 
 class HFBackend:
-    """One ``model.generate`` call per batch: left-padded, KV cache, stops when every row hit end-of-turn."""
+    """One batch at a time through :func:`rega.modules.generation.generate_batch`: left-padded, KV cache,
+    finished rows leave the batch."""
 
     def __init__(self, model_cfg: ModelConfig, tokenizer, sampling: SamplingConfig, device: torch.device):
         # A 4-bit model cannot be moved after loading: place it while loading instead.

@@ -5,21 +5,30 @@ question both ways (``acc`` from the generated answer, ``ll_acc`` from the optio
 twice. Here each batch of contexts (sorted by length, under a token budget) is run once with the cache kept. All
 options of a row then run in one short forward on top of it — concatenated, each option attending to the
 context and to its own earlier tokens only (a 4D mask), at the positions it would have right after the context
-— and are cropped from the cache again; greedy decoding continues from the context. So no cache is copied or
-repeated per option. Both results are what the separate paths compute (greedy decoding is argmax at every step,
-stopped at the end-of-turn token, as ``model.generate`` does; ``tests/test_domain_eval.py`` and
-``benchmarks/bench_eval.py`` check that answers and option scores agree, the benchmark measures the speed-up).
+— and are cropped from the cache again; greedy decoding (:func:`rega.modules.generation.decode`) continues from
+the context. So no cache is copied or repeated per option. Both results are what the separate paths compute
+(``tests/test_domain_eval.py`` and ``benchmarks/bench_eval.py`` check that answers and option scores agree, the
+benchmark measures the speed-up).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
-from rega.eval.loglik import _left_padded, _pad_id, prefill
+from rega.eval.loglik import first_logprobs
 from rega.eval.progress import Progress
-from rega.modules.generation import Generation, length_sorted_batches, stop_token_ids
+from rega.modules.generation import (
+    GREEDY,
+    Generation,
+    decode,
+    left_padded,
+    length_sorted_batches,
+    pad_token_id,
+    prefill,
+)
 
 
 def score_options(model, cache, cache_key: str, attention, first_lp, conts, pad_id: int, device):
@@ -72,46 +81,6 @@ def score_options(model, cache, cache_key: str, attention, first_lp, conts, pad_
     return out
 
 
-def greedy_from_cache(
-    model, tokenizer, last_logits, cache, cache_key, attention, max_new_tokens: int, device
-):
-    """Greedy continuation of prefilled rows (left-padded ``attention``): one :class:`Generation` per row."""
-    stops = set(stop_token_ids(model, tokenizer))
-    pad_id = _pad_id(tokenizer)
-    rows = attention.shape[0]
-    tokens: list[list[int]] = [[] for _ in range(rows)]
-    finished = [False] * rows
-    positions = attention.sum(-1, keepdim=True).to(device)
-    mask = attention.to(device)
-    logits = last_logits
-    for step in range(max_new_tokens):
-        chosen = logits.argmax(-1).tolist()
-        for row, token in enumerate(chosen):
-            if not finished[row]:
-                if token in stops:
-                    finished[row] = True
-                else:
-                    tokens[row].append(token)
-        if all(finished) or step == max_new_tokens - 1:
-            break
-        feed = torch.tensor([[pad_id if done else t] for t, done in zip(chosen, finished)], device=device)
-        mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], dim=-1)
-        out = model(
-            input_ids=feed, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_key: cache}
-        )
-        positions = positions + 1
-        logits = out.logits[:, -1]
-    return [
-        Generation(
-            index=row,
-            token_ids=kept,
-            text=tokenizer.decode(kept, skip_special_tokens=True).strip(),
-            finish_reason="stop" if finished[row] else "length",
-        )
-        for row, kept in enumerate(tokens)
-    ]
-
-
 @torch.inference_mode()
 def closed_pass(
     model,
@@ -126,7 +95,8 @@ def closed_pass(
     """(greedy answers or None when ``max_new_tokens`` is None, per context the (log-probability sum, tokens) of
     each of its ``options`` or None), both in the order of ``contexts``."""
     device = next(model.parameters()).device
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
+    greedy = replace(GREEDY, max_new_tokens=max_new_tokens or 0)
     answers: list[Generation | None] = [None] * len(contexts)
     scores: list[list[tuple[float, int]]] | None = [[] for _ in contexts] if options is not None else None
     was_training = model.training
@@ -134,17 +104,24 @@ def closed_pass(
     progress = Progress(len(contexts), desc, unit="question")
     try:
         for batch in length_sorted_batches([len(c) for c in contexts], batch_size, max_batch_tokens):
-            input_ids, attention, positions = _left_padded([contexts[i] for i in batch], pad_id)
-            first_lp, last, cache, key = prefill(model, input_ids, attention, positions, device)
+            input_ids, attention, positions = left_padded([contexts[i] for i in batch], pad_id)
+            start = prefill(model, input_ids, attention, positions)
             if options is not None:
                 conts = [[list(o) for o in options[i]] for i in batch]
-                scored = score_options(model, cache, key, attention, first_lp, conts, pad_id, device)
+                scored = score_options(
+                    model,
+                    start.cache,
+                    start.cache_key,
+                    attention,
+                    first_logprobs(start),
+                    conts,
+                    pad_id,
+                    device,
+                )
                 for i, row in zip(batch, scored):
                     scores[i] = row
             if max_new_tokens:
-                for gen in greedy_from_cache(
-                    model, tokenizer, last, cache, key, attention, max_new_tokens, device
-                ):
+                for gen in decode(model, tokenizer, start, greedy):
                     gen.index = batch[gen.index]
                     answers[gen.index] = gen
             progress.update(len(batch))

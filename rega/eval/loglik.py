@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from rega.data.chat import ChatFormat
-from rega.modules.generation import length_sorted_batches
+from rega.modules.generation import Prefilled, left_padded, length_sorted_batches, pad_token_id, prefill
 
 
 def continuation_text(chat: ChatFormat, system: str, user: str, answer: str) -> str:
@@ -22,30 +22,13 @@ def continuation_text(chat: ChatFormat, system: str, user: str, answer: str) -> 
     return full[: cut + len(answer)] if cut >= 0 else answer
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def _left_padded(
-    rows: Sequence[Sequence[int]], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, position_ids) with rows left-padded; positions restart after the padding."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for k, ids in enumerate(rows):
-        input_ids[k, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
-        attention[k, width - len(ids) :] = 1
-    return input_ids, attention, (attention.cumsum(-1) - 1).clamp(min=0)
-
-
 def _full_logprobs(
     model, pad_id: int, seqs: list[tuple[list[int], int]], batch_size: int, device, progress=None
 ):
     """Each sequence's last ``n`` tokens scored in one forward pass; only their logits are materialised."""
     out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
     for batch in length_sorted_batches([len(s) for s, _ in seqs], batch_size):
-        input_ids, attention, positions = _left_padded([seqs[i][0] for i in batch], pad_id)
+        input_ids, attention, positions = left_padded([seqs[i][0] for i in batch], pad_id)
         keep = max(1, max(seqs[i][1] for i in batch))
         logits = model(
             input_ids=input_ids.to(device),
@@ -64,20 +47,9 @@ def _full_logprobs(
     return out
 
 
-def prefill(model, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, device):
-    """One forward over left-padded contexts keeping the KV cache: (log-probabilities of the next token [B, V] on
-    the CPU, last logits [B, V], cache, the name the model takes the cache under)."""
-    first = model(
-        input_ids=input_ids.to(device),
-        attention_mask=attention.to(device),
-        position_ids=positions.to(device),
-        logits_to_keep=1,
-        use_cache=True,
-    )
-    # transformers 5 names the KV cache ``cache``; 4.x ``past_key_values``.
-    cache_key = "cache" if "cache" in first else "past_key_values"
-    last = first.logits[:, -1]
-    return torch.log_softmax(last.float(), dim=-1).cpu(), last, first[cache_key], cache_key
+def first_logprobs(start: Prefilled) -> torch.Tensor:
+    """Log-probabilities of each prefilled row's next token [B, V], on the CPU."""
+    return torch.log_softmax(start.last_logits.float(), dim=-1).cpu()
 
 
 def score_on_cache(model, cache, cache_key: str, attention, first_lp, conts, pad_id: int, device):
@@ -121,12 +93,13 @@ def _shared_prefix_logprobs(
     out: list[list[tuple[float, int]]] = [[] for _ in groups]
     widest = max(len(conts) for _, conts in groups)
     for batch in length_sorted_batches([len(ctx) for ctx, _ in groups], max(1, batch_size // widest)):
-        input_ids, attention, positions = _left_padded([groups[g][0] for g in batch], pad_id)
-        first_lp, _, cache, cache_key = prefill(model, input_ids, attention, positions, device)
+        input_ids, attention, positions = left_padded([groups[g][0] for g in batch], pad_id)
+        start = prefill(model, input_ids, attention, positions)
         conts = [groups[g][1] for g in batch]
-        for g, scores in zip(
-            batch, score_on_cache(model, cache, cache_key, attention, first_lp, conts, pad_id, device)
-        ):
+        scored = score_on_cache(
+            model, start.cache, start.cache_key, attention, first_logprobs(start), conts, pad_id, device
+        )
+        for g, scores in zip(batch, scored):
             out[g] = scores
         if progress is not None:
             progress.update(sum(len(c) for c in conts))
@@ -178,7 +151,7 @@ def continuation_logprobs(
     from rega.eval.progress import Progress
 
     device = next(model.parameters()).device
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
     groups, singles = _share_contexts(pairs, max_length, share_prefix)
     was_training = model.training

@@ -37,11 +37,8 @@ from rega.data.chat import IGNORE_INDEX, ChatFormat
 from rega.data.records import Record
 from rega.errors import ConfigError
 from rega.eval.loglik import (  # noqa: F401  (re-exported: callers import them from here)
-    _left_padded,
-    _pad_id,
     continuation_logprobs,
     continuation_text,
-    prefill,
     score_on_cache,
 )
 from rega.eval.metrics import WeightedMean, broadcast_from_zero, dist_info, gather_rows, metric_value, shard

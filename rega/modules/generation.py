@@ -1,7 +1,12 @@
-"""Batched generation shared by self-distillation and evaluation.
+"""Batched generation shared by self-distillation, evaluation and ``predict``.
 
 Prompts are sorted by length so each batch pads little, left-padded so every row's answer starts at the same
-column, generated with the KV cache in one ``generate`` call per batch, and cut at the first end-of-turn token.
+column, prefilled once with the KV cache, then decoded one token per step until each row hits end-of-turn or
+``max_new_tokens``. A row that finished leaves the batch (its cache rows are dropped), so later steps compute
+only the rows still answering: ``model.generate`` keeps feeding finished rows padding until the longest answer
+ends. Each step is what ``generate`` does (repetition penalty, then greedy argmax or temperature + top-p and a
+multinomial draw over the float32 softmax): greedy answers are the same; a sampled batch draws exactly as
+``generate`` until its first row finishes, and from the same distribution afterwards.
 """
 
 from __future__ import annotations
@@ -105,37 +110,122 @@ def decoding_kwargs(sampling: SamplingConfig, stops: list[int], pad_id: int) -> 
     return kwargs
 
 
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def left_padded(
+    rows: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids) with rows left-padded; positions restart after the padding."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, ids in enumerate(rows):
+        input_ids[k, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+        attention[k, width - len(ids) :] = 1
+    return input_ids, attention, (attention.cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class Prefilled:
+    """Left-padded rows after one forward with the KV cache: what decoding continues from."""
+
+    input_ids: torch.Tensor  # [B, T] on the CPU (the repetition penalty reads it)
+    attention: torch.Tensor  # [B, T] on the CPU
+    last_logits: torch.Tensor  # [B, V] on the model's device
+    cache: object
+    cache_key: str  # the keyword the model takes the cache under
+
+
+def prefill(model, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor) -> Prefilled:
+    """One forward over left-padded rows keeping the KV cache; only the last position's logits are computed."""
+    device = next(model.parameters()).device
+    out = model(
+        input_ids=input_ids.to(device),
+        attention_mask=attention.to(device),
+        position_ids=positions.to(device),
+        logits_to_keep=1,
+        use_cache=True,
+    )
+    cache_key = "cache" if "cache" in out else "past_key_values"  # transformers 5 / 4.x
+    return Prefilled(input_ids, attention, out.logits[:, -1], out[cache_key], cache_key)
+
+
+def _next_tokens(
+    logits: torch.Tensor, history: torch.Tensor, sampling: SamplingConfig, warper
+) -> torch.Tensor:
+    """One decoding step's choice per row, as ``generate`` makes it."""
+    scores = logits.float()
+    if sampling.repetition_penalty != 1.0:
+        from transformers import RepetitionPenaltyLogitsProcessor
+
+        scores = RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty)(history, scores)
+    if not sampling.do_sample:
+        return scores.argmax(-1)
+    probs = torch.softmax(warper(history, scores), dim=-1)
+    return torch.multinomial(probs, num_samples=1).squeeze(1)
+
+
+@torch.inference_mode()
+def decode(model, tokenizer, start: Prefilled, sampling: SamplingConfig) -> list[Generation]:
+    """Continue prefilled rows until each hits end-of-turn or ``sampling.max_new_tokens``; finished rows leave
+    the batch. One :class:`Generation` per row, ``index`` its row in ``start``."""
+    device = start.last_logits.device
+    stops = set(stop_token_ids(model, tokenizer))
+    warper = TemperatureTopP(sampling.temperature, sampling.top_p) if sampling.do_sample else None
+    rows = start.attention.shape[0]
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    stopped = [False] * rows
+    live = list(range(rows))  # the original row of each row still in the batch
+    history, mask = start.input_ids.to(device), start.attention.to(device)
+    positions = mask.sum(-1, keepdim=True)
+    logits, cache = start.last_logits, start.cache
+    for step in range(sampling.max_new_tokens):
+        chosen = _next_tokens(logits, history, sampling, warper)
+        keep = []
+        for k, token in enumerate(chosen.tolist()):
+            if token in stops:
+                stopped[live[k]] = True
+            else:
+                tokens[live[k]].append(token)
+                keep.append(k)
+        if not keep or step == sampling.max_new_tokens - 1:
+            break
+        if len(keep) < len(live):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            chosen, history, mask, positions = chosen[index], history[index], mask[index], positions[index]
+            live = [live[k] for k in keep]
+        history = torch.cat([history, chosen[:, None]], dim=-1)
+        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)
+        out = model(
+            input_ids=chosen[:, None],
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{start.cache_key: cache},
+        )
+        positions = positions + 1
+        logits = out.logits[:, -1]
+    return [
+        Generation(
+            index=row,
+            token_ids=kept,
+            text=tokenizer.decode(kept, skip_special_tokens=True).strip(),
+            finish_reason="stop" if stopped[row] else "length",
+        )
+        for row, kept in enumerate(tokens)
+    ]
+
+
 @torch.inference_mode()
 def generate_batch(
     model, tokenizer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig
 ) -> list[Generation]:
     """Generate for one batch of tokenized prompts (any order); results in the same order as ``prompts``."""
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention[row, width - len(ids) :] = 1
-    stops = stop_token_ids(model, tokenizer)
-    kwargs = decoding_kwargs(sampling, stops, pad_id)
-    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
-    new_tokens = out[:, width:].tolist()
-    stop_set = set(stops)
-    results = []
-    for row, tokens in enumerate(new_tokens):
-        cut = next((k for k, t in enumerate(tokens) if t in stop_set), None)
-        kept = tokens if cut is None else tokens[:cut]
-        results.append(
-            Generation(
-                index=row,
-                token_ids=kept,
-                text=tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                finish_reason="length" if cut is None else "stop",
-            )
-        )
-    return results
+    input_ids, attention, positions = left_padded(prompts, pad_token_id(tokenizer))
+    return decode(model, tokenizer, prefill(model, input_ids, attention, positions), sampling)
 
 
 def generate(
