@@ -139,8 +139,8 @@ def test_greedy_decoding_equals_generate_and_drops_finished_rows(tiny):
 
 def test_sampling_draws_as_generate(tiny):
     """Seeded draws are generate's token for token (temperature, top-p and the repetition penalty applied as
-    generate applies them) while every row is in the batch; a row that finishes changes later draws of the
-    others (fewer rows, other random numbers), not their law."""
+    generate applies them) while every row is in the batch; once finished rows leave it, later draws of the others
+    change (fewer rows, other random numbers), not their law."""
     model, tokenizer, prompts = tiny
     sampling = SamplingConfig(temperature=0.7, top_p=0.95, max_new_tokens=10, repetition_penalty=1.3)
     torch.manual_seed(5)

@@ -2,11 +2,11 @@
 
 Prompts are sorted by length so each batch pads little, left-padded so every row's answer starts at the same
 column, prefilled once with the KV cache, then decoded one token per step until each row hits end-of-turn or
-``max_new_tokens``. A row that finished leaves the batch (its cache rows are dropped), so later steps compute
-only the rows still answering: ``model.generate`` keeps feeding finished rows padding until the longest answer
-ends. Each step is what ``generate`` does (repetition penalty, then greedy argmax or temperature + top-p and a
-multinomial draw over the float32 softmax): greedy answers are the same; a sampled batch draws exactly as
-``generate`` until its first row finishes, and from the same distribution afterwards.
+``max_new_tokens``. Finished rows leave the batch (their cache rows are dropped) once they are a quarter of it,
+so later steps compute only the rows still answering: ``model.generate`` feeds finished rows padding until the
+longest answer ends. Each step is what ``generate`` does (repetition penalty, then greedy argmax or temperature +
+top-p and a multinomial draw over the float32 softmax): greedy answers are the same; a sampled batch draws exactly
+as ``generate`` until rows first leave it, and from the same distribution afterwards.
 """
 
 from __future__ import annotations
@@ -167,36 +167,44 @@ def _next_tokens(
     return torch.multinomial(probs, num_samples=1).squeeze(1)
 
 
+# Finished rows leave the batch once they are this share of it (at least one row): dropping rows copies the whole
+# KV cache, so dropping each row as it finishes costs about what it saves (benchmarks/README.md, generation).
+DROP_SHARE = 0.25
+
+
 @torch.inference_mode()
 def decode(model, tokenizer, start: Prefilled, sampling: SamplingConfig) -> list[Generation]:
-    """Continue prefilled rows until each hits end-of-turn or ``sampling.max_new_tokens``; finished rows leave
-    the batch. One :class:`Generation` per row, ``index`` its row in ``start``."""
+    """Continue prefilled rows until each hits end-of-turn or ``sampling.max_new_tokens``. A finished row is fed
+    padding, as ``generate`` does, until finished rows are :data:`DROP_SHARE` of the batch; then they leave it.
+    One :class:`Generation` per row, ``index`` its row in ``start``."""
     device = start.last_logits.device
-    stops = set(stop_token_ids(model, tokenizer))
+    stops, pad = set(stop_token_ids(model, tokenizer)), pad_token_id(tokenizer)
     warper = TemperatureTopP(sampling.temperature, sampling.top_p) if sampling.do_sample else None
     rows = start.attention.shape[0]
     tokens: list[list[int]] = [[] for _ in range(rows)]
     stopped = [False] * rows
-    live = list(range(rows))  # the original row of each row still in the batch
+    live: list[int | None] = list(range(rows))  # per batch row: its row in ``start``, None once finished
     history, mask = start.input_ids.to(device), start.attention.to(device)
     positions = mask.sum(-1, keepdim=True)
     logits, cache = start.last_logits, start.cache
     for step in range(sampling.max_new_tokens):
         chosen = _next_tokens(logits, history, sampling, warper)
-        keep = []
         for k, token in enumerate(chosen.tolist()):
-            if token in stops:
-                stopped[live[k]] = True
-            else:
-                tokens[live[k]].append(token)
-                keep.append(k)
-        if not keep or step == sampling.max_new_tokens - 1:
+            row = live[k]
+            if row is not None and token in stops:
+                stopped[row], live[k] = True, None
+            elif row is not None:
+                tokens[row].append(token)
+        answering = [k for k, row in enumerate(live) if row is not None]
+        if not answering or step == sampling.max_new_tokens - 1:
             break
-        if len(keep) < len(live):
-            index = torch.tensor(keep, device=device)
+        if len(live) - len(answering) >= max(1.0, DROP_SHARE * len(live)):
+            index = torch.tensor(answering, device=device)
             cache.batch_select_indices(index)
             chosen, history, mask, positions = chosen[index], history[index], mask[index], positions[index]
-            live = [live[k] for k in keep]
+            live = [live[k] for k in answering]
+        finished = torch.tensor([row is None for row in live], device=device)
+        chosen = chosen.masked_fill(finished, pad)
         history = torch.cat([history, chosen[:, None]], dim=-1)
         mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)
         out = model(
