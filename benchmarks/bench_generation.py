@@ -1,16 +1,25 @@
-"""Generation throughput: the distillation runner against a plain per-sample ``model.generate`` loop.
+"""Generation throughput: the distillation runner against a plain per-sample ``model.generate`` loop and against
+``model.generate`` on the runner's own batches.
 
 Same model, same instructions (the first ``--n`` of general_en, or the demo pool without shared data), same
-central prompt, same decoding settings and ``max_new_tokens``. Sampled answers differ in length between the two,
+central prompt, same decoding settings and ``max_new_tokens``. Sampled answers differ in length between them,
 so the comparison is generated tokens per second (end-of-turn excluded), not seconds per instruction.
 
 * runner: ``run_distillation`` into a fresh folder; its tokens/s is timed by the runner around the generation loop
   (batches, length sorting, KV cache, shard writes with fsync), model loading excluded; the wall time including
   the model load is reported too.
 * baseline: one ``model.generate`` call per instruction on a model loaded once, timed around the loop.
+* batched_generate: ``model.generate`` on the runner's length-sorted, left-padded batches with the runner's top-p:
+  the runner's decoding loop (finished rows leave the batch) against generate's (they are fed padding).
 
-The two alternate (ABBA order) for ``--repeats`` rounds; the headline is the median of the per-round ratios, since
+The three rotate order for ``--repeats`` rounds; the headline is the median of the per-round ratios, since
 timings on a shared machine drift 20-40 % between repeats.
+
+Roofline (``decode_roofline``): one decoding step reads every weight once (and the KV cache), so its time is at
+least those bytes over the machine's memory bandwidth (measured here: a read-only sum over 512 MiB, same threads)
+and at least 2 x parameters x rows FLOPs over the GEMM rate (measured at the decode shape). Both bounds are set
+against the measured time of a decode step (the model's forward on the KV cache, and the token choice) at batch 1
+(the per-sample loop) and at the runner's batch size.
 
     .venv/bin/python benchmarks/bench_generation.py [--n 32] [--max-new-tokens 64] [--batch-size 32] [--repeats 3]
         [--greedy] [--threads 1] [--output benchmarks/results/generation.json]
@@ -22,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,6 +41,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from benchmarks.common import load_average, machine_info  # noqa: E402
 
 
 def baseline_tokens_per_s(model, tokenizer, prompts: list[list[int]], sampling) -> dict:
@@ -66,6 +75,35 @@ def baseline_tokens_per_s(model, tokenizer, prompts: list[list[int]], sampling) 
     return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 3)}
 
 
+def batched_generate_tokens_per_s(
+    model, tokenizer, prompts: list[list[int]], sampling, batch_size: int
+) -> dict:
+    """``model.generate`` on the runner's batches (sorted by length, left-padded, the same fast top-p): what the
+    runner did before its own decoding loop, which drops finished rows instead of feeding them padding."""
+    import torch
+
+    from rega.modules.generation import (
+        decoding_kwargs,
+        left_padded,
+        length_sorted_batches,
+        pad_token_id,
+        stop_token_ids,
+    )
+
+    stops, pad = stop_token_ids(model, tokenizer), pad_token_id(tokenizer)
+    kwargs = decoding_kwargs(sampling, stops, pad)
+    torch.manual_seed(sampling.seed)
+    tokens, start = 0, time.perf_counter()
+    with torch.inference_mode():
+        for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
+            input_ids, attention, _ = left_padded([prompts[i] for i in batch], pad)
+            out = model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
+            for new in out[:, input_ids.shape[1] :].tolist():
+                tokens += next((k for k, t in enumerate(new) if t in stops), len(new))
+    seconds = time.perf_counter() - start
+    return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 3)}
+
+
 def runner_tokens_per_s(cfg, workdir: Path, round_no: int) -> dict:
     from rega.distill.context import SUMMARY
     from rega.distill.runner import run_distillation
@@ -81,6 +119,85 @@ def runner_tokens_per_s(cfg, workdir: Path, round_no: int) -> dict:
         "tokens_per_s": run["tokens_per_s"],
         "wall_seconds_with_model_load": round(wall, 3),
     }
+
+
+def read_bandwidth_gbs(seconds: float = 1.0) -> float:
+    """Memory read bandwidth: a sum over 512 MiB of fp32, well beyond any cache."""
+    import torch
+
+    x = torch.ones(2**27)
+    x.sum()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        x.sum()
+        count += 1
+    return x.numel() * 4 * count / (time.perf_counter() - start) / 1e9
+
+
+def gemm_gflops(rows: int, d: int, seconds: float = 1.0) -> float:
+    """fp32 matmul rate at a decode step's shape: [rows, d] x [d, d]."""
+    import torch
+
+    x, w = torch.randn(rows, d), torch.randn(d, d)
+    x @ w
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        x @ w
+        count += 1
+    return 2 * rows * d * d * count / (time.perf_counter() - start) / 1e9
+
+
+def decode_step_seconds(model, tokenizer, prompts: list[list[int]], sampling, steps: int = 16) -> float:
+    """Median seconds of one decoding step (forward on the KV cache + the token choice) after prefilling these
+    prompts: what the runner repeats per generated token of a batch."""
+    import torch
+
+    from rega.modules.generation import TemperatureTopP, _next_tokens, left_padded, pad_token_id, prefill
+
+    warper = TemperatureTopP(sampling.temperature, sampling.top_p) if sampling.do_sample else None
+    with torch.inference_mode():
+        ids, mask, pos = left_padded(prompts, pad_token_id(tokenizer))
+        start = prefill(model, ids, mask, pos)
+        logits, positions, times = start.last_logits, mask.sum(-1, keepdim=True), []
+        for _ in range(steps):
+            t = time.perf_counter()
+            chosen = _next_tokens(logits, ids, sampling, warper)
+            mask = torch.cat([mask, mask.new_ones((len(prompts), 1))], dim=-1)
+            out = model(
+                input_ids=chosen[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
+                **{start.cache_key: start.cache},
+            )  # fmt: skip
+            logits, positions = out.logits[:, -1], positions + 1
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def decode_roofline(model, tokenizer, prompts: list[list[int]], sampling, batch_size: int) -> dict:
+    """Measured decode step time at batch 1 and ``batch_size`` against the memory and compute bounds."""
+    config = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    params = sum(p.numel() for p in model.parameters())
+    bandwidth = read_bandwidth_gbs()
+    out = {"weight_bytes": weight_bytes, "read_bandwidth_gbs": round(bandwidth, 2), "batches": {}}
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4
+    for rows in sorted({1, batch_size}):
+        batch = prompts[:rows]
+        context = max(len(p) for p in batch) + 8  # the cache length in the middle of the 16 timed steps
+        step = decode_step_seconds(model, tokenizer, batch, sampling)
+        gemm = gemm_gflops(rows, config.hidden_size)
+        step_bytes = weight_bytes + kv_per_token * context * rows
+        memory_bound, compute_bound = step_bytes / (bandwidth * 1e9), 2 * params * rows / (gemm * 1e9)
+        out["batches"][str(rows)] = {
+            "step_ms": round(step * 1e3, 2),
+            "tokens_per_s": round(rows / step, 1),
+            "bytes_per_step": step_bytes,
+            "memory_bound_ms": round(memory_bound * 1e3, 2),
+            "gemm_gflops": round(gemm, 1),
+            "compute_bound_ms": round(compute_bound * 1e3, 2),
+            "share_of_roofline": round(max(memory_bound, compute_bound) / step, 3),
+        }
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -134,23 +251,35 @@ def distill_config(args: argparse.Namespace):
     )
 
 
+CONTENDERS = ("baseline", "batched_generate", "runner")
+
+
 def run_rounds(cfg, model, tokenizer, prompts: list[list[int]], repeats: int) -> list[dict]:
-    """Baseline and runner once a round (ABBA order), with the round's runner/baseline tokens/s ratio."""
+    """The per-sample loop, batched ``generate`` and the runner once a round (order rotating), with the round's
+    ratios of the runner's tokens/s to each other's."""
     rounds = []
     with tempfile.TemporaryDirectory(prefix="bench-gen-") as tmp:
         for k in range(repeats):
             result = {}
-            order = ("baseline", "runner") if k % 2 == 0 else ("runner", "baseline")
-            for name in order:
+            for name in CONTENDERS[k % 3 :] + CONTENDERS[: k % 3]:
                 if name == "baseline":
                     result[name] = baseline_tokens_per_s(model, tokenizer, prompts, cfg.sampling)
+                elif name == "batched_generate":
+                    result[name] = batched_generate_tokens_per_s(
+                        model, tokenizer, prompts, cfg.sampling, cfg.batch_size
+                    )
                 else:
                     result[name] = runner_tokens_per_s(cfg, Path(tmp), k)
-            result["ratio"] = round(result["runner"]["tokens_per_s"] / result["baseline"]["tokens_per_s"], 3)
+            runner = result["runner"]["tokens_per_s"]
+            result["ratio"] = round(runner / result["baseline"]["tokens_per_s"], 3)
+            result["ratio_vs_batched_generate"] = round(
+                runner / result["batched_generate"]["tokens_per_s"], 3
+            )
             rounds.append(result)
             print(
-                f"round {k + 1}/{repeats}: baseline {result['baseline']['tokens_per_s']:.1f} tok/s, "
-                f"runner {result['runner']['tokens_per_s']:.1f} tok/s, ratio {result['ratio']:.2f}x",
+                f"round {k + 1}/{repeats}: per-sample {result['baseline']['tokens_per_s']:.1f} tok/s, batched "
+                f"generate {result['batched_generate']['tokens_per_s']:.1f}, runner {runner:.1f}: "
+                f"{result['ratio']:.2f}x / {result['ratio_vs_batched_generate']:.2f}x",
                 flush=True,
             )
     return rounds
@@ -169,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     from rega.model_source import load_tokenizer
     from rega.modules.model import load_model
 
+    load_start = load_average()
     cfg = distill_config(args)
     model_cfg = cfg.model
     # The baseline renders exactly the prompts the runner renders.
@@ -177,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [chat.encode_prompt(chat.default_system or "", r.user_text) for r in load_instructions(cfg)]
     model = load_model(model_cfg).eval()
     rounds = run_rounds(cfg, model, tokenizer, prompts, args.repeats)
+    roof = decode_roofline(model, tokenizer, prompts, cfg.sampling, args.batch_size)
 
     ratio = statistics.median(r["ratio"] for r in rounds)
     report = {
@@ -187,19 +318,29 @@ def main(argv: list[str] | None = None) -> None:
         "sampling": asdict(cfg.sampling),
         "batch_size": args.batch_size,
         "torch_threads": torch.get_num_threads(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-        "load_average_at_end": list(os.getloadavg()),
+        "machine": machine_info(),
+        "load_average": {"start": load_start, "end": load_average()},
         "rounds": rounds,
         "median_ratio": ratio,
+        "median_ratio_vs_batched_generate": statistics.median(r["ratio_vs_batched_generate"] for r in rounds),
         "median_tokens_per_s": {
-            name: statistics.median(r[name]["tokens_per_s"] for r in rounds)
-            for name in ("baseline", "runner")
+            name: statistics.median(r[name]["tokens_per_s"] for r in rounds) for name in CONTENDERS
         },
         "goal": ">= 4x on CPU",
+        "decode_roofline": roof,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(f"median ratio {ratio:.2f}x (runner vs per-sample loop, generated tokens/s); wrote {args.output}")
+    print(
+        f"decode roofline: {roof['weight_bytes'] / 2**20:.0f} MiB of weights per step, read bandwidth "
+        f"{roof['read_bandwidth_gbs']} GB/s"
+    )
+    for rows, b in roof["batches"].items():
+        print(
+            f"  batch {rows}: step {b['step_ms']} ms ({b['tokens_per_s']} tok/s); bounds: memory "
+            f"{b['memory_bound_ms']} ms, compute {b['compute_bound_ms']} ms; {b['share_of_roofline']:.0%} of roofline"
+        )
 
 
 if __name__ == "__main__":

@@ -91,14 +91,38 @@ def render_training(report: dict) -> list[str]:
 
 def render_generation(report: dict) -> list[str]:
     med = report["median_tokens_per_s"]
-    return [
-        "### Generation (greedy, 16 general_en instructions, max 64 new tokens)",
+    load = report.get("load_average", {}).get("end") or report.get("load_average_at_end")
+    mode = "sampled" if report.get("sampling", {}).get("do_sample") else "greedy"
+    lines = [
+        f"### Generation ({mode}, {report['instructions']} general_en instructions, max "
+        f"{report['sampling']['max_new_tokens']} new tokens)",
         "",
         f"Batched runner (batch {report['batch_size']}) {med['runner']:.1f} tok/s vs per-sample `model.generate` "
         f"{med['baseline']:.1f} tok/s: **{report['median_ratio']:.2f}×** (median of {len(report['rounds'])} "
-        f"round(s), {report['torch_threads']} threads, load at end {fmt_load(report.get('load_average_at_end'))}). "
-        f"Goal {report.get('goal', '')}.",
+        f"round(s), {report['torch_threads']} threads, load at end {fmt_load(load)}). Goal {report.get('goal', '')}.",
     ]
+    if "batched_generate" in med:
+        lines[-1] += (
+            f" `model.generate` on the runner's own batches: {med['batched_generate']:.1f} tok/s; the runner's "
+            f"decoding loop (finished rows leave the batch) is "
+            f"**{report['median_ratio_vs_batched_generate']:.2f}×** that."
+        )
+    roof = report.get("decode_roofline")
+    if roof:
+        lines += [
+            "",
+            f"Decode roofline: a step reads {roof['weight_bytes'] / 2**20:.0f} MiB of weights (+ the KV cache); "
+            f"measured read bandwidth {roof['read_bandwidth_gbs']} GB/s.",
+            "",
+            "| rows per step | step ms | tok/s | memory bound ms | compute bound ms (GEMM GFLOP/s) | share of roofline |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for rows, b in roof["batches"].items():
+            lines.append(
+                f"| {rows} | {b['step_ms']} | {b['tokens_per_s']} | {b['memory_bound_ms']} | "
+                f"{b['compute_bound_ms']} ({b['gemm_gflops']}) | {b['share_of_roofline']:.0%} |"
+            )
+    return lines
 
 
 def render_data(report: dict) -> list[str]:
