@@ -33,11 +33,12 @@ def judge_file(tmp_path: Path, base_url: str) -> str:
     return str(tmp_path / "judge.yaml")
 
 
-def judged_callback(task: Path, judge_config: str) -> EvaluationCallback:
+def judged_callback(task: Path, judge_config: str, output_dir: Path | None = None) -> EvaluationCallback:
     return EvaluationCallback(
         tasks=[DataSource(str(task))], limit_per_task=1, max_new_tokens=2, closed_max_new_tokens=2,
         general_mc=[], compare_base=False, rules=["central"],
         judge=["mt_bench"], judge_config=judge_config, judge_limit=1, judge_max_new_tokens=8,
+        output_dir=None if output_dir is None else str(output_dir),
     )  # fmt: skip
 
 
@@ -93,3 +94,27 @@ def test_callback_without_a_judge_says_nothing(caplog):
     assert callback.judge.benchmarks == [] and caplog.records == []
     with pytest.raises(ConfigError, match="go together"):
         EvaluationCallback(judge=["mt_bench"])
+
+
+@pytest.mark.slow
+def test_callback_judges_once_under_ddp(tiny_model_config, task_file, tmp_path, shared_data, monkeypatch):
+    """Two CPU processes (gloo): rank 0 alone answers and asks the judge (two gradings, not four), the other rank
+    waits for the broadcast instead of hanging or judging again, and rank 0 writes the judged result."""
+    import lightning as L
+
+    secret = f"sk-rega-ddp-{uuid.uuid4().hex}"
+    monkeypatch.setenv(KEY_ENV, secret)  # the spawned ranks inherit the environment
+    module = TinyModule(tiny_model_config)
+    out = tmp_path / "ddp"
+    with FakeJudgeServer(secret) as server:
+        callback = judged_callback(task_file, judge_file(tmp_path, server.base_url), output_dir=out)
+        trainer = L.Trainer(
+            max_epochs=2, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+            limit_train_batches=1, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[callback],
+        )  # fmt: skip
+        trainer.fit(module, datamodule=TinyData(module.chat.default_system))
+        assert len(server.hits) == 2 and server.auth_failures == 0
+    result = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    assert result["judge"]["mt_bench"]["overall"] == {"mean": 7.0, "n": 2, "missing": 0}
+    assert_secret_absent(tmp_path, secret)
