@@ -145,10 +145,11 @@ def test_grid_runs_fit_and_eval_then_skips_finished_runs(tiny_model_dir, tmp_pat
     assert [row["label"] for row in report["rows"]] == ["zero-shot", "FTRP"]
 
 
-@pytest.mark.parametrize("grid", ["cpu_en", "cpu_zh"])
+@pytest.mark.parametrize("grid", ["cpu_en", "cpu_zh", "cpu_en_evidence"])
 def test_committed_cpu_results_regenerate_from_their_runs(grid, tmp_path, shared_data):
     """docs/results/<grid> holds a CPU-scale grid's run records; the report command rebuilds its table from them
-    (cpu_en's trivial baselines from the shared data: those records predate ``baselines`` in eval.json)."""
+    (cpu_en's trivial baselines from the shared data: those records predate ``baselines`` in eval.json). A grid
+    still being run (cpu_en_evidence) has no plot until it has the runs a plot needs."""
     committed = Path(__file__).resolve().parents[1] / "docs" / "results" / grid
     report = write_report(committed / "runs", tmp_path)
     for name in ("results.md", "results.csv", "report.json"):
@@ -156,7 +157,9 @@ def test_committed_cpu_results_regenerate_from_their_runs(grid, tmp_path, shared
     from PIL import Image
 
     for name, made in report["plots"].items():
-        assert made
+        assert made == (committed / f"{name}.png").exists(), name
+        if not made:
+            continue
         with Image.open(tmp_path / f"{name}.png") as new, Image.open(committed / f"{name}.png") as old:
             assert new.size == old.size, name  # pixels may differ with the fonts of another machine
 
