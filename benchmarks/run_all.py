@@ -99,7 +99,9 @@ def render_generation(report: dict) -> list[str]:
         "",
         f"Batched runner (batch {report['batch_size']}) {med['runner']:.1f} tok/s vs per-sample `model.generate` "
         f"{med['baseline']:.1f} tok/s: **{report['median_ratio']:.2f}×** (median of {len(report['rounds'])} "
-        f"round(s), {report['torch_threads']} threads, load at end {fmt_load(load)}). Goal {report.get('goal', '')}.",
+        f"round(s), {report['torch_threads']} threads, load at end {fmt_load(load)}"
+        + (f", {report['machine']['cpu_model']}" if "cpu_model" in report.get("machine", {}) else "")
+        + f"). Goal {report.get('goal', '')}.",
     ]
     if "batched_generate" in med:
         lines[-1] += (
