@@ -29,15 +29,11 @@ def shared_data():
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random LlamaForCausalLM saved with the embedded model's tokenizer (so chat templates are real)."""
+def tiny_llama(tokenizer, **overrides):
+    """A tiny random LlamaForCausalLM over ``tokenizer``'s vocabulary, initialised from seed 0 (``overrides``: other
+    LlamaConfig settings, e.g. ``initializer_range``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rega.config import ModelConfig
-    from rega.model_source import load_tokenizer
-
-    tokenizer = load_tokenizer(ModelConfig())
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -50,9 +46,20 @@ def tiny_model_dir(tmp_path_factory):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        **overrides,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random LlamaForCausalLM saved with the embedded model's tokenizer (so chat templates are real)."""
+    from rega.config import ModelConfig
+    from rega.model_source import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig())
+    model = tiny_llama(tokenizer)
     path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import tiny_llama
 from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
 from rega.config import ModelConfig, SamplingConfig
@@ -56,23 +57,8 @@ def test_length_sorted_batches_cover_every_prompt_once():
 def tiny():
     """A tiny random LLaMA whose answers vary with the prompt (the shared tiny model, at the usual 0.02
     initialisation, answers the same token at every step), with the embedded model's tokenizer and template."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tokenizer = load_tokenizer(ModelConfig())
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(tokenizer, initializer_range=0.2).eval()
     chat = ChatFormat(tokenizer)
     texts = [
         "Hi",
