@@ -131,9 +131,8 @@ class REGAModule(L.LightningModule):
         # from_pretrained returns eval mode and Lightning keeps submodule modes: without this, LoRA dropout is off.
         self.model = model.train()
         if self.compile_layers:  # compiled lazily, at each layer's first call
-            layer_types = decoder_layer_classes(
-                model
-            )  # the FSDP units' classes: any architecture (BLOOM's h)
+            # the FSDP units' classes, so any architecture's blocks (BLOOM keeps them in transformer.h)
+            layer_types = decoder_layer_classes(model)
             for layer in [m for m in model.modules() if isinstance(m, layer_types)]:
                 layer.compile()
 
