@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -19,13 +20,26 @@ LEARNING_RATE = 2e-4
 # batch in one forward/backward (micro_batch_size None); bf16: Lightning bf16-mixed; eager: eager attention
 # (transformers' block-diagonal packed mask, the old masked path); compile: torch.compile per decoder layer
 # (REGAModule(compile_layers=True)); peftlora: peft's own LoRA forward (REGAModule(fast_lora=False): a dropout mask
-# per adapter, no fusion).
+# per adapter, no fusion); mbN: N packed rows per forward/backward (micro_batch_size N; the default is 1).
 PATCHES = {"whole", "bf16", "eager", "compile", "peftlora"}
+MICRO_BATCH_PATCH = re.compile(r"mb([1-9][0-9]*)")
 HF_VARIANTS = ("hf_default", "hf_grouped", "hf_sorted")
 
 
 def apply_patches(variant: str) -> list[str]:
     return variant.split("+")[1:]
+
+
+def unknown_patches(patches: list[str]) -> list[str]:
+    return [p for p in patches if p not in PATCHES and not MICRO_BATCH_PATCH.fullmatch(p)]
+
+
+def micro_batch_size(patches: list[str]) -> int | None:
+    """Rows per forward/backward: None (the whole batch) for ``whole``, N for ``mbN``, else REGAModule's 1."""
+    if "whole" in patches:
+        return None
+    sizes = [int(m.group(1)) for p in patches if (m := MICRO_BATCH_PATCH.fullmatch(p))]
+    return sizes[-1] if sizes else 1
 
 
 # --- step timing ------------------------------------------------------------------------------------------------
@@ -132,7 +146,7 @@ def ours_parts(cfg: dict, patches: list[str], work: Path):
     )  # fmt: skip
     module = REGAModule(
         model=mc, lora=LoraSettings(**LORA), learning_rate=LEARNING_RATE, adapter_dir=str(work / "adapter"),
-        micro_batch_size=None if "whole" in patches else 1, seed=cfg["seed"], fast_lora="peftlora" not in patches,
+        micro_batch_size=micro_batch_size(patches), seed=cfg["seed"], fast_lora="peftlora" not in patches,
         compile_layers="compile" in patches,
     )  # fmt: skip
     return datamodule, module

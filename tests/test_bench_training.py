@@ -7,8 +7,9 @@ import pytest
 
 from benchmarks.bench_training import build_parser, defaults, variant_patches
 from benchmarks.common import REPO, repo_relative
-from benchmarks.training_report import aggregate, markdown
-from benchmarks.training_variants import summarize
+from benchmarks.run_all import training_goal
+from benchmarks.training_report import aggregate, equal_padding_base, markdown, table
+from benchmarks.training_variants import apply_patches, micro_batch_size, summarize
 
 BASELINES = ["hf_default", "hf_grouped", "hf_sorted", "ours"]
 
@@ -37,6 +38,17 @@ def test_patches_are_checked_and_bf16_comes_last():
     assert variant_patches(["hf_default", "ours+bf16+whole", "ours+eager"]) == ["eager", "whole", "bf16"]
     with pytest.raises(SystemExit, match="unknown patch"):
         variant_patches(["ours+maskedattn"])
+    with pytest.raises(SystemExit, match="unknown patch"):
+        variant_patches(["ours+mb0"])
+
+
+@pytest.mark.parametrize(
+    "variant, rows",
+    [("ours", 1), ("ours+mb2", 2), ("ours+bf16+mb4", 4), ("ours+whole", None), ("ours+mb2+whole", None)],
+)
+def test_micro_batch_patch_sets_rows_per_forward(variant, rows):
+    variant_patches([variant])  # accepted
+    assert micro_batch_size(apply_patches(variant)) == rows
 
 
 def test_recorded_paths_are_relative_to_the_repository():
@@ -89,3 +101,32 @@ def test_markdown_has_a_row_per_variant_and_the_settings():
     assert "hf_full_logits 1.50000, ours_packed 1.50000 (max |diff| of the fp32 paths 1.00e-07)" in lines[6]
     assert lines[-1] == ("Settings: 24 examples, batch 8, max length 512, 1 warm-up + one epoch of measured steps "
                          "per run, 1 rounds, 2 threads, cpu, dtype float32.")  # fmt: skip
+
+
+def test_equal_padding_headline_prefers_hf_on_sorted_batches():
+    runs = {
+        "hf_grouped": [run("hf_grouped", 0, 100.0, 4000.0)],
+        "hf_sorted": [run("hf_sorted", 0, 120.0, 4000.0)],
+        "ours": [run("ours", 0, 180.0)],
+    }  # fmt: skip
+    summary = aggregate(runs, BASELINES, corpus_padding=0.1)
+    # each HF baseline at the corpus' padding: its processed-token rate (1.25 × non-pad here) × 0.9
+    assert summary["hf_sorted"]["nonpad_tokens_per_s_at_corpus_padding"] == 135.0
+    assert summary["ours"]["speedup_vs_hf_sorted_at_corpus_padding"] == round(180 / 135, 3)
+    assert summary["ours"]["speedup_vs_hf_grouped_at_corpus_padding"] == round(180 / 112.5, 3)
+    assert equal_padding_base(summary) == "hf_sorted"
+    assert (
+        equal_padding_base(aggregate({k: runs[k] for k in ("hf_grouped", "ours")}, BASELINES, 0.1))
+        == "hf_grouped"
+    )
+    assert equal_padding_base(aggregate(runs, BASELINES)) is None  # no corpus figure, no estimate
+
+    report = {"summary": summary, "roofline": {"variants": {"ours": {"of_gemm": 0.41}}}}
+    goal = training_goal(report)[-1]
+    assert "`ours` **1.33× HF (hf_sorted) at the corpus' padding** (not met; 1.50× on this sample" in goal
+    assert "41% of the GEMM rate (not met), RSS ratio 0.25 (met)." in goal
+    header = table(summary)[0]
+    assert "**vs HF sorted at corpus padding**" in header
+    assert table(summary)[-1].endswith(
+        "| 1.50x | 1.33x | 0.25 |"
+    )  # vs sorted batches, at corpus padding, RSS
