@@ -94,7 +94,12 @@ def peak_tflops(name: str) -> float | None:
 
 
 def mfu(summary: dict, per_token: float, peak: float) -> dict:
-    return {v: round(s["nonpad_tokens_per_s"] * per_token / (peak * 1e12), 4) for v, s in summary.items()}
+    """Model FLOPs utilisation of each variant that completed (a failed one has no rate)."""
+    return {
+        v: round(s["nonpad_tokens_per_s"] * per_token / (peak * 1e12), 4)
+        for v, s in summary.items()
+        if "failed" not in s
+    }
 
 
 # --- medians and ratios over rounds -----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 from benchmarks.bench_training import build_parser, defaults, variant_patches
 from benchmarks.common import REPO, repo_relative
 from benchmarks.run_all import training_goal
-from benchmarks.training_report import aggregate, equal_padding_base, markdown, table
+from benchmarks.training_report import aggregate, equal_padding_base, markdown, mfu, table
 from benchmarks.training_variants import apply_patches, micro_batch_size, summarize
 
 BASELINES = ["hf_default", "hf_grouped", "hf_sorted", "ours"]
@@ -130,3 +130,8 @@ def test_equal_padding_headline_prefers_hf_on_sorted_batches():
     assert table(summary)[-1].endswith(
         "| 1.50x | 1.33x | 0.25 |"
     )  # vs sorted batches, at corpus padding, RSS
+
+
+def test_mfu_leaves_out_failed_variants():
+    summary = {"ours": {"nonpad_tokens_per_s": 1000.0}, "ours+bf16": {"failed": "killed", "failed_rounds": 1}}
+    assert mfu(summary, per_token=1e9, peak=2.0) == {"ours": 0.5}
