@@ -197,7 +197,7 @@ def table(agg: dict) -> list[str]:
     lines = [
         "| variant | non-pad tok/s | response tok/s | padding | peak RSS MiB | vs HF default | vs HF grouped "
         f"| vs HF grouped (CPU time) | vs HF sorted batches | **vs {equal.replace('hf_', 'HF ')} at corpus padding** "
-        "| RSS vs HF grouped |",
+        f"| RSS vs {equal.replace('hf_', 'HF ')} |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for variant, s in agg.items():
@@ -214,7 +214,7 @@ def table(agg: dict) -> list[str]:
             f"{ratio(s, 'cpu_time_speedup', variant, 'hf_grouped', 'x')} | "
             f"{ratio(s, 'speedup', variant, 'hf_sorted', 'x')} | "
             f"{ratio(s, 'speedup', variant, f'{equal}_at_corpus_padding', 'x')} | "
-            f"{ratio(s, 'peak_rss_ratio', variant, 'hf_grouped', '')} |"
+            f"{ratio(s, 'peak_rss_ratio', variant, equal, '')} |"
         )
     return lines
 
