@@ -124,23 +124,20 @@ def main(argv: list[str] | None = None) -> dict:
     compile_seconds = time.perf_counter() - compile_start
     seconds: dict[str, list[float]] = {name: [] for name in CONFIGS}
     checks: dict[str, dict] = {}
-    reference = None
     for rnd in range(args.rounds):
         order = list(CONFIGS)[rnd % len(CONFIGS) :] + list(CONFIGS)[: rnd % len(CONFIGS)]
-        for name in order:
+        for name in order:  # round 0 starts with eager: the reference the others are checked against
             patches.apply(CONFIGS[name])
             t, losses, grads = run_rows(module, batch, args.rows)
             seconds[name].append(t)
-            if name == "eager" and reference is None:
+            if rnd == 0 and name == "eager":
                 reference = (losses, grads)
-            elif rnd == 0 and name != "eager":
-                checks[name] = (losses, grads)
+            elif rnd == 0:
+                checks[name] = {
+                    "loss_max_abs_diff": max(abs(a - b) for a, b in zip(losses, reference[0])),
+                    "grad_max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(grads, reference[1])),
+                }
     patches.apply(())
-    for name, (losses, grads) in checks.items():  # compared once the eager reference exists
-        checks[name] = {
-            "loss_max_abs_diff": max(abs(a - b) for a, b in zip(losses, reference[0])),
-            "grad_max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(grads, reference[1])),
-        }
     rounds = len(seconds["eager"])
     report = {
         "cpu": cpu_model(), "threads": args.threads, "rows": args.rows, "rounds": rounds,
@@ -150,7 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
             k: round(statistics.median(seconds["eager"][i] / v[i] for i in range(rounds)), 3) for k, v in seconds.items()
         },
         "equivalence": checks, "load_average": [load_start, load_average()],
-        "command": " ".join(["benchmarks/bench_elementwise.py", *map(repo_relative, sys.argv[1:])]),
+        "command": " ".join(
+            ["benchmarks/bench_elementwise.py", *map(repo_relative, sys.argv[1:] if argv is None else argv)]
+        ),
     }  # fmt: skip
     for name, ratio in report["speedup_vs_eager"].items():
         median = statistics.median(seconds[name])
