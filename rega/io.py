@@ -4,6 +4,7 @@ Nothing the project writes is ever left half-written: a file (or a whole folder)
 name beside its target and renamed into place in one step. Temporary names carry the writer's host and process id
 (``.NAME.~HOST~PID~XXXX.tmp``), so the next writer of the same target removes what a killed one left behind,
 without touching the files of a writer that is still running. Written files follow the umask, like ``open``.
+Jobs that may run at once on one output (a cluster's array jobs) take turns with :func:`waiting_lock`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -20,7 +22,8 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -153,6 +156,30 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def waiting_lock(path: str | os.PathLike, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the block, first waiting for whoever holds it.
+
+    The kernel releases the lock when its holder dies, so a killed job never leaves a stale lock behind and the
+    next one simply resumes. ``on_wait`` runs once when the lock is busy, before waiting (to say why nothing
+    happens). On a filesystem without ``flock`` (Lustre mounted without it) the block runs unlocked, with a warning.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as err:  # ENOLCK / ENOSYS / EOPNOTSUPP: no locks here at all
+            warnings.warn(
+                f"{path}: no file locks on this filesystem ({err.strerror}); not waiting", stacklevel=3
+            )
+        yield
 
 
 def check_output_dir(path: str | os.PathLike, owned: Iterable[str], what: str) -> Path:

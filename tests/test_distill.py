@@ -179,6 +179,28 @@ def test_distilling_inside_fit_leaves_the_random_generators_as_they_were(tiny_cf
     assert draws() == expected
 
 
+def test_fits_needing_the_same_dg_take_turns(tiny_cfg, monkeypatch):
+    """Two one-process fits of a grid's array (FTSD and REGA of one seed) both need that seed's D_g: the second
+    waits while the first generates it, then finds it complete (before, it stopped with "another distillation is
+    running")."""
+    import threading
+
+    from rega.distill import runner
+    from rega.io import waiting_lock
+
+    cfg, ids = tiny_cfg
+    out, waiting, result = Path(cfg.output_dir), threading.Event(), {}
+    monkeypatch.setattr(runner, "_say_waiting", lambda path: waiting.set())
+    second = threading.Thread(target=lambda: result.update(path=runner.ensure_distilled(cfg, processes=1)))
+    with waiting_lock(out / runner.FIT_LOCK):  # the first fit
+        second.start()
+        assert waiting.wait(timeout=60)
+        run_distillation(cfg, progress=False)
+    second.join(timeout=300)
+    assert result["path"] == out / MERGED
+    assert [len(read_shard(f)) for f in shard_files(out)] == [len(ids)]  # the second generated nothing
+
+
 def test_restart_with_more_instructions_generates_only_new_ones(tiny_cfg):
     cfg, ids = tiny_cfg
     run_distillation(replace(cfg, limit=3), progress=False)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
 
+from rega.experiments import grid as grid_module
 from rega.experiments.grid import Grid, GridRun, grid_command
 from rega.experiments.report import write_report
-from rega.io import write_json
+from rega.io import waiting_lock, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -143,6 +145,47 @@ def test_grid_runs_fit_and_eval_then_skips_finished_runs(tiny_model_dir, tmp_pat
     assert (tmp_path / "grid" / "ftrp" / "done.json").stat().st_mtime_ns == stamp
     report = write_report(tmp_path / "grid", tmp_path / "report")
     assert [row["label"] for row in report["rows"]] == ["zero-shot", "FTRP"]
+
+
+def _hold_run_while(directory: Path, waiting: threading.Event, finish) -> threading.Thread:
+    """Another job on the same run: holds its lock until the grid says it waits, then ``finish()`` and let go."""
+    held = threading.Event()
+
+    def other_job():
+        with waiting_lock(directory / grid_module.LOCK):
+            held.set()
+            waiting.wait(timeout=60)
+            finish()
+
+    thread = threading.Thread(target=other_job)
+    thread.start()
+    held.wait(timeout=60)
+    return thread
+
+
+@pytest.mark.parametrize("other_finishes", [True, False])
+def test_a_job_waits_for_another_job_on_the_same_run(tmp_path, monkeypatch, other_finishes):
+    """A cluster array's merge job trains its per-domain runs unless they are done, while their own array jobs may
+    be running them: it must wait for them, then skip what they finished (or resume what a dead one left)."""
+    grid = Grid(output=str(tmp_path), runs=[GridRun("ft_medical", "ft", evaluate=False)])
+    run, calls, waiting = grid.runs[0], [], threading.Event()
+    directory = grid_module.run_dir(grid, run, 7)
+    monkeypatch.setattr(grid_module, "_train", lambda *args: calls.append("train"))
+    monkeypatch.setattr(grid_module, "_say_waiting", lambda tag: waiting.set())
+
+    def finish():
+        if other_finishes:
+            write_json(directory / "done.json", {"name": "ft_medical", "by": "the other job"})
+
+    thread = _hold_run_while(directory, waiting, finish)
+    meta = grid_module.run_one(grid, run, 7)
+    thread.join()
+    assert waiting.is_set()
+    if other_finishes:
+        assert meta == {"name": "ft_medical", "by": "the other job"} and calls == []
+    else:  # the other job died before done.json: this one runs it (a fit resumes from last.ckpt)
+        assert calls == ["train"] and meta["seed"] == 7
+        assert json.loads((directory / "done.json").read_text())["name"] == "ft_medical"
 
 
 @pytest.mark.parametrize("grid", ["cpu_en", "cpu_zh", "cpu_en_evidence"])

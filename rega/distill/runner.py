@@ -40,6 +40,7 @@ from rega.distill.shards import (
     write_settings,
 )
 from rega.errors import ConfigError
+from rega.io import waiting_lock
 from rega.modules.generation import length_sorted_batches
 
 log = logging.getLogger(__name__)
@@ -229,6 +230,14 @@ def preserved_random_state():
     np.random.set_state(numpy_state)
 
 
+# Fits take turns on this one; `rega distill` holds .distill.lock (and refuses a busy folder).
+FIT_LOCK = ".fit.lock"
+
+
+def _say_waiting(out: Path) -> None:
+    log.info("distill: another fit is generating %s; waiting for it", out)
+
+
 def ensure_distilled(cfg: DistillConfig, processes: int) -> Path:
     """D_g for a training run: generated here when the run is one process, else it must exist already.
 
@@ -236,7 +245,10 @@ def ensure_distilled(cfg: DistillConfig, processes: int) -> Path:
     time out); ``rega distill`` spreads the work over every GPU instead.
     """
     if processes == 1:
-        with preserved_random_state():
+        # Fits started together that need the same D_g (a grid's array jobs) take turns: the first generates it,
+        # the others wait and find it complete.
+        out = Path(cfg.output_dir)
+        with waiting_lock(out / FIT_LOCK, on_wait=lambda: _say_waiting(out)), preserved_random_state():
             return run_distillation(cfg, in_process=True)
     check_config(cfg)
     if not is_complete(cfg, build_context(cfg)):

@@ -2,7 +2,7 @@
 
 Here runs go one after another; on a cluster, one job per run: ``rega grid --config G --index $SLURM_ARRAY_TASK_ID``
 (see ``scripts/slurm_grid.sh``). A run is finished when its ``done.json`` exists; a run that was interrupted
-mid-fit resumes from its ``last.ckpt``.
+mid-fit resumes from its ``last.ckpt``. Two jobs on the same run take turns (a lock in its folder).
 
 With ``seeds`` every run is repeated once per seed, in ``<output>/<name>/seed_<s>``: the seed sets the training
 seed (``seed_everything``, the batch order), the corpus draw (``data.corpus.seed``: D'_i) and the
@@ -32,7 +32,7 @@ from rega.experiments.stages import (
     run_logged,
     stage_env,  # noqa: F401
 )
-from rega.io import write_json
+from rega.io import waiting_lock, write_json
 
 
 @dataclass
@@ -175,13 +175,30 @@ def _named(grid: Grid, name: str) -> GridRun:
     return next(r for r in grid.runs if r.name == name)
 
 
+LOCK = ".grid.lock"  # held by the job running a run, so two jobs never run the same one at once
+
+
+def _say_waiting(tag: str) -> None:
+    print(f"[grid] {tag}: another job is running it; waiting for that job", flush=True)
+
+
 def run_one(grid: Grid, run: GridRun, seed: int | None = None) -> dict:
+    """Run one (run, seed) job unless it is finished; returns its ``done.json``.
+
+    Jobs that start together on one run (a cluster array's merge job and the per-domain jobs it merges, or one job
+    submitted twice) take turns: the later one waits, then skips what the first finished or resumes what it left.
+    """
     directory = run_dir(grid, run, seed)
-    done = directory / "done.json"
     tag = run.name if seed is None else f"{run.name} seed {seed}"
-    if done.exists():
-        print(f"[grid] {tag}: finished before, skipped", flush=True)
-        return json.loads(done.read_text(encoding="utf-8"))
+    if not (directory / "done.json").exists():
+        with waiting_lock(directory / LOCK, on_wait=lambda: _say_waiting(tag)):
+            if not (directory / "done.json").exists():
+                return _run_job(grid, run, seed, directory, tag)
+    print(f"[grid] {tag}: finished before, skipped", flush=True)
+    return json.loads((directory / "done.json").read_text(encoding="utf-8"))
+
+
+def _run_job(grid: Grid, run: GridRun, seed: int | None, directory: Path, tag: str) -> dict:
     print(f"[grid] {tag}: strategy={run.strategy} r={run.mix_ratio}", flush=True)
     timings: dict[str, float] = {}
     if run.strategy != "zero_shot":
@@ -194,7 +211,7 @@ def run_one(grid: Grid, run: GridRun, seed: int | None = None) -> dict:
         "timings": timings,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    write_json(done, meta)
+    write_json(directory / "done.json", meta)
     print(f"[grid] {tag}: done in {format_duration(sum(timings.values()))}", flush=True)
     return meta
 
