@@ -14,7 +14,7 @@ import torch
 import rega.eval.domain as domain_mod
 from rega.config import DataSource
 from rega.data.chat import IGNORE_INDEX, ChatFormat
-from rega.data.corpus import CorpusConfig
+from rega.data.corpus import CorpusConfig, build_corpus, summary_table
 from rega.data.loaders import load_records
 from rega.data.prompts import RolePrompts
 from rega.data.records import RecordError, record_from_dict
@@ -152,6 +152,19 @@ def test_examples_keep_the_turns_and_name_the_dropped_system_message():
     assert row["history"][0] == ["Question 1.0 about a contract?", "Answer 1.0 names a clause."]
     single = record_from_dict({"id": "s", "instruction": "Q?", "output": "A."}, "f:2", domain="legal")
     assert "history" not in as_examples([single], CENTRAL, prompts, "domain")[0].to_dict()
+
+
+def test_the_corpus_manifest_counts_the_replaced_system_messages(tmp_path):
+    rows = [sharegpt(i, system="Talk like a pirate." if i % 2 else None) for i in range(6)]
+    config = CorpusConfig(
+        strategy="ft", domains=[DataSource(str(write_jsonl(tmp_path / "l.jsonl", rows)), domain="legal")]
+    )
+    corpus = build_corpus(config, model_default_prompt="P_C")
+    assert corpus.manifest["dropped_system"] == 3
+    assert "own system messages replaced by the strategy's prompt: 3 examples" in summary_table(
+        corpus.manifest
+    )
+    assert "own system" not in summary_table({**corpus.manifest, "dropped_system": 0})
 
 
 # --------------------------------------------------------------------------------------------- labels

@@ -178,6 +178,8 @@ def build_corpus(config: CorpusConfig, model_default_prompt: str | None = None) 
         "tasks": task_sizes(domain_records, examples),
         "empty_sources": domain_report.empty + (general_report.empty if general_report else []),
         "skipped_rows": domain_report.skipped + (general_report.skipped if general_report else []),
+        # conversations whose own system message the strategy's prompt replaced (kept in their rows)
+        "dropped_system": sum(1 for e in examples if e.dropped_system),
         "prompts": prompts.to_dict(),
         "inputs": {
             "domains": _input_fingerprint(config.domains),
@@ -267,6 +269,11 @@ def summary_table(manifest: dict) -> str:
     lines += task_table(manifest)
     if manifest["skipped_rows"]:
         lines.append(f"skipped invalid rows: {len(manifest['skipped_rows'])} (listed in manifest.json)")
+    if manifest.get("dropped_system"):
+        lines.append(
+            f"own system messages replaced by the strategy's prompt: {manifest['dropped_system']} examples "
+            "(each row keeps it as dropped_system)"
+        )
     lines += [f"empty source: {why}" for why in manifest.get("empty_sources", [])]
     return "\n".join(lines)
 
