@@ -47,7 +47,8 @@ from lightning.pytorch.callbacks import Callback
 
 from rega.data.prompts import CENTRAL
 from rega.errors import ConfigError
-from rega.eval.judged import JudgeRequest, judge_problems, missing_key, run_judge_benchmarks
+from rega.eval.judge import missing_key
+from rega.eval.judged import JudgeRequest, judge_problems, run_judge_benchmarks
 from rega.eval.pipeline import base_reference, evaluate_model
 from rega.eval.settings import EvalSettings
 from rega.eval.summary import samples_markdown, scalars

@@ -177,6 +177,14 @@ def api_key(config: JudgeConfig) -> str | None:
     return os.environ.get(config.api_key_env, "").strip() or None
 
 
+def missing_key(config: JudgeConfig) -> str | None:
+    """Why the judge cannot authenticate, or None: its key variable is named but not set. The message names the
+    variable, never a value."""
+    if config.api_key_env and api_key(config) is None:
+        return f"the judge's API key variable {config.api_key_env} is not set"
+    return None
+
+
 class JudgeClient:
     """Sends chat-completions requests to the judge, with retries, a disk cache and a thread pool.
 
@@ -200,12 +208,12 @@ class JudgeClient:
         self._cache_dir = (
             Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_root() / "judge"
         )
-        self._api_key = api_key(config)
-        if config.api_key_env and self._api_key is None:
+        why = missing_key(config)
+        if why:
             raise JudgeError(
-                f"the judge API key is read from the environment variable {config.api_key_env}, which is "
-                "not set; export it, or set api_key_env: null for a server without authentication"
+                f"{why}; export it, or set api_key_env: null for a server without authentication"
             )
+        self._api_key = api_key(config)
         self._client = openai_client(config, self._api_key)
 
     def __repr__(self) -> str:  # never show the key

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rega.errors import ConfigError, JudgeError
-from rega.eval.judge import api_key
 from rega.eval.ratings import first_error, missing_problem
 from rega.io import write_json, write_jsonl
 
@@ -54,14 +53,6 @@ class JudgeRequest:
                 raise ConfigError(f"unknown judge benchmark {name!r}; use {', '.join(JUDGE_BENCHMARKS)}")
         if self.answers and len(self.benchmarks) != 1:
             raise ConfigError("judge_answers grades one benchmark's answers: name exactly one in judge")
-
-
-def missing_key(judge) -> str | None:
-    """Why ``judge`` (a JudgeConfig) cannot authenticate, or None: its key variable is named but not set. The
-    message names the variable, never a value."""
-    if judge.api_key_env and api_key(judge) is None:
-        return f"the judge's API key variable {judge.api_key_env} is not set"
-    return None
 
 
 def prepare_judge(request: JudgeRequest):
