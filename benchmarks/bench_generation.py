@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.common import load_average, machine_info  # noqa: E402
+from benchmarks.common import load_average, machine_info, matmul_gflops  # noqa: E402
 
 
 def baseline_tokens_per_s(model, tokenizer, prompts: list[list[int]], sampling) -> dict:
@@ -134,19 +134,6 @@ def read_bandwidth_gbs(seconds: float = 1.0) -> float:
     return x.numel() * 4 * count / (time.perf_counter() - start) / 1e9
 
 
-def gemm_gflops(rows: int, d: int, seconds: float = 1.0) -> float:
-    """fp32 matmul rate at a decode step's shape: [rows, d] x [d, d]."""
-    import torch
-
-    x, w = torch.randn(rows, d), torch.randn(d, d)
-    x @ w
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        x @ w
-        count += 1
-    return 2 * rows * d * d * count / (time.perf_counter() - start) / 1e9
-
-
 def decode_step_seconds(model, tokenizer, prompts: list[list[int]], sampling, steps: int = 16) -> float:
     """Median seconds of one decoding step (forward on the KV cache + the token choice) after prefilling these
     prompts: what the runner repeats per generated token of a batch."""
@@ -185,7 +172,7 @@ def decode_roofline(model, tokenizer, prompts: list[list[int]], sampling, batch_
         batch = prompts[:rows]
         context = max(len(p) for p in batch) + 8  # the cache length in the middle of the 16 timed steps
         step = decode_step_seconds(model, tokenizer, batch, sampling)
-        gemm = gemm_gflops(rows, config.hidden_size)
+        gemm = matmul_gflops(rows, config.hidden_size, config.hidden_size)  # a decode step's shape
         step_bytes = weight_bytes + kv_per_token * context * rows
         memory_bound, compute_bound = step_bytes / (bandwidth * 1e9), 2 * params * rows / (gemm * 1e9)
         out["batches"][str(rows)] = {

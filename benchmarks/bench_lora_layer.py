@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 from peft.tuners.lora.layer import Linear as LoraLinear  # noqa: E402
 
-from benchmarks.common import cpu_model, load_average  # noqa: E402
+from benchmarks.common import cpu_model, load_average, matmul_gflops  # noqa: E402
 from benchmarks.profile_step import packed_batch  # noqa: E402
 from rega.config import ModelConfig  # noqa: E402
 from rega.modules.attention import packed_rows  # noqa: E402
@@ -51,16 +51,6 @@ def switch(model, path: str, groups: dict) -> None:
     for module, group in groups.items():
         module.__class__ = LoraLinear if path == "peft" else FastLoraLinear
         module._fast_group = group if path == "fast" else None
-
-
-def gemm_gflops(threads: int, seconds: float = 1.0) -> float:
-    a, b = torch.randn(512, 576), torch.randn(576, 1536)
-    a @ b
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    return 2 * 512 * 576 * 1536 * count / (time.perf_counter() - start) / 1e9
 
 
 def useful_gflop(module, batch) -> float:
@@ -123,7 +113,7 @@ def time_paths(module: REGAModule, batch, rounds: int, threads: int) -> tuple[di
         for i, path in enumerate(order):
             seconds[path].append(run(path))
             if i == 1:
-                gemm.append(gemm_gflops(threads))
+                gemm.append(matmul_gflops(512, 576, 1536))
     return seconds, cpu_seconds, gemm
 
 

@@ -1,10 +1,12 @@
-"""What the benchmarks share: the repository root, the machine they ran on and its load, process memory."""
+"""What the benchmarks share: the repository root, the machine they ran on and its load, process memory, and its
+fp32 matmul rate."""
 
 from __future__ import annotations
 
 import os
 import platform
 import resource
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,3 +72,18 @@ def vm_hwm_mib(pid: int) -> float | None:
 
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def matmul_gflops(rows: int, inner: int, cols: int, seconds: float = 1.0, warmup: int = 5) -> float:
+    """This machine's fp32 matmul rate at one shape, [rows, inner] x [inner, cols], with torch's current threads:
+    the ceiling the benchmarks measure their matmul time against."""
+    import torch
+
+    a, b = torch.randn(rows, inner), torch.randn(inner, cols)
+    for _ in range(warmup):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * rows * inner * cols * count / (time.perf_counter() - start) / 1e9

@@ -4,7 +4,8 @@ MFU on a GPU) and the markdown table that benchmarks/README.md shows."""
 from __future__ import annotations
 
 import statistics
-import time
+
+from benchmarks.common import matmul_gflops
 
 # Dense bf16 peak (TFLOP/s, without sparsity) by device name; override with --peak-tflops.
 BF16_PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
@@ -49,14 +50,7 @@ def cpu_gemm_gflops(model_path: str, threads: int, rows: int = 512, seconds: flo
 
     c = model_shape(model_path)
     torch.set_num_threads(threads)
-    x, w = torch.randn(rows, c.hidden_size), torch.randn(c.intermediate_size, c.hidden_size)
-    for _ in range(5):
-        x @ w.T
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        x @ w.T
-        count += 1
-    return 2 * rows * c.hidden_size * c.intermediate_size * count / (time.perf_counter() - start) / 1e9
+    return matmul_gflops(rows, c.hidden_size, c.intermediate_size, seconds)
 
 
 def roofline(summary: dict, model_path: str, gemm_gflops: list[float]) -> dict:
