@@ -86,7 +86,7 @@ def cut_module(layers: int) -> REGAModule:
     return module
 
 
-def time_paths(module: REGAModule, batch, rounds: int, threads: int) -> tuple[dict, dict, list[float]]:
+def time_paths(module: REGAModule, batch, rounds: int) -> tuple[dict, dict, list[float]]:
     """(wall seconds, CPU seconds per path, GEMM GFLOP/s per round): the paths in rotating order each round,
     the GEMM rate timed between the first two paths of the round."""
     groups = {m: m._fast_group for m in module.model.modules() if isinstance(m, FastLoraLinear)}
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     module = cut_module(args.layers)
     batch = {k: v for k, v in packed_batch(1).items() if k != "token_domain"}
     gflop = useful_gflop(module, batch)
-    seconds, cpu_seconds, gemm = time_paths(module, batch, args.rounds, args.threads)
+    seconds, cpu_seconds, gemm = time_paths(module, batch, args.rounds)
     report = {
         "cpu": cpu_model(),
         "threads": args.threads,

@@ -76,14 +76,16 @@ def load_average() -> list[float]:
 
 def matmul_gflops(rows: int, inner: int, cols: int, seconds: float = 1.0, warmup: int = 5) -> float:
     """This machine's fp32 matmul rate at one shape, [rows, inner] x [inner, cols], with torch's current threads:
-    the ceiling the benchmarks measure their matmul time against."""
+    the ceiling the benchmarks measure their matmul time against. The weight is laid out as ``nn.Linear`` keeps
+    it ([cols, inner], multiplied transposed), like the model's own projections."""
     import torch
+    import torch.nn.functional as F
 
-    a, b = torch.randn(rows, inner), torch.randn(inner, cols)
+    x, weight = torch.randn(rows, inner), torch.randn(cols, inner)
     for _ in range(warmup):
-        a @ b
+        F.linear(x, weight)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        a @ b
+        F.linear(x, weight)
         count += 1
     return 2 * rows * inner * cols * count / (time.perf_counter() - start) / 1e9

@@ -189,13 +189,14 @@ def run_one(grid: Grid, run: GridRun, seed: int | None = None) -> dict:
     submitted twice) take turns: the later one waits, then skips what the first finished or resumes what it left.
     """
     directory = run_dir(grid, run, seed)
+    done = directory / "done.json"
     tag = run.name if seed is None else f"{run.name} seed {seed}"
-    if not (directory / "done.json").exists():
+    if not done.exists():
         with waiting_lock(directory / LOCK, on_wait=lambda: _say_waiting(tag)):
-            if not (directory / "done.json").exists():
+            if not done.exists():  # the job it waited for may have finished it
                 return _run_job(grid, run, seed, directory, tag)
     print(f"[grid] {tag}: finished before, skipped", flush=True)
-    return json.loads((directory / "done.json").read_text(encoding="utf-8"))
+    return json.loads(done.read_text(encoding="utf-8"))
 
 
 def _run_job(grid: Grid, run: GridRun, seed: int | None, directory: Path, tag: str) -> dict:
