@@ -208,10 +208,10 @@ class JudgeClient:
         self._cache_dir = (
             Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_root() / "judge"
         )
-        why = missing_key(config)
-        if why:
+        if missing_key(config):
             raise JudgeError(
-                f"{why}; export it, or set api_key_env: null for a server without authentication"
+                f"the judge API key is read from the environment variable {config.api_key_env}, which is "
+                "not set; export it, or set api_key_env: null for a server without authentication"
             )
         self._api_key = api_key(config)
         self._client = openai_client(config, self._api_key)
