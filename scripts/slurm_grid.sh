@@ -3,7 +3,8 @@
 # one process per GPU itself (the grid hides the single-task SLURM layout from it). D_g first, then the grid:
 #   jid=$(sbatch --parsable scripts/slurm_distill.sh configs/distill/vicuna_7b_general_en.yaml)
 #   sbatch --dependency=afterok:$jid --array=0-12 scripts/slurm_grid.sh configs/grid/paper_en.yaml
-# Runs already finished (done.json) are skipped; an interrupted fit resumes from its last.ckpt. Jobs that meet on one
+# Runs already finished (done.json) are skipped; an interrupted fit resumes from its last.ckpt, and a job that stopped
+# after its fit keeps the adapter and evaluates it. Jobs that meet on one
 # run take turns (a lock in its folder): a merge job waits for the per-domain jobs it merges instead of training them twice.
 #SBATCH --job-name=rega-grid
 #SBATCH --nodes=1

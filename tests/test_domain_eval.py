@@ -154,6 +154,15 @@ def test_load_task_records_limits_per_task_but_keeps_labels(task_file):
     assert data.labels[("medical", "cmedtc")] == ("Age", "Disease", "Sign")
 
 
+def test_load_task_records_keeps_the_named_domains(task_file):
+    data = load_task_records([DataSource(str(task_file))], limit_per_task=2, domains=["finance"])
+    assert [r.id for r in data.records] == ["fq1", "fq2"] and set(data.labels) <= {("finance", "fiqa")}
+    with pytest.raises(
+        ConfigError, match=r"no evaluation task of domain\(s\) legal \(the tasks cover finance, medical\)"
+    ):
+        load_task_records([DataSource(str(task_file))], domains=["legal", "medical"])
+
+
 def test_scoring_plumbing_with_canned_answers(tiny, task_file, monkeypatch):
     model, tokenizer, chat = tiny
     seen: list[str] = []

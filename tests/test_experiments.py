@@ -28,9 +28,11 @@ def domain_rule(scores: dict[str, dict[str, float]]) -> dict:
 
 
 def fake_run(
-    root: Path, name: str, strategy: str, rules: dict, mc: float, mix_ratio=None, matrix=None
+    root: Path, name: str, strategy: str, rules: dict, mc: float, mix_ratio=None, matrix=None, **meta
 ) -> None:
-    write_json(root / name / "done.json", {"name": name, "strategy": strategy, "mix_ratio": mix_ratio})
+    write_json(
+        root / name / "done.json", {"name": name, "strategy": strategy, "mix_ratio": mix_ratio, **meta}
+    )
     write_json(
         root / name / "eval" / "eval.json",
         {
@@ -186,6 +188,56 @@ def test_a_job_waits_for_another_job_on_the_same_run(tmp_path, monkeypatch, othe
     else:  # the other job died before done.json: this one runs it (a fit resumes from last.ckpt)
         assert calls == ["train"] and meta["seed"] == 7
         assert json.loads((directory / "done.json").read_text())["name"] == "ft_medical"
+
+
+def test_a_job_that_stopped_after_its_fit_evaluates_without_training_again(tmp_path, monkeypatch):
+    """A job killed during evaluation left a complete adapter: the next job evaluates it (a single-domain run on
+    its own domain) and keeps the fit's time, instead of training from scratch."""
+    grid = Grid(
+        output=str(tmp_path),
+        eval_config="eval.yaml",
+        runs=[GridRun("ft_medical", "ft", only_domains=["medical"])],
+    )
+    run, commands = grid.runs[0], []
+    directory = grid_module.run_dir(grid, run, 7)
+
+    def fake_stage(command, log_path):
+        commands.append(command[2])  # cli.py's subcommand
+        if command[2] == "fit":
+            write_json(directory / "adapter" / "adapter_config.json", {})
+        elif len(commands) == 2:
+            raise RuntimeError("killed during evaluation")
+        return 3.0
+
+    monkeypatch.setattr(grid_module, "run_logged", fake_stage)
+    with pytest.raises(RuntimeError, match="killed"):
+        grid_module.run_one(grid, run, 7)
+    assert commands == ["fit", "evaluate"] and not (directory / "done.json").exists()
+    calls = []
+    monkeypatch.setattr(grid_module, "run_logged", lambda command, log: calls.append(command) or 5.0)
+    meta = grid_module.run_one(grid, run, 7)
+    assert [c[2] for c in calls] == ["evaluate"]  # not trained again
+    assert calls[0][calls[0].index("--domains") + 1] == '["medical"]'  # on its own domain
+    assert meta["timings"] == {"fit_s": 3.0, "eval_s": 5.0}
+
+
+def test_report_sets_single_domain_runs_beside_the_multi_domain_ones(tmp_path):
+    runs = tmp_path / "runs"
+    both = {"medical": {"pubmedqa": 0.5}, "legal": {"overruling": 0.6}}
+    fake_run(runs, "ft", "ft", {"central": domain_rule(both)}, 0.5)
+    fake_run(runs, "ft_medical", "ft", {"central": domain_rule({"medical": {"pubmedqa": 0.9}})}, 0.6,
+             only_domains=["medical"])  # fmt: skip
+    for r in (0.1, 0.3):
+        fake_run(runs, f"rega_r{r}", "rega", {"central": domain_rule(both)}, 0.6, mix_ratio=r)
+    report = write_report(runs, tmp_path / "out")
+    rows = {row["label"]: row for row in report["rows"]}
+    assert rows["FT"]["domain mean"] == pytest.approx(0.55)
+    single = rows["FT (medical only)"]  # not a second "FT" row
+    assert single["pubmedqa (acc)"] == pytest.approx(0.9) and single["medical mean"] == pytest.approx(0.9)
+    assert (
+        single["domain mean"] is None and single.get("legal mean") is None
+    )  # one domain's mean is not comparable
+    assert "| FT (medical only) | – | – | 90.0 | 90.0 | – |" in (tmp_path / "out" / "results.md").read_text()
 
 
 @pytest.mark.parametrize("grid", ["cpu_en", "cpu_zh", "cpu_en_evidence"])

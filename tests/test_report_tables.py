@@ -84,11 +84,12 @@ def test_report_gives_intervals_paired_tests_seeds_and_label_distributions(tmp_p
     always_yes = [1.0] * 20 + [0.0] * 20
     right = [1.0] * 36 + [0.0] * 4
 
-    def put(name, strategy, evals, seeds):
+    def put(name, strategy, evals, seeds, **meta):
         for seed, result in zip(seeds, evals):
             folder = runs / name / f"seed_{seed}" if seed is not None else runs / name
             write_json(
-                folder / "done.json", {"name": name, "strategy": strategy, "mix_ratio": None, "seed": seed}
+                folder / "done.json",
+                {"name": name, "strategy": strategy, "mix_ratio": None, "seed": seed, **meta},
             )
             write_json(folder / "eval" / "eval.json", result)
 
@@ -96,6 +97,8 @@ def test_report_gives_intervals_paired_tests_seeds_and_label_distributions(tmp_p
     put("ft", "ft", [fake_eval(always_yes, ["yes"] * n, [1, 0, 0, 0], [-3.0] * 4)] * 2, [1, 2])
     rega = [fake_eval(right, gold[:36] + ["maybe"] * 4, [1, 1, 1, 0], [-2.2] * 4) for _ in range(2)]
     put("rega", "rega", rega, [1, 2])
+    # a single-domain FT (sorted first) is not the FT the paired tables compare with
+    put("a_medical", "ft", [fake_eval(right, gold, [1, 1, 1, 1], [-2.0] * 4)], [1], only_domains=["medical"])
 
     report = write_report(runs, tmp_path / "out")
     assert report["statistics"] is True

@@ -196,13 +196,13 @@ class EvaluationCallback(Callback):
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str, epoch: int) -> dict:
         """Run one evaluation now (all ranks), write its files and log it (rank 0); returns the result."""
-        from rega.eval.domain import load_task_records
+        from rega.eval.domain import settings_tasks
 
         lm = (pl_module.model, pl_module.tokenizer, pl_module.chat)
         prompts = self._prompts(trainer)
         out_dir = self._dir or Path(self.output_dir or "eval")
         if self._data is None:
-            self._data = load_task_records(self.settings.tasks, self.settings.limit_per_task)
+            self._data = settings_tasks(self.settings)
         base = self._base_reference(trainer, lm, prompts, out_dir)
         result = evaluate_model(
             *lm, prompts, self._rules(trainer), self.settings, data=self._data, output_dir=out_dir / tag,

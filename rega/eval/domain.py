@@ -62,8 +62,11 @@ class TaskData:
     labels: dict[tuple[str, str], tuple[str, ...]]
 
 
-def load_task_records(sources: Sequence[DataSource], limit_per_task: int | None = None) -> TaskData:
-    """Load evaluation sources; keep the first ``limit_per_task`` records of each (domain, task).
+def load_task_records(
+    sources: Sequence[DataSource], limit_per_task: int | None = None, domains: Sequence[str] | None = None
+) -> TaskData:
+    """Load evaluation sources; keep the tasks of ``domains`` (all when ``None``) and the first ``limit_per_task``
+    records of each (domain, task).
 
     Label sets are collected before the limit, so a small limit does not shrink the set of labels a response may
     name. Rows that fail validation are skipped and counted in the log.
@@ -76,6 +79,8 @@ def load_task_records(sources: Sequence[DataSource], limit_per_task: int | None 
                 raise ConfigError(f"evaluation record id {rec.id!r} appears in two sources ({source.path})")
             seen.add(rec.id)
             records.append(rec)
+    if domains is not None:
+        records = _of_domains(records, domains)
     labels = task_label_sets(records)
     if limit_per_task is not None:
         kept: dict[tuple[str, str], int] = defaultdict(int)
@@ -87,6 +92,21 @@ def load_task_records(sources: Sequence[DataSource], limit_per_task: int | None 
                 limited.append(rec)
         records = limited
     return TaskData(records, labels)
+
+
+def _of_domains(records: list[Record], domains: Sequence[str]) -> list[Record]:
+    present = {r.domain for r in records}
+    missing = sorted(set(domains) - present)
+    if missing:
+        raise ConfigError(
+            f"no evaluation task of domain(s) {', '.join(missing)} (the tasks cover {', '.join(sorted(present))})"
+        )
+    return [r for r in records if r.domain in domains]
+
+
+def settings_tasks(settings: EvalSettings) -> TaskData:
+    """The task records ``settings`` names: its sources, domains and per-task limit."""
+    return load_task_records(settings.tasks, settings.limit_per_task, settings.domains)
 
 
 def check_rule(rule: str) -> None:
@@ -353,5 +373,6 @@ __all__ = [
     "evaluate_domains",
     "extract_answer",
     "load_task_records",
+    "settings_tasks",
     "system_prompt",
 ]

@@ -30,7 +30,7 @@ from rega.data.loaders import load_records
 from rega.data.prompts import CENTRAL, RolePrompts
 from rega.data.records import Record
 from rega.errors import ConfigError
-from rega.eval.domain import TaskData, check_rule, evaluate_domains, load_task_records
+from rega.eval.domain import TaskData, check_rule, evaluate_domains, settings_tasks
 from rega.eval.items import item_results, trivial_baselines
 from rega.eval.metrics import dist_info
 from rega.eval.retention import DEFAULT_MC, MCSet, base_model, drift_scores, general_mc_scores, resolve_mc_set
@@ -88,7 +88,7 @@ def plan(
     for rule in rules:
         check_rule(rule)
     if data is None:
-        data = load_task_records(settings.tasks, settings.limit_per_task) if domain_eval else TaskData([], {})
+        data = settings_tasks(settings) if domain_eval else TaskData([], {})
     mc_sets = [resolve_mc_set(spec) for spec in mc_set_names(settings, data.records)]
     return EvalPlan(list(rules), data, domain_eval, mc_sets, load_drift_sources(settings))
 

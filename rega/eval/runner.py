@@ -17,7 +17,7 @@ from rega.data.prompts import PromptConfig, resolve_prompts
 from rega.data.records import GENERAL
 from rega.data.strategies import ROLE, get_strategy
 from rega.errors import ConfigError, EmptyDataError, JudgeError
-from rega.eval.domain import TaskData, check_rule, load_task_records
+from rega.eval.domain import TaskData, check_rule, settings_tasks
 from rega.eval.judged import (
     JUDGE_BENCHMARKS,
     JudgeRequest,
@@ -97,7 +97,7 @@ def prepare(options: CommandOptions, settings: EvalSettings, request: JudgeReque
     if options.adapter:
         check_adapter(options.adapter)
     judge, client = prepare_judge(request)
-    data = load_task_records(settings.tasks, settings.limit_per_task)
+    data = settings_tasks(settings)
     check_inputs(settings, data, request)
     for spec in mc_set_names(settings, data.records):
         resolve_mc_set(spec)  # fail on a bad name before the model loads

@@ -23,6 +23,8 @@ class EvalSettings:
     Args:
         tasks: domain evaluation sources (test or dev sets), e.g. ``{path: "shared:pubmedqa/dev.jsonl"}``; each
             names its domain or its rows do.
+        domains: evaluate only the tasks of these domains (a single-domain adapter on its own domain); ``None``:
+            every task.
         limit_per_task: keep the first N records of each (domain, task); ``None`` keeps all.
         max_new_tokens: generation cap for free-form answers (greedy decoding).
         closed_max_new_tokens: generation cap for closed tasks (labels, letters); ``None`` uses ``max_new_tokens``.
@@ -47,6 +49,7 @@ class EvalSettings:
     """
 
     tasks: list[DataSource] = field(default_factory=list)
+    domains: list[str] | None = None
     limit_per_task: int | None = None
     max_new_tokens: int = 128
     closed_max_new_tokens: int | None = 32
@@ -65,6 +68,8 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         self.tasks, self.drift = list(self.tasks or []), list(self.drift or [])
+        if self.domains is not None:
+            self.domains = list(self.domains)
         if self.general_mc is not None:
             self.general_mc = list(self.general_mc)
         if self.closed_scoring not in CLOSED_SCORING:  # before any model loads

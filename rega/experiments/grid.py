@@ -2,7 +2,8 @@
 
 Here runs go one after another; on a cluster, one job per run: ``rega grid --config G --index $SLURM_ARRAY_TASK_ID``
 (see ``scripts/slurm_grid.sh``). A run is finished when its ``done.json`` exists; a run that was interrupted
-mid-fit resumes from its ``last.ckpt``. Two jobs on the same run take turns (a lock in its folder).
+mid-fit resumes from its ``last.ckpt``, and one whose fit had finished (its ``adapter/`` is complete) is not trained
+again: only what comes after runs. Two jobs on the same run take turns (a lock in its folder).
 
 With ``seeds`` every run is repeated once per seed, in ``<output>/<name>/seed_<s>``: the seed sets the training
 seed (``seed_everything``, the batch order), the corpus draw (``data.corpus.seed``: D'_i) and the
@@ -61,7 +62,7 @@ class GridRun:
         name: folder name of the run under the grid's output.
         strategy: a registered strategy (zero_shot runs only the evaluation).
         mix_ratio: r for strategies that use role integration.
-        only_domains: train on these domains only (single-domain variants).
+        only_domains: train on these domains only and evaluate on their tasks (single-domain variants).
         fit_args: extra ``fit`` arguments for this run, e.g. ``["--trainer.max_epochs", "1"]``.
         eval_args: extra ``evaluate`` arguments for this run.
         prompt_matrix: override the grid's ``prompt_matrix`` for this run.
@@ -139,13 +140,13 @@ def _evaluate(grid: Grid, run: GridRun, seed, directory: Path, timings: dict) ->
     spec = get_strategy(run.strategy)
     rules = list(spec.inference)
     command = eval_command(grid, run, directory, rules, directory / "eval")
-    timings["eval_s"] = round(run_logged(command, directory / "eval.log"), 1)
+    _run_stage(directory, timings, "eval_s", command, "eval.log")
     wants_matrix = grid.prompt_matrix if run.prompt_matrix is None else run.prompt_matrix
     if wants_matrix and "role" in spec.inference:
         matrix_rules = [f"role:{d}" for d in domains_of(grid)]
         command = eval_command(grid, run, directory, matrix_rules, directory / "eval_matrix")
         command += ["--general_mc", "[]", "--drift", "[]"]
-        timings["matrix_s"] = round(run_logged(command, directory / "eval.log"), 1)
+        _run_stage(directory, timings, "matrix_s", command, "eval.log")
     return rules
 
 
@@ -158,17 +159,24 @@ def _train(grid: Grid, run: GridRun, seed, directory: Path, timings: dict) -> No
             run_one(grid, source, seed)
         adapters = {name: str(run_dir(grid, _named(grid, name), seed) / "adapter") for name in run.merge.runs}
         command = merge_command(grid, run.merge, adapters, directory / "adapter")
-        timings["merge_s"] = round(run_logged(command, directory / "merge.log"), 1)
+        _run_stage(directory, timings, "merge_s", command, "merge.log")
         return
     extra: list[str] = []
     if run.rewrite:
         command = rewrite_command(grid, run, seed, directory / "rewrite")
-        timings["rewrite_s"] = round(run_logged(command, directory / "rewrite.log"), 1)
+        _run_stage(directory, timings, "rewrite_s", command, "rewrite.log")
         rewritten = json.dumps([{"path": str(directory / "rewrite" / "rewritten.jsonl")}])
         extra = ["--data.corpus.domains", rewritten]
-    timings["fit_s"] = round(
-        run_logged(fit_command(grid, run, directory, seed) + extra, directory / "fit.log"), 1
-    )
+    _run_stage(directory, timings, "fit_s", fit_command(grid, run, directory, seed) + extra, "fit.log")
+
+
+TIMINGS = "timings.json"  # each finished stage's seconds, kept when a job stops before done.json
+
+
+def _run_stage(directory: Path, timings: dict, key: str, command: list[str], log_name: str) -> None:
+    """Run one stage of a job, logged to ``<run>/<log_name>``; its seconds go into ``timings`` and its file."""
+    timings[key] = round(run_logged(command, directory / log_name), 1)
+    write_json(directory / TIMINGS, timings)
 
 
 def _named(grid: Grid, name: str) -> GridRun:
@@ -201,8 +209,16 @@ def run_one(grid: Grid, run: GridRun, seed: int | None = None) -> dict:
 
 def _run_job(grid: Grid, run: GridRun, seed: int | None, directory: Path, tag: str) -> dict:
     print(f"[grid] {tag}: strategy={run.strategy} r={run.mix_ratio}", flush=True)
-    timings: dict[str, float] = {}
-    if run.strategy != "zero_shot":
+    saved = directory / TIMINGS  # stages an earlier job finished before it stopped
+    timings: dict[str, float] = json.loads(saved.read_text(encoding="utf-8")) if saved.exists() else {}
+    if (
+        directory / "adapter" / "adapter_config.json"
+    ).exists():  # written last and whole (save_adapter, merge)
+        print(
+            f"[grid] {tag}: its adapter/ is complete (an earlier job trained it), not trained again",
+            flush=True,
+        )
+    elif run.strategy != "zero_shot":
         _train(grid, run, seed, directory, timings)
     rules = _evaluate(grid, run, seed, directory, timings) if run.evaluate else []
     meta = {

@@ -45,10 +45,16 @@ NAMES = {
     "sdft": "SDFT", "rega": "REGA",
 }  # fmt: skip
 META = ("label", "run", "strategy", "rule", "mix_ratio", "seeds")
+SUMMARY_MEANS = ("domain mean", "general MC mean")
 
 
 def row_label(
-    strategy: str, rule: str, mix_ratio: float | None, several_r: bool, label: str | None = None
+    strategy: str,
+    rule: str,
+    mix_ratio: float | None,
+    several_r: bool,
+    label: str | None = None,
+    only_domains: list[str] | None = None,
 ) -> str:
     name = label or NAMES.get(strategy, strategy)
     if strategy == "rega":
@@ -57,6 +63,8 @@ def row_label(
         name += f" ({rule})"
     if several_r and mix_ratio is not None:
         name += f" (r={mix_ratio:g})"
+    if only_domains and not label:  # a single-domain variant beside the multi-domain run of its strategy
+        name += f" ({', '.join(only_domains)} only)"
     return name
 
 
@@ -135,7 +143,12 @@ def table_rows(runs: list[dict]) -> list[dict]:
             ]
             row = {
                 "label": row_label(
-                    group["strategy"], rule, group.get("mix_ratio"), several_r, group.get("label")
+                    group["strategy"],
+                    rule,
+                    group.get("mix_ratio"),
+                    several_r,
+                    group.get("label"),
+                    group.get("only_domains"),
                 ),
                 "run": group["name"],
                 "strategy": group["strategy"],
@@ -146,6 +159,18 @@ def table_rows(runs: list[dict]) -> list[dict]:
             row.update({c: _mean([p.get(c) for p in per_seed]) for c in per_seed[0]})
             row["_group"], row["_cols"] = group, column_units(summary, first)
             rows.append(row)
+    return _partial_domain_means(rows)
+
+
+def _partial_domain_means(rows: list[dict]) -> list[dict]:
+    """No "domain mean" for a row evaluated on fewer domains than the others (a single-domain run on its own
+    domain): a mean over its domains alone would read as comparable with the others'."""
+    domains = [{c for c in row["_cols"] if c.endswith(" mean") and c not in SUMMARY_MEANS} for row in rows]
+    every = set().union(*domains)
+    for row, own in zip(rows, domains):
+        if own != every and "domain mean" in row:
+            row["domain mean"] = None
+            row["_cols"].pop("domain mean", None)
     return rows
 
 
@@ -223,8 +248,9 @@ def add_statistics(rows: list[dict]) -> bool:
 
 
 def _reference(rows: list[dict], strategy: str) -> dict | None:
-    """The plain run of a strategy (no custom label, i.e. not a variant such as FT with a loss term)."""
-    return next((r for r in rows if r["strategy"] == strategy and not r["_group"].get("label")), None)
+    """The plain run of a strategy: not a variant such as FT with a loss term (a label) or on one domain."""
+    plain = (r for r in rows if r["strategy"] == strategy and not r["_group"].get("label"))
+    return next((r for r in plain if not r["_group"].get("only_domains")), None)
 
 
 def row_headline(rows: list[dict]) -> list[str]:

@@ -25,7 +25,7 @@ def recompute_baselines(result: dict) -> dict:
     sources = [DataSource(**t) for t in settings.get("tasks") or []]
     if not sources:
         return {}
-    data = load_task_records(sources, settings.get("limit_per_task"))
+    data = load_task_records(sources, settings.get("limit_per_task"), settings.get("domains"))
     return trivial_baselines(sources, data.records, data.labels)
 
 

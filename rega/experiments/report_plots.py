@@ -42,6 +42,7 @@ def plot_mix_ratio(rows: list[dict], path: Path, cis: dict | None = None) -> boo
     """Domain score, general MC and drift against r: REGA_c and REGA_r at each r of the grid (with 95 %
     intervals where the runs kept per-item results), every other strategy as a labelled horizontal line."""
     plt = _pyplot()
+    rows = [r for r in rows if not r["_group"].get("only_domains")]  # the sweep compares multi-domain runs
     rega = sorted(
         (r for r in rows if r["strategy"] == "rega" and r["mix_ratio"] is not None),
         key=lambda r: r["mix_ratio"],

@@ -72,6 +72,8 @@ def eval_command(grid, run, run_dir: Path, rules: list[str], output: Path) -> li
     args += ["--strategy", run.strategy, "--rules", json.dumps(rules), "--output", str(output)]
     if run.strategy != "zero_shot":
         args += ["--adapter", str(run_dir / "adapter")]
+    if run.only_domains:  # a single-domain run on its own domain(s)
+        args += ["--domains", json.dumps(run.only_domains)]
     return cli_command("evaluate", *args, *run.eval_args)
 
 
