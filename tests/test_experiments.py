@@ -190,7 +190,7 @@ def test_a_job_waits_for_another_job_on_the_same_run(tmp_path, monkeypatch, othe
         assert json.loads((directory / "done.json").read_text())["name"] == "ft_medical"
 
 
-def test_a_job_that_stopped_after_its_fit_evaluates_without_training_again(tmp_path, monkeypatch):
+def test_a_job_that_stopped_after_its_fit_evaluates_without_training_again(tmp_path, monkeypatch, capsys):
     """A job killed during evaluation left a complete adapter: the next job evaluates it (a single-domain run on
     its own domain) and keeps the fit's time, instead of training from scratch."""
     grid = Grid(
@@ -219,6 +219,8 @@ def test_a_job_that_stopped_after_its_fit_evaluates_without_training_again(tmp_p
     assert [c[2] for c in calls] == ["evaluate"]  # not trained again
     assert calls[0][calls[0].index("--domains") + 1] == '["medical"]'  # on its own domain
     assert meta["timings"] == {"fit_s": 3.0, "eval_s": 5.0}
+    said = capsys.readouterr().out
+    assert "not trained again" in said and "with an earlier job's stages: 8s" in said
 
 
 def test_report_sets_single_domain_runs_beside_the_multi_domain_ones(tmp_path):

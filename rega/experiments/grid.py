@@ -211,9 +211,9 @@ def _run_job(grid: Grid, run: GridRun, seed: int | None, directory: Path, tag: s
     print(f"[grid] {tag}: strategy={run.strategy} r={run.mix_ratio}", flush=True)
     saved = directory / TIMINGS  # stages an earlier job finished before it stopped
     timings: dict[str, float] = json.loads(saved.read_text(encoding="utf-8")) if saved.exists() else {}
-    if (
-        directory / "adapter" / "adapter_config.json"
-    ).exists():  # written last and whole (save_adapter, merge)
+    started, earlier = time.perf_counter(), bool(timings)
+    trained = directory / "adapter" / "adapter_config.json"  # written last and whole (save_adapter, merge)
+    if trained.exists():
         print(
             f"[grid] {tag}: its adapter/ is complete (an earlier job trained it), not trained again",
             flush=True,
@@ -229,7 +229,8 @@ def _run_job(grid: Grid, run: GridRun, seed: int | None, directory: Path, tag: s
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_json(directory / "done.json", meta)
-    print(f"[grid] {tag}: done in {format_duration(sum(timings.values()))}", flush=True)
+    spent = f" (with an earlier job's stages: {format_duration(sum(timings.values()))})" if earlier else ""
+    print(f"[grid] {tag}: done in {format_duration(time.perf_counter() - started)}{spent}", flush=True)
     return meta
 
 
