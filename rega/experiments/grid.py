@@ -32,6 +32,7 @@ from rega.experiments.stages import (
     rewrite_command,
     run_logged,
     stage_env,  # noqa: F401
+    trained,
 )
 from rega.io import waiting_lock, write_json
 
@@ -212,8 +213,7 @@ def _run_job(grid: Grid, run: GridRun, seed: int | None, directory: Path, tag: s
     saved = directory / TIMINGS  # stages an earlier job finished before it stopped
     timings: dict[str, float] = json.loads(saved.read_text(encoding="utf-8")) if saved.exists() else {}
     started, earlier = time.perf_counter(), bool(timings)
-    trained = directory / "adapter" / "adapter_config.json"  # written last and whole (save_adapter, merge)
-    if trained.exists():
+    if trained(directory):
         print(
             f"[grid] {tag}: its adapter/ is complete (an earlier job trained it), not trained again",
             flush=True,

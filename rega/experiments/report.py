@@ -45,7 +45,6 @@ NAMES = {
     "sdft": "SDFT", "rega": "REGA",
 }  # fmt: skip
 META = ("label", "run", "strategy", "rule", "mix_ratio", "seeds")
-SUMMARY_MEANS = ("domain mean", "general MC mean")
 
 
 def row_label(
@@ -158,6 +157,7 @@ def table_rows(runs: list[dict]) -> list[dict]:
             }
             row.update({c: _mean([p.get(c) for p in per_seed]) for c in per_seed[0]})
             row["_group"], row["_cols"] = group, column_units(summary, first)
+            row["_domains"] = set(summary["domains"])
             rows.append(row)
     return _partial_domain_means(rows)
 
@@ -165,10 +165,9 @@ def table_rows(runs: list[dict]) -> list[dict]:
 def _partial_domain_means(rows: list[dict]) -> list[dict]:
     """No "domain mean" for a row evaluated on fewer domains than the others (a single-domain run on its own
     domain): a mean over its domains alone would read as comparable with the others'."""
-    domains = [{c for c in row["_cols"] if c.endswith(" mean") and c not in SUMMARY_MEANS} for row in rows]
-    every = set().union(*domains)
-    for row, own in zip(rows, domains):
-        if own != every and "domain mean" in row:
+    every = set().union(*(row["_domains"] for row in rows))
+    for row in rows:
+        if row["_domains"] != every and "domain mean" in row:
             row["domain mean"] = None
             row["_cols"].pop("domain mean", None)
     return rows
@@ -249,8 +248,8 @@ def add_statistics(rows: list[dict]) -> bool:
 
 def _reference(rows: list[dict], strategy: str) -> dict | None:
     """The plain run of a strategy: not a variant such as FT with a loss term (a label) or on one domain."""
-    plain = (r for r in rows if r["strategy"] == strategy and not r["_group"].get("label"))
-    return next((r for r in plain if not r["_group"].get("only_domains")), None)
+    variant = lambda r: r["_group"].get("label") or r["_group"].get("only_domains")  # noqa: E731
+    return next((r for r in rows if r["strategy"] == strategy and not variant(r)), None)
 
 
 def row_headline(rows: list[dict]) -> list[str]:

@@ -46,6 +46,11 @@ def seed_args(grid, run, seed: int | None) -> list[str]:
     return args
 
 
+def trained(run_dir: Path) -> bool:
+    """Whether a run's fit (or merge) finished: its adapter is written last and whole (save_adapter, merge)."""
+    return (run_dir / "adapter" / "adapter_config.json").exists()
+
+
 def fit_command(grid, run, run_dir: Path, seed: int | None = None) -> list[str]:
     args = [a for cfg in fit_configs(grid, run) for a in ("--config", cfg)]
     args += ["--data.corpus.strategy", run.strategy]
@@ -62,7 +67,7 @@ def fit_command(grid, run, run_dir: Path, seed: int | None = None) -> list[str]:
         *run.fit_args,
     ]  # fmt: skip
     last = sorted(run_dir.glob("fit/version_*/checkpoints/last.ckpt"))
-    if last and not (run_dir / "adapter" / "adapter_config.json").exists():
+    if last and not trained(run_dir):
         args += ["--ckpt_path", str(last[-1])]  # an interrupted fit continues where it stopped
     return cli_command("fit", *args)
 
