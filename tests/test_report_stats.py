@@ -47,6 +47,18 @@ def test_paired_difference_detects_a_real_gap_and_not_a_null_one():
     assert noisy["test"] == "permutation" and 0 < noisy["p"] <= 1 and noisy["lo"] < 0 < noisy["hi"]
 
 
+def test_a_paired_test_does_not_depend_on_how_many_seeds_each_side_has():
+    # Token-weighted drift: per-item log-probabilities vary far more between items than between the two sides.
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(5, 60, size=200).astype(float)
+    base = rng.normal(-2.0, 0.6, size=200) * tokens
+    shifted = base - 0.05 * tokens  # 0.05 nats/token lower on every item: a real, consistent gap
+    a = {"d": Unit(shifted[None], tokens[None])}
+    one = paired_difference(a, {"d": Unit(base[None], tokens[None])}, {"d": 1.0})
+    two = paired_difference(a, {"d": Unit(np.stack([base, base]), np.stack([tokens, tokens]))}, {"d": 1.0})
+    assert one["p"] < 0.01 and two == one
+
+
 def test_seeds_spread_and_widen_the_interval():
     rng = np.random.default_rng(0)
     per_seed = [(rng.random(200) < p).astype(float) for p in (0.4, 0.5, 0.6)]

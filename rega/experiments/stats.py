@@ -94,8 +94,10 @@ def bootstrap_ci(
 
 
 def _seed_mean(unit: Unit) -> tuple[np.ndarray, np.ndarray]:
-    """Per-item numerator and denominator summed over seeds (the seed-mean's ratio is theirs)."""
-    return unit.num.sum(0), unit.den.sum(0)
+    """Per-item numerator and denominator averaged over seeds: the unit's value is their ratio, and an item weighs
+    the same on both sides whatever each side's number of seeds (sums would weigh a 2-seed side's items double,
+    and the permutation would then swap weights along with scores)."""
+    return unit.num.mean(0), unit.den.mean(0)
 
 
 def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
