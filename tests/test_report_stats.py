@@ -47,7 +47,7 @@ def test_paired_difference_detects_a_real_gap_and_not_a_null_one():
     assert noisy["test"] == "permutation" and 0 < noisy["p"] <= 1 and noisy["lo"] < 0 < noisy["hi"]
 
 
-def test_a_paired_test_does_not_depend_on_how_many_seeds_each_side_has():
+def test_a_paired_test_with_several_seeds_carries_their_variation():
     # Token-weighted drift: per-item log-probabilities vary far more between items than between the two sides.
     rng = np.random.default_rng(2)
     tokens = rng.integers(5, 60, size=200).astype(float)
@@ -55,8 +55,17 @@ def test_a_paired_test_does_not_depend_on_how_many_seeds_each_side_has():
     shifted = base - 0.05 * tokens  # 0.05 nats/token lower on every item: a real, consistent gap
     a = {"d": Unit(shifted[None], tokens[None])}
     one = paired_difference(a, {"d": Unit(base[None], tokens[None])}, {"d": 1.0})
-    two = paired_difference(a, {"d": Unit(np.stack([base, base]), np.stack([tokens, tokens]))}, {"d": 1.0})
-    assert one["p"] < 0.01 and two == one
+    assert one["test"] == "permutation" and one["p"] < 0.01 and one["hi"] < 0
+    # Two identical seeds: the same models twice, so the same difference, interval and verdict.
+    twice = paired_difference(a, {"d": Unit(np.stack([base, base]), np.stack([tokens, tokens]))}, {"d": 1.0})
+    assert twice["test"] == "bootstrap" and twice["diff"] == pytest.approx(one["diff"])
+    assert twice["lo"] == pytest.approx(one["lo"], abs=0.005)
+    assert twice["hi"] == pytest.approx(one["hi"], abs=0.005)
+    assert twice["p"] < 0.01
+    # Two seeds ±0.1 nats/token apart (mean = base): the gap of 0.05 is within the seed-to-seed variation.
+    spread = np.stack([base + 0.1 * tokens, base - 0.1 * tokens])
+    seeds = paired_difference(a, {"d": Unit(spread, np.stack([tokens, tokens]))}, {"d": 1.0})
+    assert seeds["diff"] == pytest.approx(one["diff"]) and seeds["lo"] < 0 < seeds["hi"] and seeds["p"] > 0.2
 
 
 def test_seeds_spread_and_widen_the_interval():

@@ -8,7 +8,9 @@ log-likelihood) next to the judge's where it ran. Where the runs kept per-item r
 
 * every cell gets a 95 % bootstrap interval over items (and seeds; ± the spread over seeds with several);
 * two tables give each row's paired difference to FT and to zero-shot on the same items (interval and p-value:
-  exact McNemar for one seed of a closed task, else a paired permutation test), see :mod:`rega.experiments.stats`;
+  exact McNemar for one seed of a closed task, a paired permutation test for other one-seed comparisons, the
+  bootstrap's own p-value where a side has several seeds, whose interval resamples them too), see
+  :mod:`rega.experiments.stats`;
 * a table gives the distribution of predicted labels of every closed task (position bias shows at once).
 
 Trivial baselines (majority class and uniform chance of every closed task) come from eval.json's ``baselines``,
@@ -272,8 +274,9 @@ def paired_markdown(rows: list[dict], name: str) -> list[str]:
             return "–"
         return f"{_pct(d['diff'], column, True)} [{_pct(d['lo'], column, True)}, {_pct(d['hi'], column, True)}] p={d['p']:.2g}"
 
-    return ["", f"Paired difference to {name} on the same items (points; 95 % paired-bootstrap interval; p: exact "
-            "McNemar for one seed of a closed task, else paired permutation):", "",
+    return ["", f"Paired difference to {name} on the same items (points; 95 % paired-bootstrap interval, over seeds "
+            "too where a side has several; p: exact McNemar for one seed of a closed task, paired permutation for "
+            "other one-seed comparisons, else the bootstrap's):", "",
             to_markdown(body, columns, render=render)]  # fmt: skip
 
 

@@ -9,9 +9,13 @@ mean over domains: each task weighted by 1/(domains × tasks of its domain)).
 * **Confidence interval** of a column: percentile bootstrap, resampling items within each unit (stratified, so
   every task keeps its size) and, with several seeds, the seeds too (two-stage: the interval covers item and seed
   variation). ``B`` resamples from a fixed generator: the same data give the same interval.
-* **Paired difference** A − B on the same items: per item the seed-mean of each side; the interval resamples the
-  items once for both sides (paired bootstrap). The p-value: an exact McNemar test when both sides are one seed of
-  one closed task (0/1 per item), else a paired permutation test (each item's two sides swapped at random).
+* **Paired difference** A − B on the same items, of the seed-means; the interval resamples the items once for both
+  sides (paired bootstrap) and, where a side has several seeds, that side's seeds too (each side's own draw: two
+  strategies are trained apart), so a difference between strategies carries their seed-to-seed variation and not
+  only that of the items. The p-value: an exact McNemar test when both sides are one seed of one closed task (0/1
+  per item), a paired permutation test (each item's two sides swapped at random) for other one-seed comparisons,
+  and with several seeds the two-sided bootstrap p-value of that same resampling (twice the share of resamples on
+  the far side of 0), so it agrees with the interval.
 """
 
 from __future__ import annotations
@@ -93,13 +97,6 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
-def _seed_mean(unit: Unit) -> tuple[np.ndarray, np.ndarray]:
-    """Per-item numerator and denominator averaged over seeds: the unit's value is their ratio, and an item weighs
-    the same on both sides whatever each side's number of seeds (sums would weigh a 2-seed side's items double,
-    and the permutation would then swap weights along with scores)."""
-    return unit.num.mean(0), unit.den.mean(0)
-
-
 def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
     """Exact two-sided McNemar test of paired 0/1 outcomes: a binomial test on the discordant pairs."""
     only_a = int(((a == 1) & (b == 0)).sum())
@@ -112,6 +109,14 @@ def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
     return min(1.0, 2 * tail)
 
 
+def _seed_draws(units: Mapping[str, Unit], column: Column, rng, b: int) -> np.ndarray | None:
+    """One draw of seeds per resample for one side, shared by its units (None for one seed)."""
+    n_seeds = {units[name].num.shape[0] for name in column}
+    if len(n_seeds) != 1 or (s := n_seeds.pop()) < 2:
+        return None
+    return rng.integers(0, s, size=(b, s))
+
+
 def paired_difference(
     a: Mapping[str, Unit], b: Mapping[str, Unit], column: Column, n_resamples: int = B_DEFAULT, seed: int = 0
 ) -> dict:
@@ -119,12 +124,19 @@ def paired_difference(
     seed-means, its 95 % paired-bootstrap interval, a p-value and the test that gave it."""
     rng = np.random.default_rng(seed)
     diff = column_value(a, column) - column_value(b, column)
+    seeds_a, seeds_b = _seed_draws(a, column, rng, n_resamples), _seed_draws(b, column, rng, n_resamples)
+    several = seeds_a is not None or seeds_b is not None
     boot = np.zeros(n_resamples)
     perm = np.zeros(n_resamples)
     for name in sorted(column):
-        (na, da), (nb, db) = _seed_mean(a[name]), _seed_mean(b[name])
-        n = na.shape[0]
+        n = a[name].num.shape[1]
         items = rng.integers(0, n, size=(n_resamples, n))
+        if several:
+            boot += column[name] * (
+                _resampled_value(a[name], items, seeds_a) - _resampled_value(b[name], items, seeds_b)
+            )
+            continue
+        (na, da), (nb, db) = (a[name].num[0], a[name].den[0]), (b[name].num[0], b[name].den[0])
         boot += column[name] * (na[items].sum(-1) / da[items].sum(-1) - nb[items].sum(-1) / db[items].sum(-1))
         swap = rng.random((n_resamples, n)) < 0.5
         pa_num, pa_den = np.where(swap, nb, na).sum(-1), np.where(swap, db, da).sum(-1)
@@ -133,7 +145,10 @@ def paired_difference(
     lo, hi = np.quantile(boot, [ALPHA / 2, 1 - ALPHA / 2])
     out = {"diff": diff, "lo": float(lo), "hi": float(hi)}
     only = next(iter(column)) if len(column) == 1 else None
-    if only and a[only].binary and b[only].binary and a[only].num.shape[0] == b[only].num.shape[0] == 1:
+    if several:
+        far = min(int((boot <= 0).sum()), int((boot >= 0).sum()))
+        out.update(p=min(1.0, 2 * (far + 1) / (n_resamples + 1)), test="bootstrap")
+    elif only and a[only].binary and b[only].binary:
         out.update(p=mcnemar_p(a[only].num[0], b[only].num[0]), test="mcnemar")
     else:
         # +1 in both counts: the observed assignment is one of the permutations (never p = 0).
