@@ -66,6 +66,10 @@ def test_a_paired_test_with_several_seeds_carries_their_variation():
     spread = np.stack([base + 0.1 * tokens, base - 0.1 * tokens])
     seeds = paired_difference(a, {"d": Unit(spread, np.stack([tokens, tokens]))}, {"d": 1.0})
     assert seeds["diff"] == pytest.approx(one["diff"]) and seeds["lo"] < 0 < seeds["hi"] and seeds["p"] > 0.2
+    # A side whose tasks have different numbers of seeds (one seed's evaluation lacks a task) still uses them all.
+    mixed_b = {"d": Unit(spread, np.stack([tokens, tokens])), "e": Unit(base[None], tokens[None])}
+    mixed = paired_difference({**a, "e": Unit(base[None], tokens[None])}, mixed_b, {"d": 0.5, "e": 0.5})
+    assert mixed["diff"] == pytest.approx(one["diff"] / 2) and mixed["lo"] < 0 < mixed["hi"]
 
 
 def test_seeds_spread_and_widen_the_interval():

@@ -109,12 +109,12 @@ def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
     return min(1.0, 2 * tail)
 
 
-def _seed_draws(units: Mapping[str, Unit], column: Column, rng, b: int) -> np.ndarray | None:
-    """One draw of seeds per resample for one side, shared by its units (None for one seed)."""
-    n_seeds = {units[name].num.shape[0] for name in column}
-    if len(n_seeds) != 1 or (s := n_seeds.pop()) < 2:
-        return None
-    return rng.integers(0, s, size=(b, s))
+def _seed_draws(units: Mapping[str, Unit], column: Column, rng, b: int) -> dict[str, np.ndarray | None]:
+    """{unit: seeds drawn per resample} for one side: one draw shared by its units with the same number of seeds
+    (a seed is one trained model answering every task); None for a unit of one seed."""
+    counts = {name: units[name].num.shape[0] for name in column}
+    shared = {s: rng.integers(0, s, size=(b, s)) for s in sorted(set(counts.values())) if s > 1}
+    return {name: shared.get(s) for name, s in counts.items()}
 
 
 def paired_difference(
@@ -125,7 +125,7 @@ def paired_difference(
     rng = np.random.default_rng(seed)
     diff = column_value(a, column) - column_value(b, column)
     seeds_a, seeds_b = _seed_draws(a, column, rng, n_resamples), _seed_draws(b, column, rng, n_resamples)
-    several = seeds_a is not None or seeds_b is not None
+    several = any(d is not None for d in (*seeds_a.values(), *seeds_b.values()))
     boot = np.zeros(n_resamples)
     perm = np.zeros(n_resamples)
     for name in sorted(column):
@@ -133,7 +133,8 @@ def paired_difference(
         items = rng.integers(0, n, size=(n_resamples, n))
         if several:
             boot += column[name] * (
-                _resampled_value(a[name], items, seeds_a) - _resampled_value(b[name], items, seeds_b)
+                _resampled_value(a[name], items, seeds_a[name])
+                - _resampled_value(b[name], items, seeds_b[name])
             )
             continue
         (na, da), (nb, db) = (a[name].num[0], a[name].den[0]), (b[name].num[0], b[name].den[0])
