@@ -83,6 +83,11 @@ def test_seeds_spread_and_widen_the_interval():
     lo1, hi1 = bootstrap_ci(pooled, {"t": 1.0})
     assert hi3 - lo3 > hi1 - lo1  # resampling seeds adds their variation
     assert seed_spread({"t": Unit.of([per_seed[0]])}, {"t": 1.0}) is None
+    # A column whose tasks have different seed counts (one seed's evaluation lacks a task) resamples the seeds it has.
+    other = {"u": Unit.of([(rng.random(200) < 0.5).astype(float)])}
+    lo_mixed, hi_mixed = bootstrap_ci({**three, **other}, {"t": 0.5, "u": 0.5})
+    lo_pooled, hi_pooled = bootstrap_ci({**pooled, **other}, {"t": 0.5, "u": 0.5})
+    assert hi_mixed - lo_mixed > 1.2 * (hi_pooled - lo_pooled)
 
 
 def test_weighted_columns_and_token_weighted_drift():

@@ -78,21 +78,26 @@ def _resampled_value(unit: Unit, items: np.ndarray, seeds: np.ndarray | None) ->
     return num.sum(1) / den.sum(1)
 
 
+def _seed_draws(units: Mapping[str, Unit], column: Column, rng, b: int) -> dict[str, np.ndarray | None]:
+    """{unit: seeds drawn per resample} for one side: one draw shared by its units with the same number of seeds
+    (a seed is one trained model answering every task); None for a unit of one seed."""
+    counts = {name: units[name].num.shape[0] for name in column}
+    shared = {s: rng.integers(0, s, size=(b, s)) for s in sorted(set(counts.values())) if s > 1}
+    return {name: shared.get(s) for name, s in counts.items()}
+
+
 def bootstrap_ci(
     units: Mapping[str, Unit], column: Column, b: int = B_DEFAULT, seed: int = 0
 ) -> tuple[float, float]:
-    """95 % percentile interval of the column over items (and seeds: one draw of seeds per resample, shared by
-    every unit, because a seed is one trained model that answers every task)."""
+    """95 % percentile interval of the column over items and, where a unit has several seeds, its seeds (drawn as
+    in ``_seed_draws``)."""
     rng = np.random.default_rng(seed)
-    n_seeds = {units[name].num.shape[0] for name in column}
-    seeds = None
-    if len(n_seeds) == 1 and (s := n_seeds.pop()) > 1:
-        seeds = rng.integers(0, s, size=(b, s))
+    seeds = _seed_draws(units, column, rng, b)
     total = np.zeros(b)
     for name in sorted(column):
         unit = units[name]
         items = rng.integers(0, unit.num.shape[1], size=(b, unit.num.shape[1]))
-        total += column[name] * _resampled_value(unit, items, seeds)
+        total += column[name] * _resampled_value(unit, items, seeds[name])
     lo, hi = np.quantile(total, [ALPHA / 2, 1 - ALPHA / 2])
     return float(lo), float(hi)
 
@@ -107,14 +112,6 @@ def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
     k = min(only_a, only_b)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return min(1.0, 2 * tail)
-
-
-def _seed_draws(units: Mapping[str, Unit], column: Column, rng, b: int) -> dict[str, np.ndarray | None]:
-    """{unit: seeds drawn per resample} for one side: one draw shared by its units with the same number of seeds
-    (a seed is one trained model answering every task); None for a unit of one seed."""
-    counts = {name: units[name].num.shape[0] for name in column}
-    shared = {s: rng.integers(0, s, size=(b, s)) for s in sorted(set(counts.values())) if s > 1}
-    return {name: shared.get(s) for name, s in counts.items()}
 
 
 def paired_difference(
