@@ -51,7 +51,7 @@ def run_child(phase: str, records: int, cache: str) -> dict:
     rss_before = peak_rss_mib()
 
     t1 = time.perf_counter()
-    key = examples_key(datamodule.chat, examples, MAX_LENGTH)
+    key = examples_key(datamodule.chat, examples, domains, MAX_LENGTH)
     t2 = time.perf_counter()
     path = cache_file(datamodule.cache_root, key)
     found = path.exists()

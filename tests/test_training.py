@@ -113,14 +113,35 @@ def datamodule(tiny_model_config, tmp_path_factory):
     return dm
 
 
+def test_a_cached_validation_set_is_indexed_by_the_domains_of_the_run_that_reads_it(
+    datamodule, tiny_model_config
+):
+    # The same validation examples under a corpus with a general domain (REGA) and one without (FT): a file cached
+    # by the first must not hand the second domain ids that index the first's list (a crash or mislabelled losses).
+    val = [DataSource("demo:medical.jsonl", limit=8), DataSource("demo:legal.jsonl", limit=8)]
+    for strategy in ("rega", "ft"):
+        dm = REGADataModule(
+            corpus=demo_corpus(strategy), val=val, model=tiny_model_config, max_length=256,
+            cache=str(datamodule.cache_root),
+        )  # fmt: skip
+        dm.prepare_data()
+        expected = [e.domain for e in dm.val_examples(dm.build_corpus().prompts)]
+        assert [dm.domains[i] for i in dm.val_data.domain_ids] == expected
+    assert "general" not in dm.domains
+
+
 def test_cache_is_keyed_by_everything_that_changes_tokens(datamodule, tiny_model_config):
     corpus = datamodule.build_corpus()
 
     def keys(dm):  # the tokenized file's key (from the examples) and the prepared record's (from the config)
-        return examples_key(dm.chat, dm.build_corpus().examples, dm.max_length), dm.record_key()
+        corpus = dm.build_corpus()
+        domains = sorted(
+            {e.domain for e in corpus.examples} | {e.domain for e in dm.val_examples(corpus.prompts)}
+        )
+        return examples_key(dm.chat, corpus.examples, domains, dm.max_length), dm.record_key()
 
     key, record = keys(datamodule)
-    assert key == examples_key(datamodule.chat, corpus.examples, 256)
+    assert key == examples_key(datamodule.chat, corpus.examples, datamodule.domains, 256)
     same = REGADataModule(
         corpus=demo_corpus(), model=tiny_model_config, max_length=256, cache=str(datamodule.cache_root)
     )

@@ -259,7 +259,7 @@ class REGADataModule(L.LightningDataModule):
 
     def _tokenized(self, examples: list[Example], domains: list[str]) -> tuple[str, TokenizedExamples]:
         """The examples' tokenized file (content-addressed: reused by any run that renders the same tokens)."""
-        key = examples_key(self.chat, examples, self.max_length)
+        key = examples_key(self.chat, examples, domains, self.max_length)
         path = cache_file(self.cache_root, key)
         if path.exists():
             return key, TokenizedExamples.load(path)

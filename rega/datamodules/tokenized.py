@@ -109,8 +109,10 @@ def tokenize(
     )
 
 
-def examples_key(chat: ChatFormat, examples: list[Example], max_length: int) -> str:
-    """What a tokenized file depends on: each example's rendered fields, the tokenizer and template, the cut."""
+def examples_key(chat: ChatFormat, examples: list[Example], domains: list[str], max_length: int) -> str:
+    """What a tokenized file depends on: each example's rendered fields, the tokenizer and template, the cut, and
+    the domain list its ``domain_ids`` index (the same validation set is indexed differently by a corpus with a
+    general domain and by one without)."""
     digest = hashlib.sha256()
     for ex in examples:
         # A conversation's earlier turns are part of what is tokenized; single-turn lines stay as they were.
@@ -120,7 +122,13 @@ def examples_key(chat: ChatFormat, examples: list[Example], max_length: int) -> 
         )
     identity = tokenizer_identity(chat)
     return stable_hash(
-        {"examples": digest.hexdigest(), **identity, "max_length": max_length, "version": CACHE_VERSION}
+        {
+            "examples": digest.hexdigest(),
+            "domains": list(domains),
+            **identity,
+            "max_length": max_length,
+            "version": CACHE_VERSION,
+        }
     )
 
 
