@@ -37,7 +37,7 @@ MAX_LENGTH = 512
 def run_child(phase: str, records: int, cache: str) -> dict:
     from benchmarks.training_data import corpus_config
     from rega.datamodules.rega_datamodule import REGADataModule
-    from rega.datamodules.tokenized import TokenizedExamples, cache_file, examples_key, tokenize
+    from rega.datamodules.tokenized import TokenizedExamples, cache_file, domain_list, examples_key, tokenize
 
     t0 = time.perf_counter()
     datamodule = REGADataModule(corpus=corpus_config(), max_length=MAX_LENGTH, cache=cache)
@@ -46,7 +46,7 @@ def run_child(phase: str, records: int, cache: str) -> dict:
         dataclasses.replace(base[i % len(base)], id=f"{base[i % len(base)].id}~{i // len(base)}")
         for i in range(records)
     ]
-    domains = sorted({e.domain for e in base})
+    domains = domain_list(base)
     setup_s = time.perf_counter() - t0
     rss_before = peak_rss_mib()
 

@@ -334,7 +334,7 @@ def run_loss_check(cfg: dict) -> dict:
     """Mean response-token loss of the untrained LoRA model over the same examples, computed both ways."""
     import torch
 
-    from rega.datamodules.tokenized import tokenize
+    from rega.datamodules.tokenized import domain_list, tokenize
     from rega.modules.lit_module import REGAModule
     from rega.modules.model import LoraSettings
 
@@ -342,7 +342,7 @@ def run_loss_check(cfg: dict) -> dict:
     mc = model_config(cfg)
     # Training mode (the per-sequence attention path) without dropout: the loss the first step computes.
     module = REGAModule(model=mc, lora=LoraSettings(**{**LORA, "dropout": 0.0}))
-    data = tokenize(module.chat, examples, sorted({e.domain for e in examples}), cfg["max_length"])
+    data = tokenize(module.chat, examples, domain_list(examples), cfg["max_length"])
     module.configure_model()
     device = torch.device(cfg["device"])
     module.to(device).train()

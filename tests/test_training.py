@@ -16,7 +16,7 @@ from rega.config import DataSource, ModelConfig
 from rega.data.chat import IGNORE_INDEX, ChatFormat
 from rega.data.corpus import CorpusConfig, write_corpus
 from rega.datamodules import REGADataModule
-from rega.datamodules.tokenized import collate_rows, examples_key, pack_rows, plan_batches
+from rega.datamodules.tokenized import collate_rows, domain_list, examples_key, pack_rows, plan_batches
 from rega.errors import ConfigError
 from rega.model_source import load_tokenizer
 from rega.modules.lit_module import REGAModule
@@ -135,9 +135,7 @@ def test_cache_is_keyed_by_everything_that_changes_tokens(datamodule, tiny_model
 
     def keys(dm):  # the tokenized file's key (from the examples) and the prepared record's (from the config)
         corpus = dm.build_corpus()
-        domains = sorted(
-            {e.domain for e in corpus.examples} | {e.domain for e in dm.val_examples(corpus.prompts)}
-        )
+        domains = domain_list(corpus.examples, dm.val_examples(corpus.prompts))
         return examples_key(dm.chat, corpus.examples, domains, dm.max_length), dm.record_key()
 
     key, record = keys(datamodule)

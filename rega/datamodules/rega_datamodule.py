@@ -37,6 +37,7 @@ from rega.datamodules.tokenized import (
     BatchDataset,
     TokenizedExamples,
     cache_file,
+    domain_list,
     examples_key,
     host_counts,
     plan_batches,
@@ -233,7 +234,7 @@ class REGADataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         corpus = self.build_corpus()
         val = self.val_examples(corpus.prompts)
-        domains = sorted({e.domain for e in corpus.examples} | {e.domain for e in val})
+        domains = domain_list(corpus.examples, val)
         if not corpus.examples:
             raise ConfigError(
                 f"strategy {self.strategy!r} builds no training examples; to score the base model use "

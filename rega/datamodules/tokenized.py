@@ -109,6 +109,11 @@ def tokenize(
     )
 
 
+def domain_list(*example_sets: list[Example]) -> list[str]:
+    """The sorted domains of a run's training and validation examples: what ``domain_ids`` index."""
+    return sorted({e.domain for examples in example_sets for e in examples})
+
+
 def examples_key(chat: ChatFormat, examples: list[Example], domains: list[str], max_length: int) -> str:
     """What a tokenized file depends on: each example's rendered fields, the tokenizer and template, the cut, and
     the domain list its ``domain_ids`` index (the same validation set is indexed differently by a corpus with a
