@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from rega.config import DataSource
+from rega.errors import UserError
 from rega.eval.domain import load_task_records
 from rega.eval.items import domain_items, drift_items, mc_items, train_sibling, trivial_baselines
 from rega.experiments.report import write_report
@@ -119,3 +120,23 @@ def test_report_gives_intervals_paired_tests_seeds_and_label_distributions(tmp_p
     )
     logprob = rows["REGA_c"]["_vs"]["zero-shot"]["logprob:ref"]
     assert logprob["diff"] == pytest.approx(-0.1) and logprob["test"] == "bootstrap"  # REGA has two seeds
+
+
+def test_report_refuses_records_scored_on_different_drift_references(tmp_path):
+    # Drift items pair by instruction id: a run scored on a re-sampled reference shares the ids, not the answers.
+    runs = tmp_path / "runs"
+    same = fake_eval([1.0, 0.0], ["yes", "no"], [1, 0], [-2.0, -2.5])
+    resampled = fake_eval([1.0, 0.0], ["yes", "no"], [1, 0], [-2.0, -2.5])
+    resampled["items"]["drift"]["ref"]["tokens"] = [2, 3]
+    for name, result in (("ft", same), ("ftsd", same), ("rega", resampled)):
+        write_json(
+            runs / name / "done.json", {"name": name, "strategy": name, "mix_ratio": None, "seed": None}
+        )
+        write_json(runs / name / "eval" / "eval.json", result)
+    with pytest.raises(
+        UserError, match=r"rega/eval/eval.json: drift source 'ref' item q1 has 3 answer tokens, 2 in"
+    ):
+        write_report(runs, tmp_path / "out")
+    assert not (tmp_path / "out" / "results.md").exists()
+    (runs / "rega" / "done.json").unlink()
+    assert write_report(runs, tmp_path / "out")["statistics"] is True

@@ -34,6 +34,7 @@ from pathlib import Path
 from rega.experiments.report_baselines import baseline_markdown, mark_below_majority, report_baselines
 from rega.experiments.report_plots import plot_matrices, plot_mix_ratio
 from rega.experiments.report_stats import (
+    check_drift_references,
     column_units,
     intervals,
     paired,
@@ -76,6 +77,7 @@ def _read_run(done: Path) -> dict | None:
         return None
     run = json.loads(done.read_text(encoding="utf-8"))
     run["eval"] = json.loads(eval_path.read_text(encoding="utf-8"))
+    run["_eval_path"] = str(eval_path)
     matrix = run_dir / "eval_matrix" / "eval.json"
     run["matrix"] = json.loads(matrix.read_text(encoding="utf-8")) if matrix.exists() else None
     return run
@@ -338,6 +340,7 @@ def write_report(runs_dir: str | Path, output: str | Path) -> dict:
     runs = load_runs(Path(runs_dir))
     if not runs:
         raise FileNotFoundError(f"no finished runs (done.json + eval/eval.json) under {runs_dir}")
+    check_drift_references([(run["_eval_path"], run["eval"]) for run in runs])
     rows = table_rows(runs)
     groups = list({id(row["_group"]): row["_group"] for row in rows}.values())
     columns = score_columns(rows)

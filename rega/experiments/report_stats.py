@@ -12,6 +12,7 @@ from collections import Counter
 
 import numpy as np
 
+from rega.errors import UserError
 from rega.experiments.stats import Unit, align, bootstrap_ci, paired_difference, seed_spread
 
 TaskCols = dict[str, dict[str, float]]  # column -> {unit: weight}
@@ -30,6 +31,28 @@ def _unit_from_seeds(
         dens.append([den[where[i]] for i in ids] if den is not None else [1.0] * len(ids))
     plain = all(den is None for _, _, den in parts)
     return ids, Unit.of(nums) if plain else Unit(np.asarray(nums, float), np.asarray(dens, float))
+
+
+def check_drift_references(evals: list[tuple[str, dict]]) -> None:
+    """Refuse records whose drift was scored on different reference answers (``(where, eval.json)`` pairs).
+
+    Drift items pair by instruction id, which a re-sampled reference (another seed or decoding code) shares with
+    the first: the same id must have the same token count everywhere, else the comparison would pair different
+    answers silently."""
+    seen: dict[tuple[str, str], tuple[int, str]] = {}
+    problems = []
+    for where, result in evals:
+        for source, unit in (result.get("items") or {}).get("drift", {}).items():
+            for item, tokens in zip(unit["ids"], unit["tokens"]):
+                first = seen.setdefault((source, str(item)), (int(tokens), where))
+                if first[0] != int(tokens):
+                    problems.append(
+                        f"{where}: drift source '{source}' item {item} has {tokens} answer tokens, {first[0]} in "
+                        f"{first[1]}: the runs were scored on different reference answers; evaluate them on one"
+                    )
+                    break
+    if problems:
+        raise UserError(*problems)
 
 
 def row_units(evals: list[dict], rule: str) -> dict[str, tuple[list[str], Unit]] | None:
