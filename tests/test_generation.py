@@ -145,3 +145,38 @@ def test_sampling_draws_as_generate(tiny):
     for g, (tokens, _) in zip(early, theirs):
         assert g.token_ids[:3] == tokens[:3]  # the same draws until row 1 stopped
         assert g.finish_reason == "stop" or len(g.token_ids) == sampling.max_new_tokens
+
+
+def test_cache_with_room_holds_what_concatenation_would(tiny):
+    from transformers.cache_utils import DynamicLayer
+
+    from rega.modules.generation import make_room, prefill
+
+    model, tokenizer, prompts = tiny
+    ids, mask, positions = left_padded(prompts, pad_token_id(tokenizer))
+    with torch.inference_mode():
+        cache = prefill(model, ids, mask, positions).cache
+        layer = cache.layers[0]
+        expected = layer.keys.clone()
+        make_room(cache, 2)
+        layer = cache.layers[0]
+        assert type(layer).__name__ == "RoomyDynamicLayer" and isinstance(layer, DynamicLayer)
+
+        def append(layer, expected):
+            new = torch.randn(expected.shape[0], *expected.shape[1:-2], 1, expected.shape[-1])
+            keys, _ = layer.update(new, new.clone())
+            expected = torch.cat([expected, new], dim=-2)
+            assert torch.equal(keys, expected) and torch.equal(layer.keys, expected)
+            return expected
+
+        for _ in range(3):  # the third append outgrows the room planned for: the buffer doubles
+            expected = append(layer, expected)
+        assert layer.room_keys.data_ptr() == layer.keys.data_ptr()
+        layer.batch_select_indices(torch.tensor([2, 0]))  # finished rows leave the batch
+        expected = append(layer, expected[[2, 0]])
+        layer.crop(
+            -2
+        )  # DynamicLayer's own methods keep working: a view, or new tensors taken into a new buffer
+        expected = append(layer, expected[..., :-2, :])
+        layer.batch_repeat_interleave(2)
+        expected = append(layer, expected.repeat_interleave(2, dim=0))

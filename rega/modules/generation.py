@@ -2,15 +2,18 @@
 
 Prompts are sorted by length so each batch pads little, left-padded so every row's answer starts at the same
 column, prefilled once with the KV cache, then decoded one token per step until each row hits end-of-turn or
-``max_new_tokens``. Finished rows leave the batch (their cache rows are dropped) once they are a quarter of it,
-so later steps compute only the rows still answering: ``model.generate`` feeds finished rows padding until the
-longest answer ends. Each step is what ``generate`` does (repetition penalty, then greedy argmax or temperature +
-top-p and a multinomial draw over the float32 softmax): greedy answers are the same; a sampled batch draws exactly
-as ``generate`` until rows first leave it, and from the same distribution afterwards.
+``max_new_tokens``. The cache gets room for the whole answer after the prefill (:func:`make_room`), so a step
+writes its keys and values in place instead of copying the cache to append them. Finished rows leave the batch
+(their cache rows are dropped) once they are a quarter of it, so later steps compute only the rows still
+answering: ``model.generate`` feeds finished rows padding until the longest answer ends. Each step is what
+``generate`` does (repetition penalty, then greedy argmax or temperature + top-p and a multinomial draw over the
+float32 softmax): greedy answers are the same; a sampled batch draws exactly as ``generate`` until rows first
+leave it, and from the same distribution afterwards.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -167,6 +170,59 @@ def _next_tokens(
     return torch.multinomial(probs, num_samples=1).squeeze(1)
 
 
+class RoomyLayer:
+    """Methods of a transformers ``DynamicLayer`` whose keys and values are views of buffers with room to grow.
+
+    ``DynamicLayer.update`` concatenates: every decoding step copies each layer's whole cache. Here the new
+    positions are written into the buffer and the views extended (the attention reads the same values)."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        used, new = self.keys.shape[-2], key_states.shape[-2]
+        # Out of room, or keys replaced by a DynamicLayer method that builds new tensors (crop keeps a view): a new
+        # buffer, doubled.
+        moved = self.keys.data_ptr() != self.room_keys.data_ptr() or len(self.keys) != len(self.room_keys)
+        if moved or used + new > self.room_keys.shape[-2]:
+            self._regrow(2 * (used + new))
+        self.room_keys[..., used : used + new, :] = key_states
+        self.room_values[..., used : used + new, :] = value_states
+        self.keys, self.values = self.room_keys[..., : used + new, :], self.room_values[..., : used + new, :]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        used = self.keys.shape[-2]
+        self.room_keys, self.room_values = self.room_keys[indices], self.room_values[indices]
+        self.keys, self.values = self.room_keys[..., :used, :], self.room_values[..., :used, :]
+
+    def _regrow(self, length: int) -> None:
+        used = self.keys.shape[-2]
+        for name in ("keys", "values"):
+            current = getattr(self, name)
+            room = current.new_empty((*current.shape[:-2], length, current.shape[-1]))
+            room[..., :used, :] = current
+            setattr(self, f"room_{name}", room)
+            setattr(self, name, room[..., :used, :])
+
+
+@functools.cache
+def _layer_classes() -> tuple[type, type]:
+    """(transformers' ``DynamicLayer``, the same with :class:`RoomyLayer`'s methods)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return DynamicLayer, type("RoomyDynamicLayer", (RoomyLayer, DynamicLayer), {})
+
+
+def make_room(cache, tokens: int) -> None:
+    """Give every plain dynamic layer of ``cache`` room for ``tokens`` more positions (others stay as they are:
+    sliding-window layers, transformers 4's tuple caches)."""
+    plain, roomy = _layer_classes()
+    layers = getattr(cache, "layers", [])
+    for i, layer in enumerate(layers):
+        if type(layer) is plain and layer.is_initialized and layer.keys.dim() == 4:
+            layers[i] = roomy.__new__(roomy)
+            layers[i].__dict__.update(layer.__dict__)
+            layers[i]._regrow(layer.keys.shape[-2] + tokens)
+
+
 # Finished rows leave the batch once they are this share of it (at least one row): dropping rows copies the whole
 # KV cache, so dropping each row as it finishes costs about what it saves (benchmarks/README.md, generation).
 DROP_SHARE = 0.25
@@ -187,6 +243,7 @@ def decode(model, tokenizer, start: Prefilled, sampling: SamplingConfig) -> list
     history, mask = start.input_ids.to(device), start.attention.to(device)
     positions = mask.sum(-1, keepdim=True)
     logits, cache = start.last_logits, start.cache
+    make_room(cache, sampling.max_new_tokens)
     for step in range(sampling.max_new_tokens):
         chosen = _next_tokens(logits, history, sampling, warper)
         for k, token in enumerate(chosen.tolist()):
