@@ -335,6 +335,10 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(f"median ratio {ratio:.2f}x (runner vs per-sample loop, generated tokens/s); wrote {args.output}")
+    print_roofline(roof)
+
+
+def print_roofline(roof: dict) -> None:
     print(
         f"decode roofline: {roof['weight_bytes'] / 2**20:.0f} MiB of weights per step, read bandwidth "
         f"{roof['read_bandwidth_gbs']} GB/s"
