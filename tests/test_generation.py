@@ -174,9 +174,8 @@ def test_cache_with_room_holds_what_concatenation_would(tiny):
         assert layer.room_keys.data_ptr() == layer.keys.data_ptr()
         layer.batch_select_indices(torch.tensor([2, 0]))  # finished rows leave the batch
         expected = append(layer, expected[[2, 0]])
-        layer.crop(
-            -2
-        )  # DynamicLayer's own methods keep working: a view, or new tensors taken into a new buffer
+        # DynamicLayer's own methods keep working: crop leaves a view, repeat builds tensors taken into a new buffer
+        layer.crop(-2)
         expected = append(layer, expected[..., :-2, :])
         layer.batch_repeat_interleave(2)
         expected = append(layer, expected.repeat_interleave(2, dim=0))
