@@ -36,7 +36,6 @@ from transformers.models.llama import modeling_llama  # noqa: E402
 
 from benchmarks.common import RESULTS, cpu_model, load_average, repo_relative  # noqa: E402
 from benchmarks.profile_step import build, packed_batch  # noqa: E402
-from rega.modules.attention import packed_rows  # noqa: E402
 
 CONFIGS = {
     "eager": (),
@@ -90,10 +89,9 @@ def run_rows(module, batch, rows: int) -> tuple[float, list[float], list[torch.T
     losses, start = [], time.perf_counter()
     for r in range(rows):
         micro = {k: v[r : r + 1] for k, v in batch.items() if k != "token_domain"}
-        with packed_rows():
-            token_losses, _ = module.token_losses(micro)
-            loss = token_losses.sum() / 100
-            loss.backward()
+        token_losses, _ = module.token_losses(micro)
+        loss = token_losses.sum() / 100
+        loss.backward()
         losses.append(loss.item())
     seconds = time.perf_counter() - start
     grads = [p.grad.clone() for p in module.model.parameters() if p.grad is not None]

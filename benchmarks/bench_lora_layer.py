@@ -38,7 +38,6 @@ from peft.tuners.lora.layer import Linear as LoraLinear  # noqa: E402
 from benchmarks.common import cpu_model, load_average, matmul_gflops  # noqa: E402
 from benchmarks.profile_step import packed_batch  # noqa: E402
 from rega.config import ModelConfig  # noqa: E402
-from rega.modules.attention import packed_rows  # noqa: E402
 from rega.modules.fast_lora import FastLoraLinear  # noqa: E402
 from rega.modules.lit_module import REGAModule  # noqa: E402
 from rega.modules.model import LoraSettings  # noqa: E402
@@ -96,9 +95,8 @@ def time_paths(module: REGAModule, batch, rounds: int) -> tuple[dict, dict, list
         switch(module.model, path, groups)
         cpu = time.process_time()
         start = time.perf_counter()
-        with packed_rows():
-            losses, _ = module.token_losses(batch)
-            losses.mean().backward()
+        losses, _ = module.token_losses(batch)
+        losses.mean().backward()
         module.model.zero_grad(set_to_none=True)
         cpu_seconds[path].append(time.process_time() - cpu)
         return time.perf_counter() - start

@@ -41,7 +41,6 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 from benchmarks.common import cpu_model, load_average  # noqa: E402
 from rega.config import ModelConfig  # noqa: E402
 from rega.modules import fast_lora  # noqa: E402
-from rega.modules.attention import packed_rows  # noqa: E402
 from rega.modules.lit_module import REGAModule  # noqa: E402
 from rega.modules.model import LoraSettings  # noqa: E402
 
@@ -83,11 +82,10 @@ def step(module: REGAModule, batch, optimizer, times: dict | None = None) -> Non
     for r in range(batch["input_ids"].size(0)):
         micro = {k: v[r : r + 1] for k, v in batch.items() if k != "token_domain"}
         t0 = time.perf_counter()
-        with packed_rows():
-            losses, _ = module.token_losses(micro)
-            loss = losses.sum() / supervised
-            t1 = time.perf_counter()
-            loss.backward()
+        losses, _ = module.token_losses(micro)
+        loss = losses.sum() / supervised
+        t1 = time.perf_counter()
+        loss.backward()
         t2 = time.perf_counter()
         forward += t1 - t0
         backward += t2 - t1

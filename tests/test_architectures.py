@@ -1,5 +1,6 @@
 """The packing contract per architecture: inside a packed row, each example's loss and LoRA gradients equal
-its own alone (fp32, CPU), through REGAModule.token_losses inside packed_rows() as training runs it.
+its own alone (fp32, CPU), through REGAModule.token_losses as training runs it, every backward on
+a thread of its own as on CUDA (tests/autograd_thread.py).
 
 Each architecture is a tiny random model built here with the embedded model's tokenizer (so REGAModule loads
 it the normal way). "Alone" is the plain peft/transformers forward of one unpadded example: an independent
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from autograd_thread import backward_on_another_thread
 from safetensors.torch import load_file
 
 from rega.config import ModelConfig
@@ -27,7 +29,6 @@ from rega.errors import ConfigError
 from rega.model_source import load_tokenizer
 from rega.modules.attention import (
     PackedLayout,
-    packed_rows,
     per_sequence_packed,
     prepare_packed_attention,
     varlen_kwargs,
@@ -109,30 +110,52 @@ def lora_params(module) -> list[torch.Tensor]:
     return [p for n, p in module.model.named_parameters() if "lora_" in n]
 
 
+def grads_of(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``loss``'s gradients through ``.backward()`` (reentrant checkpointing refuses ``torch.autograd.grad``)."""
+    for param in params:
+        param.grad = None
+    loss.backward(retain_graph=True)
+    return [param.grad.clone() for param in params]
+
+
 def alone(module, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Per-token response losses and LoRA gradients of one example through the plain peft forward."""
     logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     losses = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="none")
-    return losses.detach(), torch.autograd.grad(losses.sum(), lora_params(module))
+    return losses.detach(), grads_of(losses.sum(), lora_params(module))
 
 
+def checkpointed_module(path: Path, attn: str, checkpointing: str) -> REGAModule:
+    """:func:`lora_module` with gradient checkpointing ``off``, ``non-reentrant`` (what every load path sets) or
+    ``reentrant`` (what a user may set; the layout must survive it too)."""
+    module = lora_module(path, attn_implementation=attn, gradient_checkpointing=checkpointing != "off")
+    if checkpointing == "reentrant":
+        kwargs = {"use_reentrant": True}
+        module.model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return module
+
+
+CHECKPOINTING = ["off", "non-reentrant", "reentrant"]
+# BLOOM has no SDPA attention in transformers: it loads eager whatever is asked.
 CASES = [
-    ("llama", "sdpa", False), ("llama", "sdpa", True), ("llama", "eager", False), ("mistral", "sdpa", False),
-    ("qwen2", "sdpa", False), ("bloom", "sdpa", False), ("bloom", "sdpa", True),
-]  # fmt: skip
+    (a, attn, c) for a in ("llama", "mistral", "qwen2") for attn in ("sdpa", "eager") for c in CHECKPOINTING
+]
+CASES += [("bloom", "eager", c) for c in CHECKPOINTING]
 
 
-@pytest.mark.parametrize(("arch", "attn", "checkpointing"), CASES, ids=["-".join(map(str, c)) for c in CASES])
+@pytest.mark.parametrize(("arch", "attn", "checkpointing"), CASES, ids=["-".join(c) for c in CASES])
 def test_packed_examples_equal_themselves_alone(tiny_dirs, arch, attn, checkpointing):
-    module = lora_module(tiny_dirs(arch), attn_implementation=attn, gradient_checkpointing=checkpointing)
+    """Every backward runs on a thread of its own, as CUDA's autograd engine runs it: a checkpointed layer
+    recomputes its forward there, and must still keep the packed examples apart."""
+    module = checkpointed_module(tiny_dirs(arch), attn, checkpointing)
     data = random_examples(len(module.tokenizer))
     rows = pack_rows(data.lengths.tolist(), ROW)
     assert any(len(r) > 1 for r in rows) and any(sum(data.lengths[r]) < ROW for r in rows)  # packs, and pads
     batch = collate_rows(data, rows, pad_id=0)
     params = lora_params(module)
-    with packed_rows():
+    with backward_on_another_thread():
         losses, mask = module.token_losses(batch)
         row_of, col_of = mask.nonzero(as_tuple=True)
         checked = 0
@@ -141,7 +164,7 @@ def test_packed_examples_equal_themselves_alone(tiny_dirs, arch, attn, checkpoin
             for i in row:
                 n = int(data.lengths[i])
                 sel = (row_of == r) & (col_of >= start) & (col_of < start + n - 1)
-                grads = torch.autograd.grad(losses[sel].sum(), params, retain_graph=True)
+                grads = grads_of(losses[sel].sum(), params)
                 ref_losses, ref_grads = alone(module, collate_rows(data, [[i]], pad_id=0))
                 torch.testing.assert_close(losses[sel].detach(), ref_losses, rtol=1e-4, atol=1e-5)
                 for got, want in zip(grads, ref_grads):
@@ -158,7 +181,7 @@ def test_the_check_sees_a_leak(tiny_dirs, arch):
     data = random_examples(len(module.tokenizer))
     rows = pack_rows(data.lengths.tolist(), ROW)
     batch = collate_rows(data, rows, pad_id=0)
-    with torch.no_grad(), packed_rows():
+    with torch.no_grad():
         losses, _ = module.token_losses(batch)
         logits = module.model(input_ids=batch["input_ids"]).logits  # no restart: examples see each other
     targets = batch["labels"][:, 1:]
@@ -233,7 +256,7 @@ def test_flash_attention_is_refused_not_leaked(tiny_dirs):
 def test_unverified_architecture_trains_one_example_per_row_only(tiny_dirs):
     module = lora_module(tiny_dirs("gpt2"))
     data = random_examples(len(module.tokenizer))
-    with torch.no_grad(), packed_rows():
+    with torch.no_grad():
         with pytest.raises(ConfigError, match="batching grouped"):
             module.token_losses(collate_rows(data, pack_rows(data.lengths.tolist(), ROW), pad_id=0))
         grouped = collate_rows(

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from rega.config import ModelConfig
-from rega.modules.attention import packed_rows
 from rega.modules.fast_lora import FastLoraLinear, drop
 from rega.modules.lit_module import REGAModule
 from rega.modules.model import LoraSettings
@@ -42,10 +41,9 @@ def packed_batch(vocab: int = 1000) -> dict[str, torch.Tensor]:
 def loss_and_grads(m: REGAModule, batch, seed: int = 3):
     m.model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    with packed_rows():
-        losses, _ = m.token_losses(batch)
-        loss = losses.mean()
-        loss.backward()
+    losses, _ = m.token_losses(batch)
+    loss = losses.mean()
+    loss.backward()
     grads = {n: p.grad.clone() for n, p in m.model.named_parameters() if p.requires_grad}
     return loss.detach(), grads
 
@@ -78,7 +76,7 @@ def test_same_loss_as_peft_in_eval_mode(tiny_model_dir):
 def test_disabled_adapter_is_the_base_model(tiny_model_dir):
     batch = packed_batch()
     fast, plain = module(tiny_model_dir, True), module(tiny_model_dir, False)
-    with packed_rows(), torch.no_grad(), fast.model.disable_adapter(), plain.model.disable_adapter():
+    with torch.no_grad(), fast.model.disable_adapter(), plain.model.disable_adapter():
         torch.testing.assert_close(fast.token_losses(batch)[0], plain.token_losses(batch)[0])
 
 
@@ -152,13 +150,12 @@ def test_training_curves_match_in_distribution(tiny_model_dir):
         opt = torch.optim.AdamW([p for p in m.model.parameters() if p.requires_grad], lr=3e-3)
         for step in range(12):
             torch.manual_seed(seed * 100 + step)
-            with packed_rows():
-                losses, _ = m.token_losses(batch)
-                losses.mean().backward()
+            losses, _ = m.token_losses(batch)
+            losses.mean().backward()
             opt.step()
             opt.zero_grad()
         m.model.eval()
-        with packed_rows(), torch.no_grad():
+        with torch.no_grad():
             return m.token_losses(batch)[0].mean().item()
 
     fast = torch.tensor([curve(True, s) for s in range(3)])

@@ -128,7 +128,6 @@ def test_packed_bf16_rows_on_gpu_run_varlen_and_equal_examples_alone(tiny_model_
 
     import rega.modules.attention as attention
     from rega.datamodules.tokenized import TokenizedExamples, collate_rows, pack_rows
-    from rega.modules.attention import packed_rows
     from rega.modules.lit_module import REGAModule
     from rega.modules.model import LoraSettings
 
@@ -153,8 +152,7 @@ def test_packed_bf16_rows_on_gpu_run_varlen_and_equal_examples_alone(tiny_model_
         return {k: v.cuda() for k, v in batch.items()}
 
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        with packed_rows():
-            losses, mask = module.token_losses(on_gpu(collate_rows(data, rows, pad_id=0)))
+        losses, mask = module.token_losses(on_gpu(collate_rows(data, rows, pad_id=0)))
         assert calls  # the packed rows took the varlen kernel
         row_of, col_of = mask.nonzero(as_tuple=True)
         for r, row in enumerate(rows):

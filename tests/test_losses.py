@@ -12,7 +12,6 @@ from rega.data.corpus import CorpusConfig
 from rega.datamodules import REGADataModule
 from rega.datamodules.tokenized import collate_rows, plan_batches
 from rega.errors import ConfigError
-from rega.modules.attention import packed_rows
 from rega.modules.lit_module import REGAModule
 from rega.modules.losses import LOSS_TERMS, build_loss_terms, register_loss_term
 from rega.modules.model import LoraSettings
@@ -57,20 +56,18 @@ def test_kl_to_base_is_the_kl_between_adapter_on_and_off_on_general_tokens(datam
     general = datamodule.domains.index("general")
     assert (batch["token_domain"] == general).any() and (batch["token_domain"] != general).any()
     term = module.loss_terms["kl_to_base"]
-    with packed_rows():
-        _, mask, logits = module.response_losses(batch)
-        assert term(module, batch, mask, logits).item() == pytest.approx(0.0, abs=1e-6)  # lora_B starts at 0
+    _, mask, logits = module.response_losses(batch)
+    assert term(module, batch, mask, logits).item() == pytest.approx(0.0, abs=1e-6)  # lora_B starts at 0
 
     torch.manual_seed(0)
     for name, param in module.model.named_parameters():
         if "lora_B" in name:
             param.data.normal_(0, 0.5)
-    with packed_rows():
-        _, mask, logits = module.response_losses(batch)
-        value = term(module, batch, mask, logits)
-        value.backward()
-        with torch.no_grad(), module.model.disable_adapter():
-            base = module.model.response_logits(batch, mask)
+    _, mask, logits = module.response_losses(batch)
+    value = term(module, batch, mask, logits)
+    value.backward()
+    with torch.no_grad(), module.model.disable_adapter():
+        base = module.model.response_logits(batch, mask)
     on_general = batch["token_domain"][:, 1:][mask] == general
     expected = F.kl_div(
         F.log_softmax(logits[on_general].float(), -1), F.log_softmax(base[on_general].float(), -1),

@@ -6,17 +6,22 @@ true depends on the architecture (:data:`ARCHITECTURES`):
 
 * ``rope`` (LLaMA: Vicuna, SmolLM2; Mistral; Qwen2): attention goes through transformers' attention interface
   and the position ids carry the restart (rotary embeddings). Under ``sdpa`` the model is switched to
-  :func:`packed_attention`: inside :func:`packed_rows` it attends within each packed sequence only, on CUDA
-  in bf16/fp16 with one ``varlen_attn`` call per layer (flash-attention varlen kernels; cumulative sequence
-  lengths built once per forward), elsewhere (CPU, fp32, attention dropout) with exact causal SDPA per
-  sequence; and transformers builds no B x L x L mask. Outside :func:`packed_rows` (evaluation, generation
-  with a KV cache) it is transformers' SDPA with its mask. Under ``eager``: transformers' own block-diagonal
-  mask (exact, O(L^2)).
+  :func:`packed_attention`: given a training row's :class:`PackedLayout` it attends within each packed sequence
+  only, on CUDA in bf16/fp16 with one ``varlen_attn`` call per layer (flash-attention varlen kernels; cumulative
+  sequence lengths built once per forward), elsewhere (CPU, fp32, attention dropout) with exact causal SDPA per
+  sequence; and no B x L x L mask is built. Without a layout (evaluation, generation with a KV cache) it is
+  transformers' SDPA with its mask. Under ``eager``: transformers' own block-diagonal mask (exact, O(L^2)).
 * ``alibi`` (BLOOM: BELLE-7B-2M): ALiBi ignores position ids and transformers builds its bias from a running
   count over the row, so the decoder runs here with the bias from the restarting position ids and a
   block-diagonal causal mask. ALiBi is shift-invariant per query row: each example gets its scores alone.
 * anything else: rows with one example each (``--data.batching grouped``) go through transformers with their
   padding mask; a packed batch is refused with a :class:`~rega.errors.ConfigError`.
+
+The layout travels with the call: :func:`decoder_hidden_states` runs the decoder layers itself and hands each
+one the layout as a keyword argument, which transformers passes on to the attention function. Gradient
+checkpointing binds a layer's keyword arguments into the call it replays (``GradientCheckpointingLayer``), so
+the recomputation inside the backward sees the same layout, also on CUDA, where the backward runs on autograd's
+own thread (state kept in a context variable or thread-local around the forward would be missing there).
 
 ``flash_attention_*`` is refused for training: transformers isolates packed examples under flash attention
 only at batch size 1, and ``sdpa`` already runs flash kernels on CUDA (above). tests/test_architectures.py
@@ -25,8 +30,6 @@ checks each architecture's packed losses and LoRA gradients against each example
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import inspect
 import logging
@@ -41,29 +44,14 @@ from rega.errors import ConfigError
 log = logging.getLogger(__name__)
 
 PACKED = "rega_packed_sdpa"  # the attention implementation name registered with transformers
+LAYOUT = "packed_layout"  # the keyword argument that carries a training row's layout to packed_attention
 ARCHITECTURES = {"llama": "rope", "mistral": "rope", "qwen2": "rope", "bloom": "alibi"}
-# Set inside packed_rows(): the layouts of the batches forwarded there, by the identity of their position ids.
-_PACKED_ROWS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("rega_packed_rows", default=None)
-
-
-@contextlib.contextmanager
-def packed_rows():
-    """Declare that the batches run inside are packed training rows (``collate_rows``).
-
-    Also wrap the backward pass: gradient checkpointing recomputes the forward there, with the layouts kept
-    here."""
-    token = _PACKED_ROWS.set({"layouts": {}, "skip_mask": False})
-    try:
-        yield
-    finally:
-        _PACKED_ROWS.reset(token)
 
 
 @dataclass
 class PackedLayout:
     """Where each packed sequence starts, computed once per forward from ``position_ids`` [B, L]."""
 
-    position_ids: torch.Tensor  # held, so its id() is not reused while the layout is looked up by it
     starts: torch.Tensor  # [B, L] bool on the batch's device: True at the first token of each packed sequence
     _cache: dict = field(default_factory=dict)
 
@@ -71,7 +59,7 @@ class PackedLayout:
     def of(cls, position_ids: torch.Tensor) -> PackedLayout:
         starts = position_ids == 0
         starts[:, 0] = True
-        return cls(position_ids, starts)
+        return cls(starts)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -190,16 +178,8 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     """Same contract as ``transformers.integrations.sdpa_attention.sdpa_attention_forward``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    state = _PACKED_ROWS.get()
-    position_ids = kwargs.get("position_ids")
-    layout = (
-        state["layouts"].get(id(position_ids)) if state is not None and position_ids is not None else None
-    )
-    if layout is None:
-        if state is not None and state["skip_mask"] and attention_mask is None:
-            raise RuntimeError(
-                "packed rows: attention without its layout; forward through decoder_hidden_states"
-            )
+    layout = kwargs.pop(LAYOUT, None)
+    if layout is None:  # not a training row: transformers' SDPA with the mask it built
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -216,16 +196,6 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if varlen is not None:
         return varlen_packed(query, key, value, layout, scaling, varlen), None
     return per_sequence_packed(query, key, value, layout, scaling, window, dropout), None
-
-
-def _packed_mask(*args, **kwargs):
-    """SDPA's mask, except while decoder_hidden_states forwards packed rows (the layout replaces it)."""
-    from transformers.masking_utils import sdpa_mask
-
-    state = _PACKED_ROWS.get()
-    if state is not None and state["skip_mask"]:
-        return None
-    return sdpa_mask(*args, **kwargs)
 
 
 # --- the two functions REGAModule calls ---------------------------------------------------------------------
@@ -251,8 +221,10 @@ def prepare_packed_attention(model, config) -> None:
         log.warning("model type %r: packed rows are not verified; train with --data.batching grouped",
                     model.config.model_type)  # fmt: skip
     if kind == "rope" and model.config._attn_implementation == "sdpa":
+        from transformers.masking_utils import sdpa_mask
+
         AttentionInterface.register(PACKED, packed_attention)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, _packed_mask)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, sdpa_mask)  # masks as SDPA's where no layout is given
         model.set_attn_implementation(PACKED)
 
 
@@ -269,26 +241,30 @@ def decoder_hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor
             f"model type {model.config.model_type!r} has no verified packed-row attention (supported: "
             f"{', '.join(ARCHITECTURES)}); train it with --data.batching grouped"
         )
-    state = _PACKED_ROWS.get()
     decoder = model.get_decoder()
-    position_ids = batch["position_ids"]
-    if state is None or model.config._attn_implementation != PACKED:
+    if model.config._attn_implementation != PACKED:
         return decoder(
             input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-            position_ids=position_ids, use_cache=False,
+            position_ids=batch["position_ids"], use_cache=False,
         ).last_hidden_state  # fmt: skip
-    state["layouts"][id(position_ids)] = PackedLayout.of(position_ids)
-    state["skip_mask"] = True
-    try:
-        # An all-ones 2D mask: transformers then skips scanning the position ids for packed sequences (a host
-        # sync); _packed_mask returns None for it.
-        ones = torch.ones_like(position_ids, dtype=torch.bool)
-        out = decoder(
-            input_ids=batch["input_ids"], attention_mask=ones, position_ids=position_ids, use_cache=False
-        )
-    finally:
-        state["skip_mask"] = False
-    return out.last_hidden_state
+    return rope_hidden_states(decoder, batch)
+
+
+def rope_hidden_states(decoder, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The LLaMA/Mistral/Qwen2 decoder's forward over packed rows, each layer given the rows' layout.
+
+    As transformers' own forward, without the mask it would build (the layout replaces it, and scanning the
+    position ids for packed sequences would cost a host sync)."""
+    position_ids = batch["position_ids"]
+    layout = PackedLayout.of(position_ids)
+    hidden = decoder.embed_tokens(batch["input_ids"])
+    rotary = decoder.rotary_emb(hidden, position_ids=position_ids)
+    for layer in decoder.layers[: decoder.config.num_hidden_layers]:
+        hidden = layer(
+            hidden, attention_mask=None, position_embeddings=rotary, position_ids=position_ids,
+            use_cache=False, **{LAYOUT: layout},
+        )  # fmt: skip
+    return decoder.norm(hidden)
 
 
 def bloom_hidden_states(transformer, batch: dict[str, torch.Tensor]) -> torch.Tensor:

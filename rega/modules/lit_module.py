@@ -31,7 +31,7 @@ from rega.data.chat import IGNORE_INDEX, ChatFormat
 from rega.datamodules.tokenized import host_counts
 from rega.io import atomic_dir, write_json
 from rega.model_source import load_tokenizer
-from rega.modules.attention import decoder_hidden_states, packed_rows, prepare_packed_attention
+from rega.modules.attention import decoder_hidden_states, prepare_packed_attention
 from rega.modules.fast_lora import speed_up_lora
 from rega.modules.fsdp import is_sharded, shard_model
 from rega.modules.losses import build_loss_terms
@@ -163,7 +163,7 @@ class REGAModule(L.LightningModule):
         micro_batches = self._micro_batches(batch, counts["widths"])
         for i, micro in enumerate(micro_batches):
             # Gradients are reduced across ranks once, after the last micro-batch.
-            with self._gradient_sync(i == len(micro_batches) - 1), packed_rows():
+            with self._gradient_sync(i == len(micro_batches) - 1):
                 losses, mask, logits = self.response_losses(micro)
                 parts = {"loss": losses.sum() * scale}
                 parts.update(
@@ -231,8 +231,7 @@ class REGAModule(L.LightningModule):
         self._val_sums = torch.zeros(len(domains), 2, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        with packed_rows():
-            losses, mask = self.token_losses(batch)
+        losses, mask = self.token_losses(batch)
         domains = batch["token_domain"][:, 1:][mask]
         values = torch.stack([losses.detach().double(), torch.ones_like(losses, dtype=torch.float64)], 1)
         self._val_sums.index_add_(0, domains, values)
