@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from pathlib import Path
@@ -253,6 +254,43 @@ def test_micro_batches_give_the_whole_batch_gradient(datamodule, tiny_model_conf
     for micro in (1, 3):
         for name, grad in grads[None].items():
             torch.testing.assert_close(grads[micro][name], grad, rtol=1e-4, atol=1e-7)
+
+
+def test_a_checkpointed_step_with_its_backward_on_another_thread_gives_the_plain_gradient(
+    datamodule, tiny_model_config, tmp_path
+):
+    """A training step as on CUDA (backward on autograd's own thread, layers recomputed there) gives the same
+    gradients as a plain step: nothing the packed forward needs is kept in thread- or context-bound state."""
+    import dataclasses
+
+    import lightning as L
+    from autograd_thread import backward_on_another_thread
+
+    class Grads(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+    grads = []
+    for checkpointing in (False, True):
+        model = dataclasses.replace(tiny_model_config, gradient_checkpointing=checkpointing)
+        module = REGAModule(model=model, lora=LoraSettings(dropout=0.0), micro_batch_size=2)
+        torch.manual_seed(0)
+        module.configure_model()
+        with torch.no_grad():  # B starts at zero, which would leave every A gradient zero
+            for name, param in module.model.named_parameters():
+                param.add_(torch.randn_like(param) * 0.05 if "lora_B" in name else 0)
+        callback = Grads()
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            limit_val_batches=0, default_root_dir=tmp_path, callbacks=[callback],
+        )  # fmt: skip
+        with backward_on_another_thread() if checkpointing else contextlib.nullcontext():
+            trainer.fit(module, datamodule=datamodule)
+        grads.append(callback.grads)
+    plain, threaded = grads
+    assert plain.keys() == threaded.keys() and any("lora_A" in n for n in plain)
+    for name, grad in plain.items():
+        torch.testing.assert_close(threaded[name], grad, rtol=1e-4, atol=1e-7)
 
 
 def test_trainer_options_replaced_by_module_ones_are_refused(capsys):
