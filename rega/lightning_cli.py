@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from rega.callbacks import EvaluationCallback
 from rega.callbacks.evaluation import is_sharding
+from rega.callbacks.preemption import PreemptionCallback, resume_requeued, without_slurm_requeue
 from rega.datamodules import REGADataModule
 from rega.distill.runner import ensure_distilled
 from rega.errors import ConfigError
@@ -51,9 +52,21 @@ class REGACLI(LightningCLI):
         # Subclass mode makes the key optional (None: no callback); a plain dict of its fields is accepted too.
         parser.add_lightning_class_args(EvaluationCallback, "evaluation", subclass_mode=True, required=False)
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # A requeued SLURM job resumes from its own preemption checkpoint (rega.callbacks.preemption).
+        if self.config.get("subcommand") == "fit":
+            resume_requeued(self.config.fit)
+
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         # LightningCLI passes every callback key's value, an unset `evaluation` (None) included.
-        return super()._instantiate_trainer(config, [c for c in callbacks if c is not None])
+        callbacks = [c for c in callbacks if c is not None]
+        if self.subcommand == "fit":
+            # Signals save at the next step boundary (rega.callbacks.preemption); first, to leave before other hooks.
+            listed = config.get("callbacks") or []
+            config["callbacks"] = [PreemptionCallback(), *(listed if isinstance(listed, list) else [listed])]
+        config["plugins"] = without_slurm_requeue(config.get("plugins"))  # Lightning's handler saves mid-step
+        return super()._instantiate_trainer(config, callbacks)
 
     def before_instantiate_classes(self) -> None:
         # REGAModule steps its optimizer itself (micro-batches): Lightning's own options for this would fail later

@@ -1,13 +1,20 @@
-"""Helpers of the training and cluster tests: ``cli.py fit`` command lines, TensorBoard scalars, and a callback
-that kills a run like a preemption (imported by the fit subprocesses through PYTHONPATH)."""
+"""Helpers of the training and cluster tests: ``cli.py fit`` command lines, TensorBoard scalars, SLURM tasks
+started as srun would, and callbacks that kill, signal or slow down a run (imported by the fit subprocesses through
+PYTHONPATH)."""
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.strategies import DDPStrategy
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -21,6 +28,47 @@ class ExitAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if trainer.global_step == self.step:
             os._exit(17)
+
+
+class SignalAtStep(L.Callback):
+    """A SLURM signal in the middle of a step: after a backward of optimizer step ``step`` (DDP has all-reduced
+    the gradients, the optimizer has not stepped), rank ``rank`` alone sends ``signum`` to itself."""
+
+    def __init__(self, step: int, rank: int = 1, signum: int = int(signal.SIGUSR1)):
+        self.step, self.rank, self.signum = step, rank, signum
+        self.sent = False
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if (trainer.global_step, trainer.global_rank) == (self.step, self.rank) and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
+class SlowRankZero(L.Callback):
+    """After the first step rank 0 works alone for ``seconds`` (a judge, a merge) while the other ranks wait for
+    its result, as the evaluation callback's judged benchmarks do."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        from rega.distributed import broadcast_from_zero
+
+        if trainer.global_step != 1:
+            return
+        if trainer.is_global_zero:
+            time.sleep(self.seconds)
+        assert broadcast_from_zero({"score": 1.0} if trainer.is_global_zero else None) == {"score": 1.0}
+        trainer.strategy.barrier("slow-rank-zero")
+
+
+class ShortTimeoutDDP(DDPStrategy):
+    """DDP over gloo whose collectives give up after ``seconds``, as NCCL's do after the process group timeout."""
+
+    def __init__(self, seconds: float = 5.0):
+        super().__init__(
+            process_group_backend="gloo", find_unused_parameters=False, timeout=timedelta(seconds=seconds)
+        )
 
 
 def read_scalars(log_dir: Path, tag: str) -> dict[int, float]:
@@ -55,3 +103,40 @@ def run_env() -> dict:
     # One thread per process: two ranks on two cores; the tests directory importable for ExitAtStep.
     path = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def slurm_vars(job_id: int, tasks: int, rank: int) -> dict[str, str]:
+    """The variables srun sets for task ``rank`` of a one-node job (those Lightning and the project read)."""
+    return {
+        "SLURM_NTASKS": tasks, "SLURM_NTASKS_PER_NODE": tasks, "SLURM_NNODES": 1, "SLURM_JOB_NUM_NODES": 1,
+        "SLURM_NODELIST": "localhost", "SLURM_JOB_ID": job_id, "SLURM_JOB_NAME": "rega", "SLURM_PROCID": rank,
+        "SLURM_LOCALID": rank, "SLURM_NODEID": 0,
+    }  # fmt: skip
+
+
+def slurm_tasks(
+    args: list[str], logs: Path, job_id: int, tasks: int = 2, timeout: float = 300
+) -> list | None:
+    """``args`` as the ``tasks`` tasks of SLURM job ``job_id`` on one node, as srun starts them (output in
+    ``logs/rank{r}.log``): their exit codes, or None when they did not all end within ``timeout`` (then killed)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = []
+    for rank in range(tasks):
+        env = {**run_env(), **{k: str(v) for k, v in slurm_vars(job_id, tasks, rank).items()}, **rendezvous}
+        with open(logs / f"rank{rank}.log", "wb") as out:
+            procs.append(subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    try:
+        return [proc.wait(max(0.1, deadline - time.monotonic())) for proc in procs]
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        return None

@@ -23,6 +23,7 @@ LAYERS = {
     "rega.config": 0,
     "rega.model_source": 0,
     "rega.logs": 0,
+    "rega.distributed": 0,  # collectives around one rank's work (torch only)
     "rega.data": 1,
     "rega.datamodules": 2,
     "rega.modules": 3,

@@ -25,7 +25,8 @@ into ``trainer.callback_metrics`` on every rank, so ``ModelCheckpoint(monitor="e
 can keep the best evaluated epoch.
 
 Judged benchmarks (``judge`` with ``judge_config``) run on rank 0 only, after the judge-free scores; the other ranks
-wait for their results. The judge's API key is read from the environment variable the judge config names, and
+wait for their results outside any collective (:mod:`rega.distributed`), so no process group timeout limits how
+long a judge may take. The judge's API key is read from the environment variable the judge config names, and
 nowhere else: when it is not set, one log line says the judged benchmarks are skipped and why, and training goes on.
 
 Distributed training (DDP): every rank runs the evaluation; generation, option scoring and drift are sharded
@@ -46,6 +47,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from rega.data.prompts import CENTRAL
+from rega.distributed import broadcast_from_zero
 from rega.errors import ConfigError
 from rega.eval.judge import missing_key
 from rega.eval.judged import JudgeRequest, judge_problems, run_judge_benchmarks
@@ -192,7 +194,8 @@ class EvaluationCallback(Callback):
             results = run_judge_benchmarks(lm, system, self.judge, client.config, client, out)
             for problem in judge_problems(results, client.config):
                 log.warning("evaluation: %s", problem)
-        return trainer.strategy.broadcast(results, src=0)
+        # However long the judge took, the other ranks waited outside the collective's timeout.
+        return broadcast_from_zero(results)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str, epoch: int) -> dict:
         """Run one evaluation now (all ranks), write its files and log it (rank 0); returns the result."""

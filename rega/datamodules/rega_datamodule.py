@@ -72,6 +72,7 @@ class TrainerEpochSampler(DistributedSampler):
                 epoch = self.datamodule.trainer.current_epoch
                 self.set_epoch(epoch)
                 skip = self.datamodule.batches_to_skip(epoch)
+                self.datamodule.epoch_started(epoch, skip)
             yield from itertools.islice(super(TrainerEpochSampler, self).__iter__(), skip, None)
 
         return indices()
@@ -147,6 +148,8 @@ class REGADataModule(L.LightningDataModule):
         )
         self._chat: ChatFormat | None = None
         self._resume: dict | None = None
+        # (epoch, optimizer steps done before its first batch): what a checkpoint's progress is counted from
+        self._epoch_start: tuple[int, int] | None = None
         self._adopt(None, None, [], None, {})  # set by prepare_data or setup
 
     # --- corpus -------------------------------------------------------------------------------------------
@@ -297,12 +300,19 @@ class REGADataModule(L.LightningDataModule):
     # Lightning checkpoints a data module's state_dict and restores it before training resumes. (Its own
     # mechanism for stateful loaders loads nothing once configure_optimizers has asked for the number of steps.)
     def state_dict(self) -> dict:
-        """Where the running epoch stands: the batches the fit loop has started in it (the loader runs ahead)."""
+        """Where the running epoch stands: its batches whose optimizer step has completed. REGAModule steps once
+        per batch, so these are the optimizer steps (``trainer.global_step``) since the epoch began; neither the
+        batches fetched (the loader runs ahead) nor those started (a step a signal interrupts) count."""
         trainer = self.trainer
         if trainer is None or trainer.state.fn != "fit":
             return {}
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": trainer.current_epoch, "batches_done": progress.ready}
+        epoch, start = self._epoch_start or (None, 0)
+        done = trainer.global_step - start if epoch == trainer.current_epoch else 0
+        return {"epoch": trainer.current_epoch, "batches_done": done}
+
+    def epoch_started(self, epoch: int, skipped: int) -> None:
+        """The sampler drew ``epoch``'s order; ``skipped`` of its batches were trained before a resume."""
+        self._epoch_start = (epoch, self.trainer.global_step - skipped)
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = dict(state)

@@ -48,6 +48,7 @@ import torch
 from torchmetrics import Metric
 
 from rega.data.records import LETTERS, Record
+from rega.distributed import dist_info
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -273,13 +274,6 @@ def metric_value(metric: Metric) -> float | None:
 # --------------------------------------------------------------------------------------------- ranks
 
 
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) when not distributed."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def shard(items: Sequence, rank: int, world: int) -> list:
     """This rank's strided share of ``items`` (every rank gets a near-equal share, order kept within it)."""
     return list(items[rank::world])
@@ -293,13 +287,3 @@ def gather_rows(rows: list) -> list:
     parts: list[Any] = [None] * world
     torch.distributed.all_gather_object(parts, rows)
     return [row for part in parts for row in part]
-
-
-def broadcast_from_zero(obj: Any) -> Any:
-    """Rank 0's object on every rank (a no-op when not distributed)."""
-    rank, world = dist_info()
-    if world == 1:
-        return obj
-    box = [obj if rank == 0 else None]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]

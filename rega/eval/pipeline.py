@@ -29,10 +29,10 @@ from rega.data.chat import ChatFormat
 from rega.data.loaders import load_records
 from rega.data.prompts import CENTRAL, RolePrompts
 from rega.data.records import Record
+from rega.distributed import dist_info
 from rega.errors import ConfigError
 from rega.eval.domain import TaskData, check_rule, evaluate_domains, settings_tasks
 from rega.eval.items import item_results, trivial_baselines
-from rega.eval.metrics import dist_info
 from rega.eval.retention import DEFAULT_MC, MCSet, base_model, drift_scores, general_mc_scores, resolve_mc_set
 from rega.eval.settings import EvalSettings
 from rega.io import write_jsonl

@@ -61,7 +61,7 @@ class Progress:
     ):
         self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
         if enabled is None:
-            from rega.eval.metrics import dist_info  # imports torch: not needed by progress_line's users
+            from rega.distributed import dist_info  # imports torch: not needed by progress_line's users
 
             enabled = dist_info()[0] == 0
         self.enabled = enabled

@@ -35,13 +35,14 @@ import yaml
 
 from rega.data.chat import IGNORE_INDEX, ChatFormat
 from rega.data.records import Record
+from rega.distributed import broadcast_from_zero, dist_info
 from rega.errors import ConfigError
 from rega.eval.loglik import (  # noqa: F401  (re-exported: callers import them from here)
     continuation_logprobs,
     continuation_text,
     score_on_cache,
 )
-from rega.eval.metrics import WeightedMean, broadcast_from_zero, dist_info, gather_rows, metric_value, shard
+from rega.eval.metrics import WeightedMean, gather_rows, metric_value, shard
 from rega.io import read_jsonl
 from rega.paths import resolve_path, shared_data_dir
 
