@@ -2,7 +2,7 @@
 
 Nothing the project writes is ever left half-written: a file (or a whole folder) is written under a temporary
 name beside its target and renamed into place in one step. Temporary names carry the writer's host and process id
-(``.NAME.~HOST~PID~XXXX.tmp``), so the next writer of the same target removes what a killed one left behind,
+(``.NAME.~HOST~PID~XXXX.tmp``), so the next writer into the same folder removes what a killed one left behind,
 without touching the files of a writer that is still running. Written files follow the umask, like ``open``.
 Jobs that may run at once on one output (a cluster's array jobs) take turns with :func:`waiting_lock`.
 """
@@ -72,13 +72,17 @@ def is_stale_temp(entry: Path, now: float | None = None) -> bool:
 
 
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files and folders that killed writers of ``path`` left beside it."""
-    path = Path(path)
+    """Remove the temporary files and folders that killed writers left in the folder of ``path`` (whatever they
+    were writing: a step-named checkpoint is never written again)."""
+    return remove_stale_temps_in(Path(path).parent)
+
+
+def remove_stale_temps_in(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders of dead writers in ``folder``."""
     removed: list[Path] = []
-    prefix = f".{path.name}.~"
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        for entry in path.parent.iterdir():
-            if entry.name.startswith(prefix) and is_stale_temp(entry):
+        for entry in Path(folder).iterdir():
+            if is_stale_temp(entry):
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
@@ -126,21 +130,46 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
+def check_removable(folder: Path, target: Path) -> None:
+    """Refuse, before anything changes, to replace a folder whose files this user may not remove."""
+    for root, _dirs, _files in os.walk(folder):
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise PermissionError(
+                f"{target}: cannot replace the previous output: this user may not remove the files in {root} "
+                "(nothing was changed)"
+            )
+
+
 def replace_dir(new: Path, target: Path) -> None:
-    """Put the folder ``new`` at ``target``: one rename, or one exchange when ``target`` exists."""
+    """Put the folder ``new`` at ``target``: one rename, or one exchange when ``target`` exists. When the previous
+    contents cannot be removed, they go back to ``target`` (and the new ones to ``new``) before the error."""
     if not target.exists() and not target.is_symlink():
         os.rename(new, target)
         return
     if not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a folder")
+    check_removable(target, target)
     if _exchange(new, target):
-        shutil.rmtree(new)  # now the old contents
+        try:
+            shutil.rmtree(new)  # now the old contents
+        except OSError:
+            _exchange(new, target)
+            raise
         return
     # Without an atomic exchange: move the old folder aside under a temporary name, then the new one in.
     old = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix(target), suffix=".tmp"))
     os.rename(target, old / "old")
-    os.rename(new, target)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.rename(new, target)
+        shutil.rmtree(old / "old")
+    except OSError:
+        if (old / "old").exists():
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(target, new)
+            os.rename(old / "old", target)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

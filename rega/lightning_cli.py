@@ -24,6 +24,7 @@ from rega.distill.runner import ensure_distilled
 from rega.errors import ConfigError
 from rega.modules.checkpoint_io import AtomicCheckpointIO
 from rega.modules.lit_module import REGAModule
+from rega.modules.resume import CHOICES, RecordDataSettings, asked_settings, data_settings, settings_to_take
 
 
 def shards_weights(strategy) -> bool:
@@ -51,6 +52,21 @@ class REGACLI(LightningCLI):
         parser.link_arguments("model.model", "data.model")
         # Subclass mode makes the key optional (None: no callback); a plain dict of its fields is accepted too.
         parser.add_lightning_class_args(EvaluationCallback, "evaluation", subclass_mode=True, required=False)
+        parser.add_argument(
+            "--resume_settings", choices=CHOICES, default="check",
+            help="with --ckpt_path: 'check' stops when the model, LoRA or data settings differ from the "
+            "checkpoint's (one line per field); 'checkpoint' takes the checkpoint's settings",
+        )  # fmt: skip
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning would load the checkpoint's model settings over the parsed ones, silently (rega.modules.resume).
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else None
+        if config is None or not config.get("ckpt_path"):
+            return
+        taken = settings_to_take(str(config.ckpt_path), asked_settings(config), config.resume_settings)
+        if taken:
+            self.config = self.parser.parse_object({subcommand: taken}, self.config)
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
@@ -62,6 +78,8 @@ class REGACLI(LightningCLI):
         # LightningCLI passes every callback key's value, an unset `evaluation` (None) included.
         callbacks = [c for c in callbacks if c is not None]
         if self.subcommand == "fit":
+            # So that a resume can compare the data settings too.
+            callbacks.append(RecordDataSettings(data_settings(self.config.fit.data.as_dict())))
             # Signals save at the next step boundary (rega.callbacks.preemption); first, to leave before other hooks.
             listed = config.get("callbacks") or []
             config["callbacks"] = [PreemptionCallback(), *(listed if isinstance(listed, list) else [listed])]
@@ -114,9 +132,11 @@ class REGACLI(LightningCLI):
             f"REGA run finished: strategy={summary['strategy']} model={summary['model']}",
             f"  corpus: {summary.get('corpus')}",
             f"  tokens: {summary.get('tokenized')}",
-            f"  {summary['optimizer_steps']} optimizer steps in {summary['seconds']} s;"
-            f" train/loss={metrics.get('train/loss', float('nan')):.4f}"
-            f" val/loss={metrics.get('val/loss', float('nan')):.4f}",
+            f"  {summary['optimizer_steps']} optimizer steps in {summary['seconds']} s"
+            # A metric the run did not log (no validation set) is left out, not shown as nan.
+            + "".join(
+                f"; {k}={metrics[k]:.4f}" for k in ("train/loss", "val/loss") if metrics.get(k) is not None
+            ),
             f"  adapter: {summary['adapter']}",
             f"  TensorBoard: tensorboard --logdir {Path(summary['log_dir']).parent}",
         ]

@@ -439,6 +439,8 @@ def test_judged_evaluation_with_every_score_missing_fails_and_keeps_outputs(judg
     assert line.endswith(f"(outputs kept in {tmp_path / 'ev'})")
     scores = json.loads((tmp_path / "ev" / "general_en" / "scores.json").read_text())
     assert scores["overall"] == {"mean": None, "n": 0, "missing": 2}
+    final = str(tmp_path / "ev" / "general_en")  # scores.json's own paths too, not the deleted staging folder
+    assert scores["answers_path"].startswith(final) and scores["judgments_path"].startswith(final)
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["judge"]["general_en"][
         "answers_path"
     ] == str(
@@ -696,3 +698,50 @@ def test_report_kill_is_visible_and_the_next_report_is_whole(tmp_path, monkeypat
     left = stale_temp(out / "results.md")
     report.write_report(tmp_path / "runs", out)
     assert report.check_report(out) == [] and not left.exists()
+
+
+@pytest.mark.parametrize("refusal", ["access", "removal"])
+def test_a_refused_overwrite_leaves_the_old_output_and_no_temp(tmp_path, monkeypatch, refusal):
+    """A previous output this user may not remove (a read-only folder; tests run as root, so simulated): the old
+    output stays whole, the new one goes, and no hidden folder is left."""
+    import shutil
+
+    from rega import io
+
+    out = tmp_path / "out"
+    with atomic_dir(out) as folder:
+        (folder / "corpus.jsonl").write_text("old")
+    if refusal == "access":
+        monkeypatch.setattr(io.os, "access", lambda path, mode: Path(path) != out)
+    else:
+        real = shutil.rmtree
+
+        def refuses_once(path, *args, **kwargs):  # the removal of the old contents, after the exchange
+            monkeypatch.setattr(io.shutil, "rmtree", real)
+            raise PermissionError(13, "Permission denied", str(path))
+
+        monkeypatch.setattr(io.shutil, "rmtree", refuses_once)
+    with pytest.raises(PermissionError), atomic_dir(out) as folder:
+        (folder / "corpus.jsonl").write_text("new")
+    assert (out / "corpus.jsonl").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_evaluation_refuses_an_invalid_task_row_or_skips_it_and_says_so(tmp_path, capsys, tiny_model_dir):
+    good = {
+        "instruction": "Q?",
+        "output": "yes",
+        "domain": "medical",
+        "choices": ["yes", "no"],
+        "answer": "yes",
+    }
+    task = jsonl(
+        tmp_path / "dev.jsonl", [{**good, "id": "a"}, {"id": "b", "domain": "medical"}, {**good, "id": "c"}]
+    )
+    args = eval_args(tmp_path, tiny_model_dir, "--tasks", json.dumps(source(task)), "--max_new_tokens", "2")
+    code, line, _ = run_cli(args, capsys)
+    assert code == 2 and line.startswith(f"error: {task}:2") and "field" in line, line
+    main([*args, "--skip_invalid", "true"])
+    assert "skipped 1 invalid rows (skip_invalid)" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "ev" / "eval.json").read_text())["meta"]
+    assert meta["n_records"] == 2 and meta["skipped_invalid"]["n"] == 1

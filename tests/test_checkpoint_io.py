@@ -70,3 +70,39 @@ def test_the_cli_trainer_writes_checkpoints_atomically(tiny_model_dir, tmp_path)
         trainer_defaults=TRAINER_DEFAULTS,
     )  # fmt: skip
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+KILLED_SAVE = """
+import sys, time, torch
+from rega.modules.checkpoint_io import AtomicCheckpointIO
+def stalls_midway(obj, handle):
+    handle.write(b"partial checkpoint bytes"); handle.flush(); print("writing", flush=True); time.sleep(60)
+torch.save = stalls_midway
+AtomicCheckpointIO().save_checkpoint({"step": 4}, sys.argv[1])
+"""
+
+
+def test_a_sigkilled_save_is_cleaned_by_the_next_run_in_any_version(tmp_path):
+    """A step-named checkpoint is never written again and a resume writes into a new version folder: the next
+    run's first save still removes what the killed one left, and leaves a live writer's file alone."""
+    import os
+    import signal
+
+    from rega.io import HOST
+
+    old, new = tmp_path / "rega/version_0/checkpoints", tmp_path / "rega/version_1/checkpoints"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_SAVE, str(old / "epoch=0-step=4.ckpt")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdout.readline().strip() == "writing"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=60)
+    (left,) = [p for p in old.iterdir() if p.name.startswith(".epoch=0-step=4.ckpt.~")]
+    live = old / f".other.ckpt.~{HOST}~{os.getppid()}~x.tmp"
+    live.write_text("being written")
+
+    AtomicCheckpointIO().save_checkpoint({"step": 5}, new / "last.ckpt")
+    assert not left.exists() and live.exists()
+    assert torch.load(new / "last.ckpt", weights_only=True) == {"step": 5}

@@ -422,3 +422,17 @@ def test_zero_shot_fit_is_refused_in_one_line(tiny_model_config, tmp_path):
     )
     with pytest.raises(ConfigError, match="builds no training examples.*cli.py evaluate"):
         dm.prepare_data()
+
+
+def test_the_fit_summary_leaves_out_a_metric_the_run_did_not_log(tmp_path, capsys):
+    import types
+
+    from rega.lightning_cli import REGACLI
+
+    summary = {"strategy": "ft", "model": "m", "optimizer_steps": 3, "seconds": 1.0, "adapter": "a",
+               "log_dir": str(tmp_path), "metrics": {"train/loss": 1.5}}  # fmt: skip
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    trainer = types.SimpleNamespace(log_dir=str(tmp_path), is_global_zero=True)
+    REGACLI.after_fit(types.SimpleNamespace(trainer=trainer))
+    out = capsys.readouterr().out
+    assert "train/loss=1.5000" in out and "val/loss" not in out and "nan" not in out

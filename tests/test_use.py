@@ -208,3 +208,51 @@ def test_predict_metric_from_a_plugin_module(tiny_model_dir, tmp_path, monkeypat
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["metrics"]["starts_like_reference"]) == {"medical/demo_med_mcq"}
     assert "starts_like_reference: medical/demo_med_mcq" in capsys.readouterr().out
+
+
+def test_predict_counts_skipped_rows_and_leaves_only_its_outputs(tiny_model_dir, tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    good = {"instruction": "Is water wet?", "domain": "medical"}
+    source.write_text(
+        "\n".join(json.dumps(r) for r in [good, {"domain": "medical"}, {**good, "id": "b"}]) + "\n"
+    )
+    out = tmp_path / "pred"
+    main(["predict", "--input_file", str(source), "--model.name_or_path", str(tiny_model_dir),
+          "--max_new_tokens", "2", "--device", "cpu", "--output", str(out), "--skip_invalid", "true"])  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["records"] == 2 and summary["skipped_invalid"] == 1
+    assert f"{source}:2" in summary["skipped_rows"][0]
+    assert "1 invalid rows skipped" in capsys.readouterr().out
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    "text", ["The patient reports a mild cough. " * 600, "患者报告轻微咳嗽，没有发烧。" * 1500]
+)
+def test_chat_cuts_a_message_longer_than_the_context(loaded, monkeypatch, text):
+    """A 20,000-character message is sent as a bounded prompt (the tiny model's own limit, 1,024 positions, is
+    below max_context_tokens), its head and tail kept; the cut is said in one line."""
+    import rega.use.chat as chat
+
+    assert len(text) >= 20_000
+    sent = []
+    monkeypatch.setattr(chat, "stream_reply", lambda loaded, ids, sampling, out: sent.append(ids) or "ok")
+    session = session_of(loaded, max_context_tokens=2048)
+    out = io.StringIO()
+    session.handle(text, out)
+    limit = loaded.model.config.max_position_embeddings
+    assert len(sent[0]) + SHORT.max_new_tokens <= min(2048, limit)
+    assert len(sent[0]) > min(2048, limit) - SHORT.max_new_tokens - 40  # the room is used, not wasted
+    (line,) = [line for line in out.getvalue().splitlines() if line.startswith("(message cut:")]
+    kept = session.history[0][0]
+    assert kept.startswith(text[:10]) and kept.endswith(text.strip()[-10:]) and chat.CUT_MARK in kept
+
+
+def test_chat_with_standard_input_closed(tiny_model_dir):
+    command = [sys.executable, str(REPO / "cli.py"), "chat", "--model.name_or_path", str(tiny_model_dir),
+               "--max_new_tokens", "3", "--device", "cpu"]  # fmt: skip
+    done = subprocess.run(
+        " ".join(command) + " 0<&-", shell=True, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "error" not in done.stderr

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rega.config import DataSource, SamplingConfig
 from rega.data.chat import ChatFormat
@@ -60,21 +60,30 @@ class TaskData:
 
     records: list[Record]
     labels: dict[tuple[str, str], tuple[str, ...]]
+    # Invalid rows left out (skip_invalid), as "file:line: field 'x': problem".
+    skipped: list[str] = field(default_factory=list)
 
 
 def load_task_records(
-    sources: Sequence[DataSource], limit_per_task: int | None = None, domains: Sequence[str] | None = None
+    sources: Sequence[DataSource],
+    limit_per_task: int | None = None,
+    domains: Sequence[str] | None = None,
+    skip_invalid: bool = False,
 ) -> TaskData:
     """Load evaluation sources; keep the tasks of ``domains`` (all when ``None``) and the first ``limit_per_task``
     records of each (domain, task).
 
     Label sets are collected before the limit, so a small limit does not shrink the set of labels a response may
-    name. Rows that fail validation are skipped and counted in the log.
+    name. A row that fails validation stops the evaluation (file, line, field), unless ``skip_invalid``: then it
+    is left out and counted in ``skipped``.
     """
     records: list[Record] = []
+    skipped: list[str] = []
     seen: set[str] = set()
     for source in sources:
-        for rec in load_records(source, skip_invalid=True).records:
+        report = load_records(source, skip_invalid=skip_invalid)
+        skipped += report.skipped
+        for rec in report.records:
             if rec.id in seen:
                 raise ConfigError(f"evaluation record id {rec.id!r} appears in two sources ({source.path})")
             seen.add(rec.id)
@@ -91,7 +100,7 @@ def load_task_records(
                 kept[key] += 1
                 limited.append(rec)
         records = limited
-    return TaskData(records, labels)
+    return TaskData(records, labels, skipped)
 
 
 def _of_domains(records: list[Record], domains: Sequence[str]) -> list[Record]:
@@ -106,7 +115,7 @@ def _of_domains(records: list[Record], domains: Sequence[str]) -> list[Record]:
 
 def settings_tasks(settings: EvalSettings) -> TaskData:
     """The task records ``settings`` names: its sources, domains and per-task limit."""
-    return load_task_records(settings.tasks, settings.limit_per_task, settings.domains)
+    return load_task_records(settings.tasks, settings.limit_per_task, settings.domains, settings.skip_invalid)
 
 
 def check_rule(rule: str) -> None:

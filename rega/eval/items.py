@@ -112,6 +112,7 @@ def _train_counts(sources: Sequence[DataSource]) -> dict[str, Counter]:
         if sibling is None:
             continue
         try:
+            # The training split only informs the majority baseline (load_records logs what it skips).
             records = load_records(sibling, skip_invalid=True).records
         except Exception as err:  # a baseline must never fail an evaluation
             log.warning(

@@ -53,7 +53,8 @@ def mc_set_names(settings: EvalSettings, records: Sequence[Record]) -> list[str]
     return DEFAULT_MC["zh" if zh > len(records) / 2 else "en"]
 
 
-def load_drift_sources(settings: EvalSettings) -> dict[str, list[Record]]:
+def load_drift_sources(settings: EvalSettings, skipped: list[str] | None = None) -> dict[str, list[Record]]:
+    """Records of each drift source, by name; the invalid rows left out (skip_invalid) go to ``skipped``."""
     out: dict[str, list[Record]] = {}
     for source in settings.drift:
         name = source_name(source)
@@ -61,7 +62,10 @@ def load_drift_sources(settings: EvalSettings) -> dict[str, list[Record]]:
             raise ConfigError(
                 f"two drift sources are both named {name!r}: set 'task' on one to tell them apart"
             )
-        records = load_records(source, skip_invalid=True).records
+        report = load_records(source, skip_invalid=settings.skip_invalid)
+        records = report.records
+        if skipped is not None:
+            skipped += report.skipped
         out[name] = records[: settings.drift_limit] if settings.drift_limit is not None else records
     return out
 
@@ -79,6 +83,7 @@ class EvalPlan:
     mc_sets: list[MCSet]
     drift: dict[str, list[Record]]
     timings: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # invalid task and drift rows left out (skip_invalid)
 
 
 def plan(
@@ -90,7 +95,9 @@ def plan(
     if data is None:
         data = settings_tasks(settings) if domain_eval else TaskData([], {})
     mc_sets = [resolve_mc_set(spec) for spec in mc_set_names(settings, data.records)]
-    return EvalPlan(list(rules), data, domain_eval, mc_sets, load_drift_sources(settings))
+    skipped = list(data.skipped)
+    drift = load_drift_sources(settings, skipped)
+    return EvalPlan(list(rules), data, domain_eval, mc_sets, drift, skipped=skipped)
 
 
 @contextlib.contextmanager
@@ -222,6 +229,8 @@ def evaluate_model(
         "prompts": prompts.to_dict(),
         "settings": asdict(settings),
         "n_records": len(todo.data.records),
+        # What skip_invalid left out: n shrank by this much (the first rows, to find them).
+        "skipped_invalid": {"n": len(todo.skipped), "first": todo.skipped[:20]},
         "timings": todo.timings,
         "files": write_rows(output_dir, rows, mc_rows),
     }

@@ -145,6 +145,8 @@ def finish(result: dict, ready: Prepared, tmp: Path, started: float) -> dict:
     result["meta"]["timings"]["wall_s"] = round(time.perf_counter() - started, 1)
     result = relocate(result, str(tmp), str(ready.out))
     write_json(tmp / "eval.json", result)
+    for scores in tmp.glob("*/scores.json"):  # each judged benchmark's own record of its files
+        write_json(scores, relocate(json.loads(scores.read_text(encoding="utf-8")), str(tmp), str(ready.out)))
     return result
 
 

@@ -46,6 +46,8 @@ class EvalSettings:
         drift_limit: first N records of each drift source; ``None`` for all.
         drift_max_length: token cap per drift example (responses are cut at their end).
         sample_rows: answers per (rule, task) kept in ``samples`` (and the TensorBoard table).
+        skip_invalid: skip invalid task and drift rows, counted in eval.json (``meta.skipped_invalid``) and the
+            summary; off: the first one stops the evaluation, naming its file, line and field (as training does).
     """
 
     tasks: list[DataSource] = field(default_factory=list)
@@ -65,6 +67,7 @@ class EvalSettings:
     drift_limit: int | None = 100
     drift_max_length: int = 1024
     sample_rows: int = 3
+    skip_invalid: bool = False
 
     def __post_init__(self) -> None:
         self.tasks, self.drift = list(self.tasks or []), list(self.drift or [])

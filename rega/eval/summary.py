@@ -128,6 +128,9 @@ def summary_text(result: dict) -> str:
                 )
     lines += _section(result, "general_mc", "general multiple choice (log-likelihood, under p_c):", _mc_line)
     lines += _section(result, "drift", "drift (mean log-prob per response token, under p_c):", _drift_line)
+    skipped = result.get("meta", {}).get("skipped_invalid") or {}
+    if skipped.get("n"):
+        lines.append(f"skipped {skipped['n']} invalid rows (skip_invalid), first: {skipped['first'][0]}")
     timings = result.get("meta", {}).get("timings", {})
     if timings:
         lines.append("time: " + ", ".join(f"{k} {v}" for k, v in timings.items()))

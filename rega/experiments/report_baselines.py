@@ -25,7 +25,9 @@ def recompute_baselines(result: dict) -> dict:
     sources = [DataSource(**t) for t in settings.get("tasks") or []]
     if not sources:
         return {}
-    data = load_task_records(sources, settings.get("limit_per_task"), settings.get("domains"))
+    data = load_task_records(
+        sources, settings.get("limit_per_task"), settings.get("domains"), settings.get("skip_invalid", True)
+    )  # an eval.json from before the option skipped its invalid rows
     return trivial_baselines(sources, data.records, data.labels)
 
 

@@ -6,8 +6,9 @@ Each line read from stdin (a terminal or a pipe) is one user message. It is answ
 prompt — p_c by default (the model's own system prompt), ``--role DOMAIN`` for that domain's role prompt p_i,
 ``--system TEXT`` for any text — with the model's chat template (:class:`rega.data.chat.ChatFormat`, as in
 training), after the earlier exchanges of the session; the answer is streamed to stdout as it is generated.
-When a prompt would not leave room for ``max_new_tokens`` within ``max_context_tokens``, the oldest exchanges are
-dropped (and said so). Greedy unless ``--do_sample true``.
+When a prompt would not leave room for ``max_new_tokens`` within ``max_context_tokens`` (and the model's own
+``max_position_embeddings``), the oldest exchanges are dropped, then the middle of a message too long on its own is
+cut (its head and tail kept), each said in one line. Greedy unless ``--do_sample true``.
 
 Commands: ``/reset`` forgets the history, ``/system TEXT`` sets the system prompt, ``/role DOMAIN`` uses that
 domain's role prompt, ``/help``, ``/exit`` (end of input ends the session too).
@@ -29,6 +30,7 @@ from rega.errors import ConfigError
 from rega.modules.generation import decoding_kwargs, stop_token_ids
 from rega.use.loading import LoadedModel, load_for_use, system_text, use_settings
 
+CUT_MARK = "\n[...]\n"  # stands for the middle of a message too long for the context
 HELP = "/reset forgets the history, /system TEXT sets the system prompt, /role DOMAIN uses a role prompt, /exit ends"
 
 
@@ -85,22 +87,53 @@ class ChatSession:
         """The text the model continues for ``user`` after the history (what ``/system`` changes)."""
         return self.loaded.chat.prompt_text(self.system, user, tuple(self.history))
 
-    def prompt_ids(self, user: str, out: TextIO) -> list[int]:
-        dropped = 0
+    def budget(self) -> int:
+        """Prompt tokens a turn may send: the context (and the model's own limit) less the answer's room."""
+        limit = getattr(self.loaded.model.config, "max_position_embeddings", None) or self.max_context_tokens
+        return min(self.max_context_tokens, limit) - self.sampling.max_new_tokens
+
+    def prompt_ids(self, user: str, out: TextIO) -> tuple[list[int], str]:
+        """(prompt ids, the message as sent): the oldest exchanges dropped, then the message cut, to fit."""
+        dropped, budget = 0, self.budget()
         ids = encode(self.loaded, self.system, user, self.history)
-        while self.history and len(ids) + self.sampling.max_new_tokens > self.max_context_tokens:
+        while self.history and len(ids) > budget:
             self.history.pop(0)
             dropped += 1
             ids = encode(self.loaded, self.system, user, self.history)
         if dropped:
-            out.write(
-                f"(dropped the {dropped} oldest exchange(s) to stay within {self.max_context_tokens} tokens)\n"
-            )
-        return ids
+            out.write(f"(dropped the {dropped} oldest exchange(s) to stay within {budget} prompt tokens)\n")
+        if len(ids) > budget:
+            user, ids = self.cut(user, len(ids) - budget, out)
+        return ids, user
+
+    def cut(self, user: str, excess: int, out: TextIO) -> tuple[str, list[int]]:
+        """The message without its middle, ``excess`` tokens shorter at least (head and tail kept)."""
+        tokenizer = self.loaded.tokenizer
+        tokens = tokenizer.encode(user, add_special_tokens=False)
+        keep = len(tokens) - excess - len(tokenizer.encode(CUT_MARK, add_special_tokens=False))
+        while True:  # decoding and re-encoding at the seams may shift a token or two: shrink until it fits
+            if keep < 2:
+                raise ConfigError(
+                    f"the system prompt and template leave no room for a message within {self.budget()} tokens "
+                    f"(max_context_tokens less max_new_tokens={self.sampling.max_new_tokens})"
+                )
+            head, tail = tokens[: keep - keep // 2], tokens[len(tokens) - keep // 2 :]
+            text = tokenizer.decode(head) + CUT_MARK + tokenizer.decode(tail)
+            ids = encode(self.loaded, self.system, text, self.history)
+            if len(ids) <= self.budget():
+                break
+            keep -= len(ids) - self.budget()
+        room = self.budget() + self.sampling.max_new_tokens
+        out.write(
+            f"(message cut: {len(tokens)} tokens, sent its first {len(head)} and last {len(tail)} so that it and "
+            f"a {self.sampling.max_new_tokens}-token answer fit in {room})\n"
+        )
+        return text, ids
 
     def reply(self, user: str, out: TextIO) -> str:
-        answer = stream_reply(self.loaded, self.prompt_ids(user, out), self.sampling, out)
-        self.history.append((user, answer))
+        ids, sent = self.prompt_ids(user, out)
+        answer = stream_reply(self.loaded, ids, self.sampling, out)
+        self.history.append((sent, answer))
         return answer
 
     def command(self, text: str, out: TextIO) -> bool:
@@ -189,7 +222,8 @@ def chat_command(
         temperature: softmax temperature when sampling.
         top_p: nucleus mass when sampling.
         seed: seeds the sampler once at the start.
-        max_context_tokens: the oldest exchanges are dropped when a prompt plus max_new_tokens would exceed this.
+        max_context_tokens: prompt plus answer (max_new_tokens) stay within this and the model's own limit: the
+            oldest exchanges are dropped, then the middle of a too long message is cut.
         device: auto (CUDA when available), cpu or cuda[:N].
         threads: CPU threads for torch; null = default.
     """
@@ -200,9 +234,16 @@ def chat_command(
     )
     if do_sample:
         torch.manual_seed(seed)
-    interactive = sys.stdin.isatty()
+    if session.budget() < 1:
+        raise ConfigError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a message within max_context_tokens="
+            f"{max_context_tokens} (and the model's own limit)"
+        )
+    stdin = sys.stdin  # None when standard input is closed (0<&-): nothing to answer
+    interactive = stdin is not None and stdin.isatty()
     print(f"chat with {config.name_or_path}{f' + {adapter}' if adapter else ''}; system prompt: {session.system!r}",
           file=sys.stderr)  # fmt: skip
     if interactive:
         print(HELP, file=sys.stderr)
-    run_session(session, read_lines(sys.stdin, sys.stdout, "> " if interactive else ""), sys.stdout)
+    if stdin is not None:
+        run_session(session, read_lines(stdin, sys.stdout, "> " if interactive else ""), sys.stdout)

@@ -21,7 +21,7 @@ import json
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -64,6 +64,8 @@ class Job:
     prompt_ids: list[list[int]]  # per record, the rendered and tokenized prompt
     user_sha: dict[str, str]  # id -> hash of its conversation, to catch an id reused for another question
     settings: dict
+    # Invalid input rows left out (skip_invalid), as "file:line: field 'x': problem".
+    skipped: list[str] = field(default_factory=list)
 
 
 def changed_fields(old, new, prefix: str = "") -> list[str]:
@@ -103,13 +105,14 @@ def user_key(record: Record) -> str:
     return stable_hash([record.history, record.user_text])
 
 
-def load_inputs(source: list[DataSource], limit: int | None, skip_invalid: bool) -> list[Record]:
+def load_inputs(source: list[DataSource], limit: int | None, skip_invalid: bool) -> tuple[list[Record], list]:
+    """(records to answer, the invalid rows skipped)."""
     # Questions need no answers; an answer that is present is kept as the reference.
-    records = load_many([replace(s, require_output=False) for s in source], skip_invalid=skip_invalid).records
-    records = records if limit is None else records[:limit]
+    report = load_many([replace(s, require_output=False) for s in source], skip_invalid=skip_invalid)
+    records = report.records if limit is None else report.records[:limit]
     if not records:
         raise EmptyDataError(f"no records to answer in {', '.join(s.path for s in source)}")
-    return records
+    return records, list(report.skipped)
 
 
 def settings_of(config: ModelConfig, adapter, tokenizer, rule: str, prompts: dict, sampling) -> dict:
@@ -130,7 +133,7 @@ def settings_of(config: ModelConfig, adapter, tokenizer, rule: str, prompts: dic
 
 def prepare(config: ModelConfig, adapter, source, rule, prompts, sampling, limit, skip_invalid) -> Job:
     check_rule(rule)
-    records = load_inputs(source, limit, skip_invalid)
+    records, skipped = load_inputs(source, limit, skip_invalid)
     tokenizer, chat = load_chat_format(config)
     keys = {prompt_key(rule, r) for r in records} - {CENTRAL}
     resolved = role_prompts(prompts, sorted(keys), chat)  # a domain without a role prompt fails here
@@ -140,7 +143,7 @@ def prepare(config: ModelConfig, adapter, source, rule, prompts, sampling, limit
     settings = settings_of(config, adapter, tokenizer, rule, used, sampling)
     # A conversation is answered after its earlier turns, rendered as in training and evaluation.
     ids = [chat.encode_prompt(resolved.text(prompt_key(rule, r)), r.user_text, r.history) for r in records]
-    return Job(records, rule, resolved, ids, {r.id: user_key(r) for r in records}, settings)
+    return Job(records, rule, resolved, ids, {r.id: user_key(r) for r in records}, settings, skipped)
 
 
 def done_ids(output: Path, job: Job) -> set[str]:
@@ -213,6 +216,8 @@ def merge(output: Path, job: Job, metrics: list[Metric], generated: int) -> dict
         "predictions": str(output / PREDICTIONS),
         "records": len(rows),
         "generated_this_run": generated,
+        "skipped_invalid": len(job.skipped),
+        "skipped_rows": job.skipped[:20],  # the first few, file:line: field: problem
         "finish_reasons": dict(Counter(row["finish_reason"] for row in rows)),
         "metrics": {name: {task: sum(v) / len(v) for task, v in per.items()} for name, per in means.items()},
         "settings": job.settings,
@@ -248,11 +253,18 @@ def run_locked(
             "predict: %d records, %d answered before, %d to generate", len(job.records), before, len(todo)
         )
         generated = generate_missing(out, job, todo, device, config, adapter, batch_size, max_batch_tokens)
-        return generated, merge(out, job, list(metrics or []), generated)
+        summary = merge(out, job, list(metrics or []), generated)
+        # The folder holds only the outputs once done: the lock file goes while still held (a run that opened
+        # it just before is refused, as while this one ran).
+        (out / ".distill.lock").unlink(missing_ok=True)
+        return generated, summary
 
 
 def print_summary(summary: dict, generated: int) -> None:
-    print(f"{summary['records']} predictions ({generated} generated now) in {summary['predictions']}")
+    skipped = f"; {summary['skipped_invalid']} invalid rows skipped" if summary.get("skipped_invalid") else ""
+    print(
+        f"{summary['records']} predictions ({generated} generated now{skipped}) in {summary['predictions']}"
+    )
     for name, per_task in summary["metrics"].items():
         print(f"  {name}: " + ", ".join(f"{task} {value:.3f}" for task, value in per_task.items()))
 
