@@ -133,7 +133,7 @@ def checkpointed_module(path: Path, attn: str, checkpointing: str) -> REGAModule
     module = lora_module(path, attn_implementation=attn, gradient_checkpointing=checkpointing != "off")
     if checkpointing == "reentrant":
         kwargs = {"use_reentrant": True}
-        module.model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        module.model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     return module
 
 
@@ -171,6 +171,24 @@ def test_packed_examples_equal_themselves_alone(tiny_dirs, arch, attn, checkpoin
                     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
                 start, checked = start + n, checked + 1
     assert checked == len(LENGTHS)
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["plain", "4-bit"])
+def test_every_load_path_checkpoints_non_reentrantly(tiny_dirs, four_bit):
+    """What each load path configures. The 4-bit path is taken by the flag bitsandbytes' loader sets, which is
+    what peft's preparation reads (no GPU needed to see what it configures)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from rega.modules.model import add_lora
+
+    model = load_model(ModelConfig(name_or_path=str(tiny_dirs("llama"))))
+    model.is_loaded_in_4bit = four_bit
+    peft_model = add_lora(model, LoraSettings(r=2, alpha=4), gradient_checkpointing=True)
+    layers = [m for m in peft_model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert layers and all(layer.gradient_checkpointing for layer in layers)
+    assert {repr(layer._gradient_checkpointing_func.keywords) for layer in layers} == {
+        "{'use_reentrant': False}"
+    }
 
 
 @pytest.mark.parametrize("arch", ["llama", "bloom"])

@@ -114,16 +114,22 @@ def load_model(config: ModelConfig, device_map: str | dict | None = None):
         raise
 
 
+# Every load path checkpoints non-reentrantly. peft's 4-bit preparation, given no kwargs, leaves torch to pick
+# reentrant checkpointing, which replays a layer without its keyword arguments' autograd history and needs inputs
+# that require grad.
+CHECKPOINTING = {"use_reentrant": False}
+
+
 def add_lora(model, lora: LoraSettings, gradient_checkpointing: bool = False):
     """Freeze the base model and add LoRA adapters; returns the peft model."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # Inputs must require grad, or adapters under checkpointed blocks get no gradient.
-        model.enable_input_require_grads()
+        # Freezes the base and casts its non-quantized weights to fp32; checkpointing is set below, as for the rest.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if gradient_checkpointing:
+        # Also makes the embeddings' output require grad (cheap), which only reentrant checkpointing would need.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=CHECKPOINTING)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
