@@ -24,6 +24,7 @@ from rega.distill.runner import ensure_distilled
 from rega.errors import ConfigError
 from rega.modules.checkpoint_io import AtomicCheckpointIO
 from rega.modules.lit_module import REGAModule
+from rega.modules.precision import frozen_half_precision
 from rega.modules.resume import CHOICES, RecordDataSettings, asked_settings, data_settings, settings_to_take
 
 
@@ -84,6 +85,7 @@ class REGACLI(LightningCLI):
             listed = config.get("callbacks") or []
             config["callbacks"] = [PreemptionCallback(), *(listed if isinstance(listed, list) else [listed])]
         config["plugins"] = without_slurm_requeue(config.get("plugins"))  # Lightning's handler saves mid-step
+        config = frozen_half_precision(config)  # bf16-true keeps the LoRA weights and their states in fp32
         return super()._instantiate_trainer(config, callbacks)
 
     def before_instantiate_classes(self) -> None:

@@ -51,6 +51,10 @@ def assert_trained(root: Path, done: subprocess.CompletedProcess) -> None:
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
 def test_bf16_fit_on_gpu(tiny_model_dir, tmp_path, precision):
     assert_trained(tmp_path, gpu_fit(tiny_model_dir, tmp_path, "--trainer.precision", precision))
+    from safetensors.torch import load_file
+
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert {t.dtype for t in adapter.values()} == {torch.float32}  # bf16-true too (rega.modules.precision)
 
 
 @pytest.mark.gpu
