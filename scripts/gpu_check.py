@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Every GPU check of the project in one command and one JSON file (about 5 minutes on one H200).
+"""Every GPU check of the project in one command and one JSON file (about 6 minutes on one H200; ``--budget-s``).
 
     python scripts/gpu_check.py --output gpu_check.json       # on a CUDA machine
     python scripts/gpu_check.py --dry-run --output dry.json   # anywhere: tiny fp32 shapes on CPU, seconds
@@ -10,6 +10,11 @@ token ids packed by the project's ``pack_rows``/``collate_rows``. A failing chec
 JSON and the next one runs; the file is rewritten after every check.
 
 * ``environment``: versions, GPU, kernels (torch varlen attention and its parameters, SDPA backends).
+* First what decides whether training is correct (``scripts/gpu_check_decisive.py``):
+  ``packed_{llama,bloom}_{fp32,bf16}`` and ``packed_llama_4bit`` (each packed example's loss and LoRA gradients
+  against the example alone, gradient checkpointing on, the backward on CUDA's autograd thread) and
+  ``exact_resume`` (REGADataModule; a run stopped after a checkpoint and resumed from it repeats the uninterrupted
+  losses; validation per domain). Each has ``ok``; the summary line lists the checks that are not (``wrong``).
 * ``attention``: packed attention at LLaMA-7B shape (32 heads x 128, L=2048, ~7 examples a row, 4 rows) and
   with grouped-query heads (8 KV heads): each path's error against an fp32 per-sequence reference, forward +
   backward ms per layer: ``varlen`` (torch's flash varlen kernel, what training runs on CUDA in bf16),
@@ -20,8 +25,9 @@ JSON and the next one runs; the file is rewritten after every check.
   checkpointing, 8 rows x 2048 tokens per step in micro-batches of 4: tokens/s, model FLOP/s, MFU against the
   dense bf16 peak (``--peak-tflops``: 989 for an H200 SXM), peak memory, loss and LoRA dtypes, the attention
   path that ran. ``extrapolation`` fits step time, FLOPs and memory linearly in the layer count and reads
-  them at LLaMA-7B's 32 layers. Then ``bf16-true``, ``generation`` (batched sampling with the KV cache),
-  ``qlora`` (if bitsandbytes imports) and ``fsdp2`` (one rank).
+  them at LLaMA-7B's 32 layers. Then ``bf16-true`` (the project's: LoRA weights stay fp32), ``generation``
+  (batched sampling with the KV cache), ``qlora`` (if bitsandbytes imports) and ``fsdp2`` (one rank). Steps are
+  timed with the batches' host counts made on the host, as REGADataModule makes them (no device sync in the step).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from gpu_check_decisive import PAD, build_tokenizer, exact_resume, packed_vs_alone  # noqa: E402
 
 FULL = dict(device="cuda", dtype="bfloat16", precision="bf16-mixed", rows=4, length=2048, examples=7,
             heads=32, head_dim=128, kv_heads=8, hidden=4096, mlp=11008, vocab=32000, layers=(4, 8),
@@ -50,7 +57,6 @@ DRY = dict(FULL, device="cpu", dtype="float32", precision="32-true", rows=2, len
            head_dim=16, kv_heads=2, hidden=64, mlp=128, vocab=512, layers=(1, 2), batch_rows=4, micro=2,
            steps=2, warmup=1, repeats=2, prompts=4, new_tokens=8)  # fmt: skip
 TARGET_LAYERS = 32  # LLaMA-7B
-PAD = 3  # the built tokenizer's <pad>
 
 
 class Report:
@@ -195,19 +201,6 @@ def attention(cfg: dict) -> dict:
 
 
 # --- a 7B-shaped model, its tokenizer, packed rows ------------------------------------------------------
-def build_tokenizer(vocab: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0-3
-    words = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(vocab - len(specials))])}
-    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-
-
 def model_dir(cfg: dict, layers: int, root: Path) -> Path:
     """A randomly initialised LLaMA of the configured shape with ``layers`` decoder layers, saved once."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -291,6 +284,13 @@ def counting_attention_paths():
             setattr(attention, attr, originals[key])
 
 
+def with_host_counts(batch: dict) -> dict:
+    """What REGADataModule adds before a batch moves to the device: without it the step counts on the device."""
+    from rega.datamodules.tokenized import host_counts
+
+    return {**batch, "host": host_counts(batch)}
+
+
 def fit(cfg: dict, root: Path, layers: int, precision: str, strategy, options: dict, dataset):
     """Train on every batch of ``dataset``; returns the module, the trainer, step times and last loss, and the
     number of calls of each attention path."""
@@ -300,6 +300,7 @@ def fit(cfg: dict, root: Path, layers: int, precision: str, strategy, options: d
     from rega.config import ModelConfig
     from rega.modules.lit_module import REGAModule
     from rega.modules.model import LoraSettings
+    from rega.modules.precision import frozen_half_precision
 
     class StepTimes(L.Callback):
         def __init__(self):
@@ -318,16 +319,17 @@ def fit(cfg: dict, root: Path, layers: int, precision: str, strategy, options: d
     module = REGAModule(model=ModelConfig(name_or_path=str(path), **options), lora=LoraSettings(),
                         micro_batch_size=cfg["micro"], adapter_dir=str(root / "adapter"))  # fmt: skip
     timer = StepTimes()
-    trainer = L.Trainer(
+    trainer = L.Trainer(**frozen_half_precision(dict(
         accelerator="gpu" if cfg["device"] == "cuda" else "cpu", devices=1, precision=precision,
         strategy=strategy or "auto", max_steps=len(dataset), logger=False, enable_checkpointing=False,
         enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer],
         default_root_dir=str(root),
-    )  # fmt: skip
+    )))  # fmt: skip
     if cfg["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    loader = DataLoader(dataset, batch_size=None, collate_fn=with_host_counts)
     with counting_attention_paths() as calls:
-        trainer.fit(module, train_dataloaders=DataLoader(dataset, batch_size=None))
+        trainer.fit(module, train_dataloaders=loader)
     return module, trainer, timer, dict(calls)
 
 
@@ -453,6 +455,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rega-gpu-check-") as tmp:
         root = Path(tmp)
         report.run("environment", environment, cfg["device"])
+        for arch in ("llama", "bloom"):
+            for bf16 in (False, True):
+                report.run(
+                    f"packed_{arch}_{'bf16' if bf16 else 'fp32'}", packed_vs_alone, cfg, root, arch, bf16
+                )
+        four_bit = dict(load_in_4bit=True, dtype="bfloat16")
+        report.run("packed_llama_4bit", packed_vs_alone, cfg, root, "llama", True, **four_bit)
+        report.run("exact_resume", exact_resume, cfg, root)
         report.run("attention", attention, cfg)
         runs = [
             report.run(f"train_{n}_layers", train, cfg, root, n, cfg["precision"], peak)
@@ -465,7 +475,14 @@ def main(argv: list[str] | None = None) -> int:
         report.run("qlora", qlora, cfg, root, small, peak)
         report.run("fsdp2", fsdp2, cfg, root, small, peak)  # last: it starts a process group
     failed = [k for k, v in report.data.items() if "error" in v]
-    print(json.dumps({"output": args.output, "seconds": report.data["meta"]["seconds"], "failed": failed}))
+    wrong = [k for k, v in report.data.items() if v.get("ok") is False]
+    summary = {
+        "output": args.output,
+        "seconds": report.data["meta"]["seconds"],
+        "failed": failed,
+        "wrong": wrong,
+    }
+    print(json.dumps(summary))
     return 0
 
 

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CHECKS = ["environment", "attention", "train_1_layers", "train_2_layers", "extrapolation", "train_bf16_true",
+PACKED = ["packed_llama_fp32", "packed_llama_bf16", "packed_bloom_fp32", "packed_bloom_bf16"]
+CHECKS = ["environment", *PACKED, "packed_llama_4bit", "exact_resume", "attention", "train_1_layers", "train_2_layers", "extrapolation", "train_bf16_true",
           "generation", "qlora", "fsdp2"]  # fmt: skip
 
 
@@ -28,6 +29,14 @@ def test_dry_run_writes_every_check(tmp_path):
     failed = {name: report[name]["error"] for name in CHECKS if "error" in report[name]}
     assert not failed
     assert report["qlora"]["skipped"] == "QLoRA needs CUDA"
+    assert report["packed_llama_4bit"]["skipped"] == "4-bit needs CUDA"
+    for name in PACKED:  # fp32 on CPU: the examples equal themselves alone, and a leak would stand far above
+        assert (
+            report[name]["ok"] and report[name]["leak_visible"] and report[name]["max_rel_grad_error"] < 1e-4
+        )
+    resume = report["exact_resume"]
+    assert resume["ok"] and resume["bitwise_equal"] and sorted(resume["losses_resumed"]) == ["4", "5", "6"]
+    assert {"val/loss_medical", "val/loss_legal"} <= resume["val_losses"].keys()
     assert {"torch", "transformers", "peft", "lightning"} <= report["environment"]["versions"].keys()
 
     for case in ("mha_llama7b", "gqa"):
@@ -43,7 +52,8 @@ def test_dry_run_writes_every_check(tmp_path):
         assert run["tokens_per_s"] > 0 and run["model_tflops_per_s"] > 0 and run["steps_timed"] > 0
         assert run["attention_calls"]["per_sequence"] > 0 and run["attention_calls"]["varlen"] == 0
         assert run["lora_dtype"] and run["loss_dtype"] and run["loss"] > 0
-    assert report["train_bf16_true"]["lora_dtype"] == "torch.bfloat16"
+    assert report["train_bf16_true"]["lora_dtype"] == "torch.float32"  # rega.modules.precision
+    assert report["train_bf16_true"]["base_weight_dtype"] == "torch.bfloat16"
     assert report["train_1_layers"]["lora_dtype"] == "torch.float32"
     assert report["fsdp2"]["strategy"] == "FSDP2Strategy" and report["fsdp2"]["fsdp2_sharded"]
     assert report["extrapolation"]["to_layers"] == 32 and report["extrapolation"]["step_seconds"] > 0
