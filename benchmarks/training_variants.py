@@ -220,7 +220,8 @@ def hf_parts(cfg: dict):
 
     from rega.data.chat import ChatFormat
     from rega.model_source import load_tokenizer
-    from rega.modules.model import LLAMA_PROJECTIONS, load_model
+    from rega.modules.architectures import LLAMA_PROJECTIONS
+    from rega.modules.model import load_model
 
     mc = model_config(cfg)
     tokenizer = load_tokenizer(mc)

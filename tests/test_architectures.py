@@ -27,6 +27,7 @@ from rega.data.chat import IGNORE_INDEX
 from rega.datamodules.tokenized import TokenizedExamples, collate_rows, pack_rows
 from rega.errors import ConfigError
 from rega.model_source import load_tokenizer
+from rega.modules.architectures import ARCHITECTURES
 from rega.modules.attention import (
     PackedLayout,
     per_sequence_packed,
@@ -42,23 +43,15 @@ ROW = 64
 
 
 def tiny_config(arch: str, tokenizer):
+    """The registry's tiny settings for ``arch``; ``gpt2`` stands for a family without a record."""
     import transformers
 
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer)}  # fmt: skip
-    rope = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "max_position_embeddings": 256, **ids}  # fmt: skip
-    if arch == "llama":
-        return transformers.LlamaConfig(**rope)
-    if arch == "mistral":
-        return transformers.MistralConfig(**rope, sliding_window=24)
-    if arch == "qwen2":
-        return transformers.Qwen2Config(**rope)
-    if arch == "bloom":
-        return transformers.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **ids)
     if arch == "gpt2":
         return transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **ids)
-    raise ValueError(arch)
+    record = ARCHITECTURES[arch]
+    return getattr(transformers, record.config_class)(**record.tiny, **ids)
 
 
 @pytest.fixture(scope="module")
@@ -138,11 +131,10 @@ def checkpointed_module(path: Path, attn: str, checkpointing: str) -> REGAModule
 
 
 CHECKPOINTING = ["off", "non-reentrant", "reentrant"]
-# BLOOM has no SDPA attention in transformers: it loads eager whatever is asked.
+# Every registered family, with every attention implementation its record lists.
 CASES = [
-    (a, attn, c) for a in ("llama", "mistral", "qwen2") for attn in ("sdpa", "eager") for c in CHECKPOINTING
+    (a, attn, c) for a, record in ARCHITECTURES.items() for attn in record.attention for c in CHECKPOINTING
 ]
-CASES += [("bloom", "eager", c) for c in CHECKPOINTING]
 
 
 @pytest.mark.parametrize(("arch", "attn", "checkpointing"), CASES, ids=["-".join(c) for c in CASES])
@@ -215,14 +207,21 @@ def adapted_modules(module) -> set[str]:
     }
 
 
-def test_lora_targets_follow_the_architecture(tiny_dirs):
-    expected = {
-        "bloom": {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"},
-        "qwen2": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
-    }
-    for arch in expected:
-        module = lora_module(tiny_dirs(arch))
-        assert adapted_modules(module) == expected[arch], arch
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_lora_targets_and_fused_inputs_follow_the_record(tiny_dirs, arch):
+    record = ARCHITECTURES[arch]
+    module = lora_module(tiny_dirs(arch))
+    assert adapted_modules(module) == set(record.lora_targets)
+    fused = set()  # the names of each module's children that share one fast-LoRA input group
+    for parent in module.model.modules():
+        for child in parent.children():
+            group = getattr(child, "_fast_group", None)
+            if group is not None:
+                fused.add(tuple(sorted(n for n, c in parent.named_children() if c in group.members)))
+    assert fused == {tuple(sorted(g)) for g in record.shared_inputs}
+
+
+def test_explicit_lora_targets_win(tiny_dirs):
     explicit = REGAModule(
         model=ModelConfig(name_or_path=str(tiny_dirs("llama"))), lora=LoraSettings(target_modules=["q_proj"])
     )

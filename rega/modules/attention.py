@@ -2,7 +2,7 @@
 
 A packed row holds several examples whose ``position_ids`` restart at 0; right padding continues the last
 example's positions (``collate_rows``). Each example must see only its own earlier tokens. How that is made
-true depends on the architecture (:data:`ARCHITECTURES`):
+true depends on the architecture's ``packing`` (:mod:`rega.modules.architectures`):
 
 * ``rope`` (LLaMA: Vicuna, SmolLM2; Mistral; Qwen2): attention goes through transformers' attention interface
   and the position ids carry the restart (rotary embeddings). Under ``sdpa`` the model is switched to
@@ -40,12 +40,12 @@ import torch
 import torch.nn.functional as F
 
 from rega.errors import ConfigError
+from rega.modules.architectures import ARCHITECTURES, architecture_of
 
 log = logging.getLogger(__name__)
 
 PACKED = "rega_packed_sdpa"  # the attention implementation name registered with transformers
 LAYOUT = "packed_layout"  # the keyword argument that carries a training row's layout to packed_attention
-ARCHITECTURES = {"llama": "rope", "mistral": "rope", "qwen2": "rope", "bloom": "alibi"}
 
 
 @dataclass
@@ -201,7 +201,8 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 # --- the two functions REGAModule calls ---------------------------------------------------------------------
 def architecture(model) -> str | None:
     """The packing contract of a transformers model: ``rope``, ``alibi`` or None (packed rows refused)."""
-    return ARCHITECTURES.get(getattr(model.config, "model_type", None))
+    record = architecture_of(model)
+    return record.packing if record else None
 
 
 def prepare_packed_attention(model, config) -> None:

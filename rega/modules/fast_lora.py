@@ -28,10 +28,8 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-# Projections of one module that read the same input tensor, by model type.
-SHARED_INPUTS = {
-    kind: (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")) for kind in ("llama", "mistral", "qwen2")
-}
+from rega.modules.architectures import architecture_of
+
 MASK_BITS = 16
 
 
@@ -127,12 +125,12 @@ class FastLoraLinear(LoraLinear):
 
 def speed_up_lora(model, enabled: bool = True):
     """Switch ``model``'s (a peft model's) plain LoRA linears to :class:`FastLoraLinear` and group those that read
-    the same input (:data:`SHARED_INPUTS`). Returns ``model``. ``enabled=False`` leaves it as it is."""
+    the same input (the architecture's ``shared_inputs``). Returns ``model``. ``enabled=False`` leaves it as it is."""
     if not enabled:
         return model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    model_type = getattr(base.config, "model_type", None)
-    groups = SHARED_INPUTS.get(model_type, ())
+    record = architecture_of(base)
+    groups = record.shared_inputs if record else ()
     for module in model.modules():
         children = dict(module.named_children())
         for child in children.values():

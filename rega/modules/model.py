@@ -13,15 +13,10 @@ import torch
 from rega.config import ModelConfig
 from rega.errors import ConfigError
 from rega.model_source import resolve_model_path
+from rega.modules.architectures import architecture_of
 
 log = logging.getLogger(__name__)
 
-LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-BLOOM_PROJECTIONS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
-# LoRA targets when the user sets none: every attention and MLP projection (the paper's setting). Other model
-# types get peft's "all-linear" (every linear layer but the LM head).
-LORA_TARGETS = {"llama": LLAMA_PROJECTIONS, "mistral": LLAMA_PROJECTIONS, "qwen2": LLAMA_PROJECTIONS,
-                "bloom": BLOOM_PROJECTIONS}  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -142,10 +137,12 @@ def add_lora(model, lora: LoraSettings, gradient_checkpointing: bool = False):
 
 
 def lora_target_modules(model, lora: LoraSettings) -> list[str] | str:
-    """The configured LoRA targets, else the architecture's (:data:`LORA_TARGETS`, or ``all-linear``)."""
+    """The configured LoRA targets, else the architecture's (every attention and MLP projection, the paper's
+    setting), else peft's ``all-linear`` (every linear layer but the LM head)."""
     if lora.target_modules:
         return list(lora.target_modules)
-    return list(LORA_TARGETS.get(getattr(model.config, "model_type", None), [])) or "all-linear"
+    record = architecture_of(model)
+    return list(record.lora_targets) if record else "all-linear"
 
 
 def decoder_layer_classes(model) -> tuple[type, ...]:
