@@ -13,6 +13,7 @@ import json
 import warnings
 from pathlib import Path
 
+import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
@@ -45,6 +46,13 @@ def shards_weights(strategy) -> bool:
 TRAINER_DEFAULTS = {
     "plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}]
 }
+# What every parse of a fit's configuration shares (run_lightning_cli, resolve_fit_config).
+CLI_SETTINGS = dict(
+    seed_everything_default=1234,
+    save_config_kwargs={"overwrite": True},
+    trainer_defaults=TRAINER_DEFAULTS,
+    parser_kwargs={"default_env": False},
+)
 
 
 class REGACLI(LightningCLI):
@@ -145,6 +153,31 @@ class REGACLI(LightningCLI):
         print("\n".join(lines))
 
 
+class _ParseOnly(REGACLI):
+    """Parses a fit's configuration as ``fit`` does and stops there: nothing is instantiated, nothing seeded."""
+
+    def _set_seed(self) -> None:  # Lightning's: it would seed this process's generators
+        pass
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def after_instantiate_classes(self) -> None:
+        pass
+
+
+def resolve_fit_config(config_files: list[str]) -> dict:
+    """The fit configuration that ``fit --config F ...`` would run, every default and file reference filled in,
+    as plain values (``model``, ``data``, ``trainer``, ...): what SDFT's rewrite and the merge read their base
+    model and domain data from, in this process."""
+    args = [arg for path in config_files for arg in ("--config", str(path))]
+    cli = _ParseOnly(REGAModule, REGADataModule, run=False, args=args, **CLI_SETTINGS)
+    return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+
+
 def run_lightning_cli(argv: list[str] | None) -> REGACLI:
     # REGAModule steps its optimizer in training_step, so a checkpoint after step k holds the weights after k
     # updates and global_step k: the consistent state to resume from, not the "pre-optimization state" Lightning
@@ -154,12 +187,4 @@ def run_lightning_cli(argv: list[str] | None) -> REGACLI:
     warnings.filterwarnings(
         "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
     )
-    return REGACLI(
-        REGAModule,
-        REGADataModule,
-        args=argv,
-        seed_everything_default=1234,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults=TRAINER_DEFAULTS,
-        parser_kwargs={"default_env": False},
-    )
+    return REGACLI(REGAModule, REGADataModule, args=argv, **CLI_SETTINGS)

@@ -153,7 +153,7 @@ def test_grid_stage_commands_for_rewrite_and_merge(tmp_path):
     grid = Grid(output=str(tmp_path), fit_configs=["base.yaml"], seeds=[3])
     sdft = GridRun("sdft", "sdft", configs=["extra.yaml"], rewrite={"sampling": {"max_new_tokens": 9}})
     command = rewrite_command(grid, sdft, 3, tmp_path / "rw")
-    assert command[1:3] == ["-m", "rega.distill.rewrite"] and command[-2:] == ["--seed", "3"]
+    assert command[1:3] == [str(REPO / "cli.py"), "rewrite"] and command[-2:] == ["--seed", "3"]
     settings = json.loads(command[command.index("--rewrite") + 1])
     assert settings["sampling"]["max_new_tokens"] == 9 and settings["source"] == []
     assert json.loads(command[command.index("--fit_configs") + 1]) == ["base.yaml", "extra.yaml"]

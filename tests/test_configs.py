@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from rega.cli import main
@@ -62,6 +63,21 @@ SOURCE_LISTS = sorted(p for p in CONFIGS.rglob("*.yaml") if is_source_list(p))
 def test_config_parses(path):
     printed = print_config(command_for(path))
     assert printed.strip()
+
+
+def test_a_fit_config_resolves_in_process_as_fit_prints_it():
+    """SDFT's rewrite and the merge read the base model and domain data through resolve_fit_config, in process:
+    the same values as `fit --print_config`, without a subprocess, a seed set or anything instantiated."""
+    from rega.lightning_cli import resolve_fit_config
+
+    files = [*BASE, str(CONFIGS / "experiment/cpu_en.yaml")]
+    printed = yaml.safe_load(print_config(["fit", *layers(*files), "--print_config"]))
+    state = torch.random.get_rng_state()
+    resolved = resolve_fit_config(files)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for section in ("model", "data", "trainer", "evaluation", "seed_everything"):
+        assert resolved[section] == printed[section], section
+    assert resolved["data"]["corpus"]["domains"] and resolved["model"]["model"]["name_or_path"] == "embedded"
 
 
 @pytest.mark.parametrize("path", SOURCE_LISTS, ids=lambda p: str(p.relative_to(CONFIGS)))

@@ -284,7 +284,7 @@ def sdft(inputs: CorpusInputs) -> list[Example]:
     if plain:
         raise ConfigError(
             f"strategy 'sdft' trains on rewritten domain data, but {len(plain)} domain records were not rewritten "
-            f"(e.g. {plain[0]!r}): run `python -m rega.distill.rewrite` and set data.corpus.domains to its "
+            f"(e.g. {plain[0]!r}): run `python cli.py rewrite` and set data.corpus.domains to its "
             "rewritten.jsonl (a grid run with `rewrite:` does both)"
         )
     return as_examples(inputs.domain_records, CENTRAL, inputs.prompts, DOMAIN)

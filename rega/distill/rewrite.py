@@ -15,21 +15,19 @@ joined back by id into ``output_dir/rewritten.jsonl`` — the domain records wit
 ``meta.rewrite`` saying which answer was kept and why — plus ``summary.json``. The ``sdft`` strategy trains on
 that file (``data.corpus.domains: [{path: .../rewritten.jsonl}]``; the grid sets it, see ``GridRun.rewrite``).
 
-    python -m rega.distill.rewrite --rewrite configs/grid/cpu_en_evidence_rewrite.yaml \
+    python cli.py rewrite --rewrite configs/grid/cpu_en_evidence_rewrite.yaml \
         --fit_configs '[configs/model/embedded.yaml, configs/experiment/cpu_en.yaml]' --output_dir runs/sdft
+
+(the command, which reads the fit configs, is :mod:`rega.experiments.rewrite`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-import yaml
 
 from rega.config import DataSource, DistillConfig, ModelConfig, SamplingConfig
 from rega.data.loaders import load_many
@@ -38,7 +36,6 @@ from rega.distill.runner import run_distillation
 from rega.errors import ConfigError
 from rega.eval.metrics import closed_spec, grade_closed, task_label_sets
 from rega.io import read_jsonl, write_json, write_jsonl
-from rega.paths import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +54,7 @@ class RewriteConfig:
 
     Args:
         source: the domain records (with reference answers); empty: the ``data.corpus.domains`` of the fit
-            configs given to :func:`rewrite_command`.
+            configs given to ``python cli.py rewrite``.
         only_domains: rewrite only these domains (empty: all).
         output_dir: folder for prompts.jsonl, distill/, rewritten.jsonl and summary.json.
         model: the base model that rewrites (empty name: the fit configs' model).
@@ -159,63 +156,4 @@ def run_rewrite(cfg: RewriteConfig) -> Path:
     return out / REWRITTEN
 
 
-def resolved_fit_config(fit_configs: list[str]) -> dict:
-    """The fit configs as LightningCLI resolves them (every default and file reference filled in)."""
-    args = [a for cfg in fit_configs for a in ("--config", cfg)]
-    done = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "cli.py"), "fit", *args, "--print_config"],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        raise ConfigError(
-            f"rewrite: cannot resolve the fit configs {fit_configs}: {done.stderr.strip()[-500:]}"
-        )
-    return yaml.safe_load(done.stdout)
-
-
-def from_fit_configs(cfg: RewriteConfig, fit_configs: list[str]) -> RewriteConfig:
-    """``cfg`` with its empty source and model taken from the fit configs' domain data and model."""
-    resolved = resolved_fit_config(fit_configs)
-    corpus = resolved["data"]["corpus"]
-    source = cfg.source or [DataSource(**s) for s in corpus["domains"]]
-    only = cfg.only_domains or list(corpus.get("only_domains") or [])
-    model = ModelConfig(**resolved["model"]["model"]) if cfg.model == ModelConfig() else cfg.model
-    return replace(cfg, source=source, only_domains=only, model=model)
-
-
-def rewrite_command(
-    rewrite: RewriteConfig,
-    fit_configs: list[str] | None = None,
-    seed: int | None = None,
-    output_dir: str | None = None,
-) -> None:
-    """Rewrite domain responses with the base model (SDFT) and write output_dir/rewritten.jsonl.
-
-    Args:
-        rewrite: the rewrite settings.
-        fit_configs: fit config files whose domain data and model are used where ``rewrite`` leaves them empty.
-        seed: the sampling seed (a grid sets it from its seed list).
-        output_dir: overrides ``rewrite.output_dir``.
-    """
-    cfg = rewrite
-    if fit_configs:
-        cfg = from_fit_configs(cfg, fit_configs)
-    if seed is not None:
-        cfg = replace(cfg, sampling=replace(cfg.sampling, seed=seed))
-    if output_dir:
-        cfg = replace(cfg, output_dir=output_dir)
-    if not cfg.source:
-        raise ConfigError("rewrite: no source: set rewrite.source or give fit_configs")
-    print(f"wrote {run_rewrite(cfg)}")
-
-
-__all__ = ["RewriteConfig", "join_rewrites", "rewrite_command", "run_rewrite"]
-
-if __name__ == "__main__":
-    from jsonargparse import CLI
-
-    from rega.logs import configure_logging
-
-    configure_logging()
-    CLI(rewrite_command, as_positional=False)
+__all__ = ["RewriteConfig", "join_rewrites", "run_rewrite"]

@@ -91,9 +91,9 @@ def merge_command(
         density: share of entries kept by TIES / DARE / magnitude pruning.
     """
     if model is None and fit_configs:
-        from rega.distill.rewrite import resolved_fit_config
+        from rega.lightning_cli import resolve_fit_config
 
-        model = ModelConfig(**resolved_fit_config(fit_configs)["model"]["model"])
+        model = ModelConfig(**resolve_fit_config(fit_configs)["model"]["model"])
     path = merge_adapters(model or ModelConfig(), adapters, output, combination_type, weights, density)
     print(json.dumps({"merged": str(path)}))
 

@@ -95,7 +95,7 @@ def rewrite_command(grid, run, seed: int | None, output: Path) -> list[str]:
     ]
     if seed is not None:
         args += ["--seed", str(seed)]
-    return module_command("rega.distill.rewrite", *args)
+    return cli_command("rewrite", *args)
 
 
 def merge_command(grid, spec, adapters: dict[str, str], output: Path) -> list[str]:
