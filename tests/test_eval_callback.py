@@ -15,6 +15,7 @@ from rega.callbacks import EvaluationCallback
 from rega.config import DataSource
 from rega.data.chat import ChatFormat
 from rega.data.prompts import RolePrompts
+from rega.datamodules import TrainingData
 from rega.model_source import load_tokenizer
 from rega.modules.model import LoraSettings, add_lora, load_model
 
@@ -49,14 +50,17 @@ class TinyModule(L.LightningModule):
 
 
 class TinyData(L.LightningDataModule):
-    """What the callback relies on: ``.prompts`` (set in setup) and ``.strategy``."""
+    """What the callback relies on: ``training_data()`` with the strategy and the prompts (set in setup)."""
 
     def __init__(self, central: str):
         super().__init__()
-        self.central, self.strategy, self.prompts = central, "rega", None
+        self.central, self.prompts = central, None
 
     def setup(self, stage: str) -> None:
         self.prompts = RolePrompts(central=self.central, roles={"medical": "You are a careful doctor."})
+
+    def training_data(self) -> TrainingData:
+        return TrainingData(strategy="rega", prompts=self.prompts)
 
     def train_dataloader(self):
         g = torch.Generator().manual_seed(0)

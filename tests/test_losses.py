@@ -50,7 +50,7 @@ def test_kl_to_base_is_the_kl_between_adapter_on_and_off_on_general_tokens(datam
         model=tiny_model_config, lora=LoraSettings(dropout=0.0), loss_terms={"kl_to_base": {}}
     )
     module.configure_model()
-    module.trainer = type("T", (), {"datamodule": datamodule})()  # token_selection reads the domain names
+    module.data = datamodule.training_data()  # what setup takes from the data module: the domain names
     data = datamodule.train_data
     batch = collate_rows(data, plan_batches(data.lengths.tolist(), "packed", 4, 192, seed=0)[0], pad_id=0)
     general = datamodule.domains.index("general")

@@ -47,6 +47,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from rega.data.prompts import CENTRAL
+from rega.datamodules import TrainingData, training_data
 from rega.distributed import broadcast_from_zero
 from rega.errors import ConfigError
 from rega.eval.judge import missing_key
@@ -92,7 +93,7 @@ class EvaluationCallback(Callback):
                 checkpoint after epoch 2); ``[]`` evaluates only at the end of training.
             at_fit_end: also evaluate when training ends, unless that step was just evaluated.
             rules: prompt rules (``central``, ``role``); ``None`` uses the strategy's inference rules
-                (``trainer.datamodule.strategy``), or ``central`` without one.
+                (the data module's strategy), or ``central`` without one.
             compare_base: measure general MC and drift of the base model (adapters disabled) once, and report
                 each evaluation's difference to it.
             output_dir: where eval files go; ``None`` uses ``<trainer.log_dir>/eval``.
@@ -116,6 +117,7 @@ class EvaluationCallback(Callback):
         self.output_dir = output_dir
         self._dir: Path | None = None
         self._data = None
+        self._training = TrainingData()  # the fit's data, taken in setup
         self._base: dict | None = None
         self._judge_client = None
         self._evaluated_steps: set[int] = set()
@@ -124,6 +126,7 @@ class EvaluationCallback(Callback):
     # ------------------------------------------------------------------------------------------ hooks
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._training = training_data(trainer)  # the data module is set up before the callbacks
         if stage != "fit":
             return
         if is_sharding(trainer.strategy):
@@ -163,7 +166,7 @@ class EvaluationCallback(Callback):
     def _rules(self, trainer: L.Trainer) -> list[str]:
         if self.rules:
             return self.rules
-        strategy = getattr(trainer.datamodule, "strategy", None) if trainer.datamodule is not None else None
+        strategy = self._training.strategy
         if not strategy:
             return [CENTRAL]
         from rega.data.strategies import get_strategy
@@ -171,11 +174,9 @@ class EvaluationCallback(Callback):
         return list(get_strategy(strategy).inference)
 
     def _prompts(self, trainer: L.Trainer):
-        prompts = getattr(trainer.datamodule, "prompts", None)
+        prompts = self._training.prompts
         if prompts is None:
-            raise RuntimeError(
-                "EvaluationCallback needs trainer.datamodule.prompts (RolePrompts, set in setup)"
-            )
+            raise RuntimeError("EvaluationCallback needs a data module with role prompts (REGADataModule)")
         return prompts
 
     def _base_reference(self, trainer: L.Trainer, lm, prompts, out_dir: Path) -> dict | None:

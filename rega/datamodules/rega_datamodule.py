@@ -31,6 +31,7 @@ from rega.data.loaders import load_many
 from rega.data.prompts import CENTRAL, RolePrompts
 from rega.data.records import GENERAL, Record
 from rega.data.strategies import DOMAIN, ROLE, Example, as_examples, get_strategy
+from rega.datamodules.contract import TrainingData
 from rega.datamodules.tokenized import (
     CACHE_VERSION,
     EMPTY_BATCH,
@@ -295,6 +296,13 @@ class REGADataModule(L.LightningDataModule):
         tokens = manifest["tokenized"]
         log.info("corpus %s: %d examples, %d tokens (%d truncated, %d dropped)",
                  self.strategy, tokens["examples"], tokens["tokens"], tokens["truncated"], tokens["dropped"])  # fmt: skip
+
+    def training_data(self) -> TrainingData:
+        """What the module, its loss terms and the evaluation callback need of this data (set up first)."""
+        return TrainingData(
+            domains=tuple(self.domains), strategy=self.strategy, prompts=self.prompts, batch_size=self.batch_size,
+            corpus_counts=self.manifest.get("counts", {}).get("by_kind"), tokenized=self.manifest.get("tokenized"),
+        )  # fmt: skip
 
     # --- exact resume ------------------------------------------------------------------------------------
     # Lightning checkpoints a data module's state_dict and restores it before training resumes. (Its own

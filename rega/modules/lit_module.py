@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from rega.config import ModelConfig
 from rega.data.chat import IGNORE_INDEX, ChatFormat
+from rega.datamodules.contract import TrainingData, training_data
 from rega.datamodules.tokenized import host_counts
 from rega.io import atomic_dir, write_json
 from rega.model_source import load_tokenizer
@@ -101,6 +102,7 @@ class REGAModule(L.LightningModule):
         self.adapter_dir = adapter_dir
         self.loss_terms = build_loss_terms(loss_terms)
         self.fast_lora = fast_lora
+        self.data = TrainingData()  # the fit's data, taken in setup
         self.compile_layers = compile_layers
         # Several forward/backward passes per optimizer step (see the module docstring).
         self.automatic_optimization = False
@@ -113,6 +115,9 @@ class REGAModule(L.LightningModule):
         self.strict_loading = False
         self._last_batch_end: float | None = None
         self._fit_start = 0.0
+
+    def setup(self, stage: str) -> None:
+        self.data = training_data(self.trainer)  # the data module is set up before the module
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -199,7 +204,7 @@ class REGAModule(L.LightningModule):
         if is_sharded(self.model) and self.micro_batch_size:
             stand_in = {key: value[:1] for key, value in batch.items()}
             stand_in["labels"] = torch.full_like(stand_in["labels"], IGNORE_INDEX)
-            full = math.ceil(max(rows, getattr(self.trainer.datamodule, "batch_size", rows)) / step)
+            full = math.ceil(max(rows, self.data.batch_size or rows) / step)
             micro += [stand_in] * (full - len(micro))
         return micro
 
@@ -247,10 +252,9 @@ class REGAModule(L.LightningModule):
                 self.log(f"val/loss_{name}", (loss_sum / count).float(), sync_dist=True)
 
     def _domain_names(self) -> list[str]:
-        datamodule = self.trainer.datamodule
-        if datamodule is None or not getattr(datamodule, "domains", None):
-            raise RuntimeError("REGAModule validation needs a data module with .domains (REGADataModule)")
-        return list(datamodule.domains)
+        if not self.data.domains:
+            raise RuntimeError("REGAModule validation needs a data module with domains (REGADataModule)")
+        return list(self.data.domains)
 
     # --- logging ------------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -309,15 +313,14 @@ class REGAModule(L.LightningModule):
 
     def write_summary(self, adapter: Path, log_dir: Path) -> None:
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
-        datamodule = self.trainer.datamodule
         summary = {
-            "strategy": getattr(datamodule, "strategy", None),
+            "strategy": self.data.strategy,
             "model": self.model_config.name_or_path,
             "epochs": self.trainer.current_epoch,
             "optimizer_steps": self.trainer.global_step,
             "seconds": round(time.perf_counter() - self._fit_start, 1),
-            "corpus": getattr(datamodule, "manifest", {}).get("counts", {}).get("by_kind"),
-            "tokenized": getattr(datamodule, "manifest", {}).get("tokenized"),
+            "corpus": self.data.corpus_counts,
+            "tokenized": self.data.tokenized,
             "metrics": metrics,
             "adapter": str(adapter),
             "log_dir": str(log_dir),

@@ -83,7 +83,11 @@ def token_selection(module, batch: dict[str, torch.Tensor], mask: torch.Tensor, 
     token_domain = batch["token_domain"][:, 1:][mask]
     if not domains:
         return torch.ones_like(token_domain, dtype=torch.bool)
-    names = list(module.trainer.datamodule.domains)
+    names = list(module.data.domains)
+    if not names:
+        raise RuntimeError(
+            f"a loss term restricted to domains {domains} needs a data module's domains (REGADataModule)"
+        )
     wanted = [names.index(d) for d in domains if d in names]
     return torch.isin(
         token_domain, torch.tensor(wanted, device=token_domain.device, dtype=token_domain.dtype)
