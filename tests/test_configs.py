@@ -1,5 +1,5 @@
 """Every YAML under configs/ parses with the command it belongs to (no model is loaded, nothing runs); configs are
-composed, not repeated; evaluation during training is one config key; the README's extension examples work."""
+composed, not repeated; evaluation during training is one config key; docs/extending.md's examples work."""
 
 from __future__ import annotations
 
@@ -248,7 +248,7 @@ def test_evaluation_under_fsdp_is_refused_before_anything_loads(capsys):
 
 
 def test_fsdp_after_the_experiment_switches_evaluation_off():
-    """The README's FSDP recipe: fsdp.yaml after the experiment overrides its evaluation with null."""
+    """docs/cluster.md's FSDP recipe: fsdp.yaml after the experiment overrides its evaluation with null."""
     argv = ["fit", *layers(str(CONFIGS / "model/vicuna_7b.yaml"), str(CONFIGS / "trainer/gpu.yaml"),
                            str(CONFIGS / "experiment/paper_en.yaml"), str(CONFIGS / "trainer/fsdp.yaml")),
             "--print_config"]  # fmt: skip
@@ -257,7 +257,7 @@ def test_fsdp_after_the_experiment_switches_evaluation_off():
     assert printed["trainer"]["strategy"]["class_path"] == "rega.modules.fsdp.FSDP2Strategy"
 
 
-# --------------------------------------------------------------------------------------- README: Extending
+# --------------------------------------------------------------------------------------- docs/extending.md
 
 PLUGIN = """
 import torch

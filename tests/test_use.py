@@ -196,7 +196,7 @@ def starts_like_reference(response: str, record) -> float:
 
 
 def test_predict_metric_from_a_plugin_module(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    """The README's metric example: a function, and one YAML line naming it."""
+    """docs/extending.md's metric example: a function, and one YAML line naming it."""
     (tmp_path / "my_metrics.py").write_text(METRIC_PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
     config = tmp_path / "predict.yaml"
