@@ -14,7 +14,7 @@ import importlib
 import os
 import sys
 
-from rega.logs import configure_logging
+from rega.logs import configure_logging, silence_third_party_noise
 
 # command -> "module:function"; each function's signature and docstring define its arguments.
 COMMANDS = {
@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in argv or os.environ.get("REGA_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     configure_logging()
+    silence_third_party_noise()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         if not argv:

@@ -9,7 +9,6 @@ the checkpoint callbacks.
 from __future__ import annotations
 
 import importlib
-import json
 import warnings
 from pathlib import Path
 
@@ -43,8 +42,11 @@ def shards_weights(strategy) -> bool:
 
 
 # Checkpoints written beside their target (rega.modules.checkpoint_io); a class path, so saved configs hold it.
+# Lightning's model summary is one row (the peft model) and a FLOPs column of zeros: REGAModule logs the
+# trainable and total parameters instead.
 TRAINER_DEFAULTS = {
-    "plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}]
+    "plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}],
+    "enable_model_summary": False,
 }
 # What every parse of a fit's configuration shares (run_lightning_cli, resolve_fit_config).
 CLI_SETTINGS = dict(
@@ -130,27 +132,27 @@ class REGACLI(LightningCLI):
             ensure_distilled(distill, processes=self.trainer.num_devices * self.trainer.num_nodes)
 
     def after_fit(self) -> None:
-        path = Path(self.trainer.log_dir or ".") / "summary.json"  # log_dir is a collective: every rank asks
-        if not self.trainer.is_global_zero:
-            return
-        if not path.exists():
-            return
-        summary = json.loads(path.read_text())
-        metrics = summary.get("metrics", {})
-        lines = [
-            "",
-            f"REGA run finished: strategy={summary['strategy']} model={summary['model']}",
-            f"  corpus: {summary.get('corpus')}",
-            f"  tokens: {summary.get('tokenized')}",
-            f"  {summary['optimizer_steps']} optimizer steps in {summary['seconds']} s"
-            # A metric the run did not log (no validation set) is left out, not shown as nan.
-            + "".join(
-                f"; {k}={metrics[k]:.4f}" for k in ("train/loss", "val/loss") if metrics.get(k) is not None
-            ),
-            f"  adapter: {summary['adapter']}",
-            f"  TensorBoard: tensorboard --logdir {Path(summary['log_dir']).parent}",
-        ]
-        print("\n".join(lines))
+        summary = getattr(self.model, "summary", None)  # set by the fit on rank 0
+        if self.trainer.is_global_zero and summary is not None:
+            print("\n".join(summary_lines(summary)))
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """What a finished fit prints: its strategy, data, steps, losses and where its outputs are."""
+    metrics = summary.get("metrics", {})
+    return [
+        "",
+        f"REGA run finished: strategy={summary['strategy']} model={summary['model']}",
+        f"  corpus: {summary.get('corpus')}",
+        f"  tokens: {summary.get('tokenized')}",
+        f"  {summary['optimizer_steps']} optimizer steps in {summary['seconds']} s"
+        # A metric the run did not log (no validation set) is left out, not shown as nan.
+        + "".join(
+            f"; {k}={metrics[k]:.4f}" for k in ("train/loss", "val/loss") if metrics.get(k) is not None
+        ),
+        f"  adapter: {summary['adapter']}",
+        f"  TensorBoard: tensorboard --logdir {Path(summary['log_dir']).parent}",
+    ]
 
 
 class _ParseOnly(REGACLI):

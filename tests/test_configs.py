@@ -323,6 +323,7 @@ def test_readme_strategy_and_loss_term_train_from_yaml_lines(readme_plugin, tiny
     summary = json.loads(next(root.rglob("summary.json")).read_text())
     assert summary["strategy"] == "rega_no_dg" and set(summary["corpus"]) == {"integrated", "domain"}
     assert summary["metrics"]["train/confidence_penalty"] < 0  # weight * sum p log p: a negative entropy
+    assert "REGA run finished: strategy=rega_no_dg" in capsys.readouterr().out  # the fit's summary, printed
 
 
 def test_a_missing_plugin_fails_in_one_line_even_for_print_config(monkeypatch, capsys):

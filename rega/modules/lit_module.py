@@ -103,6 +103,7 @@ class REGAModule(L.LightningModule):
         self.loss_terms = build_loss_terms(loss_terms)
         self.fast_lora = fast_lora
         self.data = TrainingData()  # the fit's data, taken in setup
+        self.summary: dict | None = None  # what the finished fit did (rank 0), also written to summary.json
         self.compile_layers = compile_layers
         # Several forward/backward passes per optimizer step (see the module docstring).
         self.automatic_optimization = False
@@ -260,6 +261,10 @@ class REGAModule(L.LightningModule):
     def on_train_start(self) -> None:
         self._fit_start = time.perf_counter()
         self._last_batch_end = None
+        if self.trainer.is_global_zero:
+            trainable, total = parameter_counts(self.model)
+            log.info("LoRA r=%d on %s: %s trainable of %s parameters (%.2f %%)", self.lora.r,
+                     self.model_config.name_or_path, f"{trainable:,}", f"{total:,}", 100 * trainable / total)  # fmt: skip
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Randomness as a function of the step alone: resuming from any checkpoint replays the same dropout,
@@ -327,6 +332,13 @@ class REGAModule(L.LightningModule):
         }
         write_json(log_dir / "summary.json", summary)
         log.info("summary: %s", json.dumps(summary))
+        self.summary = summary
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, all) parameters of ``model``; a sharded (FSDP2) weight counts whole, a 4-bit one as stored."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def response_logits(model, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
