@@ -140,3 +140,19 @@ def test_report_refuses_records_scored_on_different_drift_references(tmp_path):
     assert not (tmp_path / "out" / "results.md").exists()
     (runs / "rega" / "done.json").unlink()
     assert write_report(runs, tmp_path / "out")["statistics"] is True
+
+
+def test_report_lists_evaluations_that_skipped_invalid_rows(tmp_path):
+    runs = tmp_path / "runs"
+    for name, skipped in (("ft", {"n": 2, "first": ["tasks.jsonl:3: no output", "tasks.jsonl:7: no output"]}),
+                          ("zero_shot", {"n": 0, "first": []})):  # fmt: skip
+        result = fake_eval([1.0] * 4, ["yes"] * 4, [1, 0, 1, 0], [-2.0] * 4)
+        result.setdefault("meta", {})["skipped_invalid"] = skipped
+        write_json(
+            runs / name / "done.json", {"name": name, "strategy": name, "mix_ratio": None, "seed": None}
+        )
+        write_json(runs / name / "eval" / "eval.json", result)
+    write_report(runs, tmp_path / "out")
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "* ft: 2 invalid rows skipped in evaluation (first: tasks.jsonl:3: no output, tasks.jsonl:7" in md
+    assert "* zero_shot" not in md
