@@ -7,8 +7,8 @@ Same model (the embedded SmolLM2-135M-Instruct, fp32), same closed items (the fi
 * ``generate``: the plain path for the paper's metric: ``model.generate`` (greedy, ``--new-tokens`` tokens).
 * ``generate+ll``: the plain path for accuracy and option log-likelihood: ``generate``, then
   ``continuation_logprobs`` (options sharing one context pass), i.e. each prompt is prefilled twice.
-* ``one_pass``: :func:`rega.eval.closed_pass.closed_pass`: one prefill, options scored on a copy of the cache,
-  greedy decoding continued on it (same answers and scores as ``generate+ll``).
+* ``one_pass``: :func:`rega.eval.domain.closed_pass.closed_pass`: one prefill, options scored on a copy of the
+  cache, greedy decoding continued on it (same answers and scores as ``generate+ll``).
 * ``loglik``: options only (``closed_scoring: loglik``): one prefill and the options, nothing generated.
 * ``prefill``: the prompts' forward pass alone (same batches): its share of ``generate`` is where the time goes.
 
@@ -39,9 +39,9 @@ from benchmarks.common import repo_relative  # noqa: E402
 def closed_items(chat, tokenizer, system: str, counts: dict[str, int]):
     """(contexts, options per context, gold option) of the first dev items of each task."""
     from rega.config import DataSource
-    from rega.eval.domain import choice_candidates, load_task_records
-    from rega.eval.metrics import closed_spec
-    from rega.eval.retention import continuation_text
+    from rega.eval.domain.metrics import closed_spec
+    from rega.eval.domain.scoring import choice_candidates, load_task_records
+    from rega.eval.general.retention import continuation_text
 
     contexts, options, golds, lengths = [], [], [], {}
     for task, n in counts.items():
@@ -67,8 +67,8 @@ def closed_items(chat, tokenizer, system: str, counts: dict[str, int]):
 
 def variants(model, tokenizer, contexts, options, args):
     from rega.config import SamplingConfig
-    from rega.eval.closed_pass import closed_pass
-    from rega.eval.retention import continuation_logprobs
+    from rega.eval.domain.closed_pass import closed_pass
+    from rega.eval.general.retention import continuation_logprobs
     from rega.modules.generation import generate
 
     sampling = SamplingConfig(do_sample=False, temperature=1.0, top_p=1.0, max_new_tokens=args.new_tokens)

@@ -5,6 +5,9 @@ process group's timeout: NCCL aborts the job after it (Lightning's default: 30 m
 easily takes longer. Here the other ranks wait outside any collective instead: rank 0 sets a key in the process
 group's store when it is done, the others poll for it with no deadline of their own (if rank 0 dies, the store it
 serves goes with it and the poll fails), and only then do all ranks enter the collective, together.
+
+Work split across ranks: :func:`shard` gives each rank its share of the items, :func:`gather_rows` puts every
+rank's rows on every rank.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -60,3 +64,18 @@ def broadcast_from_zero(obj: Any) -> Any:
     box = [obj if rank == 0 else None]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def shard(items: Sequence, rank: int, world: int) -> list:
+    """This rank's strided share of ``items`` (every rank gets a near-equal share, order kept within it)."""
+    return list(items[rank::world])
+
+
+def gather_rows(rows: list) -> list:
+    """All ranks' rows on every rank (rank order); the rows themselves when not distributed."""
+    rank, world = dist_info()
+    if world == 1:
+        return rows
+    parts: list[Any] = [None] * world
+    torch.distributed.all_gather_object(parts, rows)
+    return [row for part in parts for row in part]

@@ -393,7 +393,7 @@ def marked_reply(content: str, attempt: int):
 @pytest.fixture
 def judged(tmp_path, monkeypatch, tiny_model_dir):
     """Evaluate general_en on two items with answers ``marker`` (no generation) against a loopback judge."""
-    from rega.eval import general_judged
+    from rega.eval.judged import general_set
 
     data = tmp_path / "shared" / "general_eval_en_dev"
     data.mkdir(parents=True)
@@ -408,7 +408,7 @@ def judged(tmp_path, monkeypatch, tiny_model_dir):
         def answers(model, tokenizer, chat, system, records, **kwargs):
             return [{"id": r.id, "category": "x", "answer": marker, "reference": ""} for r in records]
 
-        monkeypatch.setattr(general_judged, "generate_general_answers", answers)
+        monkeypatch.setattr(general_set, "generate_general_answers", answers)
         with FakeJudgeServer(key, marked_reply) as server:
             config = judge_yaml(tmp_path, server.base_url, **settings)
             outcome = run_cli(eval_args(tmp_path, tiny_model_dir, judge=config), capsys)

@@ -138,7 +138,7 @@ def test_experiment_files_start_with_their_command():
 
 
 def test_judge_configs_load():
-    from rega.eval.judge import load_judge_config
+    from rega.eval.judged.client import load_judge_config
 
     for path in CONFIGS.glob("eval/judge_*.yaml"):
         config = load_judge_config(path)

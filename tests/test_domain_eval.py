@@ -13,9 +13,9 @@ from rega.config import DataSource, ModelConfig
 from rega.data.chat import ChatFormat
 from rega.data.prompts import RolePrompts
 from rega.errors import ConfigError
-from rega.eval import domain as domain_mod
-from rega.eval.domain import choice_candidates, evaluate_domains, load_task_records, system_prompt
-from rega.eval.metrics import closed_spec
+from rega.eval.domain import scoring as domain_mod
+from rega.eval.domain.metrics import closed_spec
+from rega.eval.domain.scoring import choice_candidates, evaluate_domains, load_task_records, system_prompt
 from rega.eval.runner import evaluate_command
 from rega.eval.settings import EvalSettings
 from rega.model_source import load_tokenizer
@@ -356,8 +356,8 @@ def test_closed_pass_answers_and_options_equal_the_separate_paths(tiny):
     """One prefill per batch gives the same greedy tokens as model.generate and the same option log-likelihoods
     as continuation_logprobs, for prompts of different lengths batched together."""
     from rega.config import SamplingConfig
-    from rega.eval.closed_pass import closed_pass
-    from rega.eval.retention import continuation_logprobs
+    from rega.eval.domain.closed_pass import closed_pass
+    from rega.eval.general.retention import continuation_logprobs
     from rega.modules.generation import generate
 
     model, tokenizer, chat = tiny

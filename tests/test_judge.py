@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 
 from rega.data.records import Record
-from rega.eval import general_judged
-from rega.eval.judge import (
+from rega.eval.judged import general_set
+from rega.eval.judged.client import (
     JudgeClient,
     JudgeConfig,
     JudgeError,
     cache_key,
     load_judge_config,
 )
-from rega.eval.judge_http import parse_retry_after
-from rega.eval.ratings import first_error, missing_problem, parse_bracket_rating, summarize
+from rega.eval.judged.ratings import first_error, missing_problem, parse_bracket_rating, summarize
+from rega.eval.judged.transport import parse_retry_after
 
 REPO = Path(__file__).resolve().parent.parent
 KEY_ENV = "REGA_TEST_JUDGE_KEY"
@@ -388,7 +388,7 @@ def test_retry_after_beyond_the_budget_gives_up_without_waiting(judge_server, tm
 
 
 def test_progress_counts_ok_retried_and_missing(judge_server, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="rega.eval.judge")
+    caplog.set_level(logging.INFO, logger="rega.eval.judged.client")
     client = JudgeClient(make_config(judge_server, tmp_path, max_retries=1), sleep=RecordingSleep())
     client.complete_many([msgs("FAIL429ONCE x"), msgs("ALWAYS503 y"), msgs("plain z")])
     assert "judge judge-test: 3/3 done (ok 2, retried 2, missing 1)" in caplog.text
@@ -450,9 +450,9 @@ def _record(category: str, output: str = "", instruction: str = "为什么天空
 
 
 def test_belle_prompt_composition_and_tenfold_mapping(shared_data):
-    prompts = general_judged.load_belle_prompts(shared_data / "general_eval_zh_dev" / "eval_prompt.json")
+    prompts = general_set.load_belle_prompts(shared_data / "general_eval_zh_dev" / "eval_prompt.json")
     assert "open qa" in prompts and "closed qa" in prompts  # BELLE writes "open QA"; dev items "open qa"
-    with_ref = general_judged.build_prompt("belle", _record("open qa", "瑞利散射。"), "因为散射。", prompts)
+    with_ref = general_set.build_prompt("belle", _record("open qa", "瑞利散射。"), "因为散射。", prompts)
     assert with_ref == [
         {
             "role": "user",
@@ -460,23 +460,23 @@ def test_belle_prompt_composition_and_tenfold_mapping(shared_data):
             + " 为什么天空是蓝色的？ 标准回答:瑞利散射。  模型回答：' 因为散射。'。请针对模型回答给出得分，顺便给出理由：",
         }
     ]
-    no_ref = general_judged.build_prompt("belle", _record("brainstorming"), "想法", prompts)[0]["content"]
+    no_ref = general_set.build_prompt("belle", _record("brainstorming"), "想法", prompts)[0]["content"]
     assert no_ref.endswith(" 为什么天空是蓝色的？  模型回答： '想法'。请针对模型回答给出得分，顺便给出理由：")
-    assert general_judged.parse_score("belle", "得分: 0.8分。回答基本正确。") == (0.8, 8.0)
-    assert general_judged.parse_score("belle", "得分：1") == (1.0, 10.0)
-    assert general_judged.parse_score("belle", "回答很好。") == (None, None)
-    assert general_judged.parse_score("belle", "得分: 7") == (None, None)  # outside 0-1
+    assert general_set.parse_score("belle", "得分: 0.8分。回答基本正确。") == (0.8, 8.0)
+    assert general_set.parse_score("belle", "得分：1") == (1.0, 10.0)
+    assert general_set.parse_score("belle", "回答很好。") == (None, None)
+    assert general_set.parse_score("belle", "得分: 7") == (None, None)  # outside 0-1
 
 
 def test_cgev_prompt_uses_reference_only_when_present():
-    with_ref = general_judged.build_prompt("cgev_zh", _record("math", "答案是8。"), "8")[1]["content"]
+    with_ref = general_set.build_prompt("cgev_zh", _record("math", "答案是8。"), "8")[1]["content"]
     assert "[参考答案开始]\n答案是8。\n[参考答案结束]" in with_ref and "[[评分]]" in with_ref
-    without = general_judged.build_prompt("cgev_zh", _record("generation"), "一首诗")[1]["content"]
+    without = general_set.build_prompt("cgev_zh", _record("generation"), "一首诗")[1]["content"]
     assert "参考答案" not in without and "[AI助手的回答开始]\n一首诗\n[AI助手的回答结束]" in without
-    assert general_judged.parse_score("cgev_zh", "评分：[[0]]") == (0.0, 0.0)  # 0 is a valid CGev score
-    assert general_judged.parse_score("cgev_zh", "评分：[[10]]") == (10.0, 10.0)
-    assert general_judged.parse_score("cgev_zh", "评分：[[12]]") == (None, None)
-    en = general_judged.build_prompt("single_en", _record("vicuna", "ref", "Why?"), "Because.")
+    assert general_set.parse_score("cgev_zh", "评分：[[0]]") == (0.0, 0.0)  # 0 is a valid CGev score
+    assert general_set.parse_score("cgev_zh", "评分：[[10]]") == (10.0, 10.0)
+    assert general_set.parse_score("cgev_zh", "评分：[[12]]") == (None, None)
+    en = general_set.build_prompt("single_en", _record("vicuna", "ref", "Why?"), "Because.")
     assert en[0]["content"] == "You are a helpful assistant." and "[Question]\nWhy?\n\n" in en[1]["content"]
     assert "ref" not in en[1]["content"]
 
@@ -488,7 +488,7 @@ def test_score_items_macro_and_missing():
         {"category": "b", "score": 4.0},
         {"category": "b", "score": 6.0},
     ]
-    scores = general_judged.score_items(rows)
+    scores = general_set.score_items(rows)
     assert scores["overall"] == {"mean": 6.0, "n": 3, "missing": 1}
     assert scores["macro_mean"] == 6.5
     assert scores["per_category"]["a"] == {"mean": 8.0, "n": 1, "missing": 1}

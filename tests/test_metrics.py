@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rega.data.records import Record
-from rega.eval.metrics import (
+from rega.distributed import gather_rows, shard
+from rega.eval.domain.metrics import (
     LABEL,
     MC,
     ClosedSpec,
@@ -14,10 +15,8 @@ from rega.eval.metrics import (
     closed_spec,
     extract_choice,
     extract_label,
-    gather_rows,
     grade_closed,
     metric_value,
-    shard,
     task_label_sets,
     tokens,
     unigram_f1,

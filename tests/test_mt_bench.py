@@ -9,9 +9,9 @@ import pytest
 from test_judge import KEY_ENV, FakeJudgeServer, assert_secret_absent
 
 from rega.data.chat import ChatFormat
-from rega.eval import general_judged, mt_bench, mt_bench_answers
-from rega.eval.judge import JudgeClient, JudgeConfig
-from rega.eval.mt_bench_validate import validate_judge_pipeline
+from rega.eval.judged import general_set, mt_bench, mt_bench_answers
+from rega.eval.judged.client import JudgeClient, JudgeConfig
+from rega.eval.judged.mt_bench_validate import validate_judge_pipeline
 from rega.io import read_jsonl
 
 SYSTEM = "You are a careful assistant."
@@ -269,10 +269,10 @@ def test_general_zh_and_en_with_loopback_judge(tiny, shared_data, secret, tmp_pa
     data = shared_data / "general_eval_zh_dev" / "dev.jsonl"
     with FakeJudgeServer(secret, judge) as server:
         config = judge_config(server, tmp_path)
-        cgev = general_judged.run_general_zh(
+        cgev = general_set.run_general_zh(
             model, tokenizer, chat, SYSTEM, config, data, tmp_path / "zh", limit=3, max_new_tokens=4
         )
-        belle = general_judged.run_general_zh(
+        belle = general_set.run_general_zh(
             model,
             tokenizer,
             chat,
@@ -284,7 +284,7 @@ def test_general_zh_and_en_with_loopback_judge(tiny, shared_data, secret, tmp_pa
             max_new_tokens=4,
             prompt_style="belle",
         )
-        en = general_judged.run_general_en(
+        en = general_set.run_general_en(
             model,
             tokenizer,
             chat,
@@ -302,7 +302,7 @@ def test_general_zh_and_en_with_loopback_judge(tiny, shared_data, secret, tmp_pa
     assert sum(v["n"] for v in cgev["per_category"].values()) == 3
     rows = read_jsonl(belle["judgments_path"])
     assert all(r["raw_score"] == 0.7 and r["score"] == 7.0 for r in rows)
-    no_judge = general_judged.run_general_zh(
+    no_judge = general_set.run_general_zh(
         model, tokenizer, chat, SYSTEM, None, data, tmp_path / "nojudge", limit=2, max_new_tokens=4
     )
     assert no_judge["overall"] == {"mean": None, "n": 0, "missing": 2} and no_judge["judgments_path"] is None
@@ -315,7 +315,7 @@ def test_judge_client_can_be_shared(tiny, shared_data, secret, tmp_path):
     model, tokenizer, chat = tiny
     with FakeJudgeServer(secret) as server:
         client = JudgeClient(judge_config(server, tmp_path))
-        general_judged.run_general_zh(
+        general_set.run_general_zh(
             model,
             tokenizer,
             chat,

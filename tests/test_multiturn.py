@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import rega.eval.domain as domain_mod
+import rega.eval.domain.scoring as domain_mod
 from rega.config import DataSource
 from rega.data.chat import IGNORE_INDEX, ChatFormat
 from rega.data.corpus import CorpusConfig, build_corpus, summary_table
@@ -389,7 +389,7 @@ def test_distillation_answers_the_last_user_turn_after_the_history(tmp_path, tin
 def test_domain_evaluation_prompts_with_the_history_and_scores_the_last_answer(
     tmp_path, tiny_model_config, tokenizer, monkeypatch
 ):
-    from rega.eval.domain import evaluate_domains, load_task_records
+    from rega.eval.domain.scoring import evaluate_domains, load_task_records
     from rega.modules.model import load_model
 
     rows = [openai(7, turns=3, domain="finance", task="chat_fin")]

@@ -9,7 +9,7 @@ import pytest
 
 from rega.config import DataSource
 from rega.errors import UserError
-from rega.eval.domain import load_task_records
+from rega.eval.domain.scoring import load_task_records
 from rega.eval.items import domain_items, drift_items, mc_items, train_sibling, trivial_baselines
 from rega.experiments.report import write_report
 from rega.io import write_json

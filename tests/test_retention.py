@@ -12,8 +12,7 @@ from rega.data.chat import ChatFormat
 from rega.data.loaders import load_records
 from rega.data.prompts import RolePrompts
 from rega.errors import ConfigError
-from rega.eval.pipeline import base_reference, evaluate_model
-from rega.eval.retention import (
+from rega.eval.general.retention import (
     continuation_logprobs,
     continuation_text,
     drift_scores,
@@ -22,6 +21,7 @@ from rega.eval.retention import (
     pick_backend,
     resolve_mc_set,
 )
+from rega.eval.pipeline import base_reference, evaluate_model
 from rega.eval.settings import EvalSettings
 from rega.model_source import load_tokenizer
 from rega.modules.model import LoraSettings, add_lora, load_model

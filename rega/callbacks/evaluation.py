@@ -2,9 +2,9 @@
 optionally LLM-judged benchmarks (MT-Bench, the judged general sets).
 
 The callback only schedules and logs; the work is :func:`rega.eval.pipeline.evaluate_model`, which ``rega evaluate``
-also calls, and :func:`rega.eval.judged.run_judge_benchmarks`. It reads the model from the LightningModule (``.model``:
-the peft-wrapped causal LM, ``.tokenizer``, ``.chat``) and the prompts from the DataModule (``.prompts``: RolePrompts,
-``.strategy``: strategy name whose inference rules apply).
+also calls, and :func:`rega.eval.judged.benchmarks.run_judge_benchmarks`. It reads the model from the
+LightningModule (``.model``: the peft-wrapped causal LM, ``.tokenizer``, ``.chat``) and the prompts from the
+DataModule (``.prompts``: RolePrompts, ``.strategy``: strategy name whose inference rules apply).
 
 Files (rank 0), under ``output_dir`` (default ``<trainer.log_dir>/eval``):
 
@@ -50,8 +50,8 @@ from rega.data.prompts import CENTRAL
 from rega.datamodules import TrainingData, training_data
 from rega.distributed import broadcast_from_zero
 from rega.errors import ConfigError
-from rega.eval.judge import missing_key
-from rega.eval.judged import JudgeRequest, judge_problems, run_judge_benchmarks
+from rega.eval.judged.benchmarks import JudgeRequest, judge_problems, run_judge_benchmarks
+from rega.eval.judged.client import missing_key
 from rega.eval.pipeline import base_reference, evaluate_model
 from rega.eval.settings import EvalSettings
 from rega.eval.summary import samples_markdown, scalars
@@ -154,7 +154,7 @@ class EvaluationCallback(Callback):
 
     def _connect_judge(self):
         """The judge's client, or None (one log line) when its API key is not in the environment."""
-        from rega.eval.judge import JudgeClient, load_judge_config
+        from rega.eval.judged.client import JudgeClient, load_judge_config
 
         judge = load_judge_config(self.judge.config)
         why = missing_key(judge)
@@ -200,7 +200,7 @@ class EvaluationCallback(Callback):
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str, epoch: int) -> dict:
         """Run one evaluation now (all ranks), write its files and log it (rank 0); returns the result."""
-        from rega.eval.domain import settings_tasks
+        from rega.eval.domain.scoring import settings_tasks
 
         lm = (pl_module.model, pl_module.tokenizer, pl_module.chat)
         prompts = self._prompts(trainer)

@@ -6,7 +6,8 @@ For every domain record (x, y) the base model answers, under p_c, a rewrite prom
 the rewrite ỹ replaces y when it is usable, else y is kept (as SDFT keeps the original response when the
 distilled one is wrong):
 
-* closed task (choices/answer): the answer extracted from ỹ (:mod:`rega.eval.metrics` rules) must be the gold one;
+* closed task (choices/answer): the answer extracted from ỹ (:mod:`rega.eval.domain.metrics` rules) must be the
+  gold one;
 * free-form task: ỹ must pass the self-distillation quality gates (not empty, not degenerate).
 
 Generation is the self-distillation runner's (batched, restartable, sharded, quality gates): the rewrite prompts
@@ -34,7 +35,7 @@ from rega.data.loaders import load_many
 from rega.data.records import Record
 from rega.distill.runner import run_distillation
 from rega.errors import ConfigError
-from rega.eval.metrics import closed_spec, grade_closed, task_label_sets
+from rega.eval.domain.metrics import closed_spec, grade_closed, task_label_sets
 from rega.io import read_jsonl, write_json, write_jsonl
 
 log = logging.getLogger(__name__)

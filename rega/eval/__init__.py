@@ -1,1 +1,2 @@
-"""Evaluation: domain metrics, LLM judge, MT-Bench, Chinese/English general evaluation, judge-free retention."""
+"""Evaluation, one room per kind of measurement: ``domain`` (task accuracy and F1), ``general`` (judge-free
+multiple choice and drift), ``judged`` (LLM-judged MT-Bench and general sets). Here: the plumbing of one run."""

@@ -23,7 +23,7 @@ from dataclasses import replace
 from rega.config import DataSource
 from rega.data.loaders import load_records
 from rega.data.records import LETTERS, Record
-from rega.eval.metrics import MC, closed_spec, task_label_sets
+from rega.eval.domain.metrics import MC, closed_spec, task_label_sets
 from rega.paths import resolve_path
 
 log = logging.getLogger(__name__)

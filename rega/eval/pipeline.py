@@ -1,13 +1,13 @@
 """One evaluation of one model, as a plain function the training callback and the ``evaluate`` command both call.
 
 :func:`evaluate_model` runs its steps in order — plan (what to measure), domain evaluation under each prompt rule
-(:mod:`rega.eval.domain`), judge-free general scores: general multiple choice and drift (:mod:`rega.eval.retention`),
-aggregate, write — and returns one JSON-serialisable dict::
+(:mod:`rega.eval.domain.scoring`), judge-free general scores: general multiple choice and drift
+(:mod:`rega.eval.general.retention`), aggregate, write — and returns one JSON-serialisable dict::
 
     {"rules": {"central": {"overall", "task_mean", "domains": {domain: {"score", "tasks": {task: {...}}}}}, ...},
      "general_mc": {name: {"acc", "acc_norm", "n", "metric", "score", "backend", ["base", "delta"]}},
      "drift": {name: {"logprob_per_token", "ppl", "n_records", "n_tokens", "truncated", ["base", "delta"]}},
-     "judge": {...},            # only when the LLM-judge evaluations ran (rega.eval.judged)
+     "judge": {...},            # only when the LLM-judge evaluations ran (rega.eval.judged.benchmarks)
      "samples": [...],          # a few answers per (rule, task), for reading
      "meta": {...}}             # rules, prompts, settings, timings, files
 
@@ -31,9 +31,16 @@ from rega.data.prompts import CENTRAL, RolePrompts
 from rega.data.records import Record
 from rega.distributed import dist_info
 from rega.errors import ConfigError
-from rega.eval.domain import TaskData, check_rule, evaluate_domains, settings_tasks
+from rega.eval.domain.scoring import TaskData, check_rule, evaluate_domains, settings_tasks
+from rega.eval.general.retention import (
+    DEFAULT_MC,
+    MCSet,
+    base_model,
+    drift_scores,
+    general_mc_scores,
+    resolve_mc_set,
+)
 from rega.eval.items import item_results, trivial_baselines
-from rega.eval.retention import DEFAULT_MC, MCSet, base_model, drift_scores, general_mc_scores, resolve_mc_set
 from rega.eval.settings import EvalSettings
 from rega.io import write_jsonl
 

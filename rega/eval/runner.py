@@ -1,7 +1,7 @@
 """``rega evaluate``: evaluate the base model (zero-shot baseline) or a saved LoRA adapter standalone and write
 ``eval.json`` — the judge-free scores of :func:`rega.eval.pipeline.evaluate_model` and, optionally, LLM-judged
-benchmarks (:mod:`rega.eval.judged`). It also grades an existing answer file (``judge_answers``) and checks the
-MT-Bench judge pipeline against published judgments (``validate_judge``). See ``configs/eval/``.
+benchmarks (:mod:`rega.eval.judged.benchmarks`). It also grades an existing answer file (``judge_answers``) and
+checks the MT-Bench judge pipeline against published judgments (``validate_judge``). See ``configs/eval/``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from rega.data.prompts import PromptConfig, resolve_prompts
 from rega.data.records import GENERAL
 from rega.data.strategies import ROLE, get_strategy
 from rega.errors import ConfigError, EmptyDataError, JudgeError
-from rega.eval.domain import TaskData, check_rule, settings_tasks
-from rega.eval.judged import (
+from rega.eval.domain.scoring import TaskData, check_rule, settings_tasks
+from rega.eval.general.retention import resolve_mc_set
+from rega.eval.judged.benchmarks import (
     JUDGE_BENCHMARKS,
     JudgeRequest,
     judge_problems,
@@ -26,7 +27,6 @@ from rega.eval.judged import (
     run_judge_benchmarks,
 )
 from rega.eval.pipeline import base_reference, evaluate_model, mc_set_names
-from rega.eval.retention import resolve_mc_set
 from rega.eval.settings import EvalSettings
 from rega.eval.summary import judge_text, summary_text
 from rega.io import atomic_dir, check_output_dir, write_json
@@ -210,7 +210,7 @@ def grade_answers(options: CommandOptions, request: JudgeRequest, started: float
 
 def check_judge_pipeline(data_dir: str) -> None:
     """``validate_judge``: MT-Bench prompt building and rating parsing against published GPT-4 judgments."""
-    from rega.eval.mt_bench_validate import validate_judge_pipeline
+    from rega.eval.judged.mt_bench_validate import validate_judge_pipeline
 
     report = validate_judge_pipeline(data_dir)
     print(json.dumps(report, indent=2))

@@ -40,7 +40,8 @@ class EvalSettings:
             ``name:letters=PATH``) or ``lm_eval:<task>``; ``None`` picks two by the tasks' language (English:
             arc_easy, piqa; Chinese: ceval, cmmlu); ``[]`` skips them.
         general_mc_limit: first N items of each general multiple-choice set; ``None`` for all.
-        general_mc_backend: ``auto``, ``lm_eval`` (lm-evaluation-harness) or ``native`` (see rega.eval.retention).
+        general_mc_backend: ``auto``, ``lm_eval`` (lm-evaluation-harness) or ``native``
+            (see rega.eval.general.retention).
         drift: sources of reference responses whose log-likelihood under the model measures drift from the base
             model: held-out self-distilled base-model answers and general reference answers (records with output).
         drift_limit: first N records of each drift source; ``None`` for all.

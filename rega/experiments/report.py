@@ -31,7 +31,12 @@ import json
 import logging
 from pathlib import Path
 
-from rega.experiments.report_baselines import baseline_markdown, mark_below_majority, report_baselines
+from rega.experiments.report_baselines import (
+    baseline_markdown,
+    mark_below_majority,
+    report_baselines,
+    skipped_markdown,
+)
 from rega.experiments.report_plots import plot_matrices, plot_mix_ratio
 from rega.experiments.report_stats import (
     check_drift_references,
@@ -310,19 +315,6 @@ def markdown_report(groups: list[dict], rows: list[dict], columns: list[str], ba
                 [{"label": f"p_{p}", **dict(zip(domains, row))} for p, row in zip(prompts, grid)], domains, "prompt"
             ))  # fmt: skip
     return "\n".join(markdown) + "\n"
-
-
-def skipped_markdown(groups: list[dict]) -> list[str]:
-    """One line per run whose evaluation skipped invalid rows (``skip_invalid``): its scores are over fewer items."""
-    lines = []
-    for group in groups:
-        for seed, result in zip(group["seeds"], group["evals"]):
-            skipped = result.get("meta", {}).get("skipped_invalid") or {}
-            if skipped.get("n"):
-                run = group["name"] + (f" (seed {seed})" if seed is not None else "")
-                first = ", ".join(skipped.get("first", [])[:3])
-                lines.append(f"* {run}: {skipped['n']} invalid rows skipped in evaluation (first: {first})")
-    return ["", "Evaluations that skipped invalid rows (skip_invalid):", "", *lines] if lines else []
 
 
 def csv_text(rows: list[dict], columns: list[str]) -> str:

@@ -1,5 +1,6 @@
 """Trivial baselines in the report: majority-class and uniform-chance rates of every closed task, the marks on
-scores that do not beat the majority rate, and the predicted-label distributions (position bias).
+scores that do not beat the majority rate, the predicted-label distributions (position bias), and the
+evaluations whose scores rest on fewer items because they skipped invalid rows.
 
 The rates come from a run's eval.json (``baselines``, written by every evaluation since they were added); for an
 older run they are computed from the data its evaluation names (the tasks and per-task limit in its recorded
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 def recompute_baselines(result: dict) -> dict:
     """Baselines of the items an evaluation scored, from its recorded settings (older eval.json files)."""
     from rega.config import DataSource
-    from rega.eval.domain import load_task_records
+    from rega.eval.domain.scoring import load_task_records
     from rega.eval.items import trivial_baselines
 
     settings = result.get("meta", {}).get("settings", {})
@@ -98,3 +99,16 @@ def baseline_markdown(rows: list[dict], baselines: dict[str, dict]) -> list[str]
                 f"| {row['label']} | " + " | ".join(format_distribution(d.get(k, {})) for k in keys) + " |"
             )
     return lines
+
+
+def skipped_markdown(groups: list[dict]) -> list[str]:
+    """One line per run whose evaluation skipped invalid rows (``skip_invalid``): its scores are over fewer items."""
+    lines = []
+    for group in groups:
+        for seed, result in zip(group["seeds"], group["evals"]):
+            skipped = result.get("meta", {}).get("skipped_invalid") or {}
+            if skipped.get("n"):
+                run = group["name"] + (f" (seed {seed})" if seed is not None else "")
+                first = ", ".join(skipped.get("first", [])[:3])
+                lines.append(f"* {run}: {skipped['n']} invalid rows skipped in evaluation (first: {first})")
+    return ["", "Evaluations that skipped invalid rows (skip_invalid):", "", *lines] if lines else []

@@ -40,7 +40,7 @@ from rega.distill.shards import (
     seal_leftovers,
 )
 from rega.errors import ConfigError, EmptyDataError
-from rega.eval.domain import check_rule, prompt_key
+from rega.eval.domain.scoring import check_rule, prompt_key
 from rega.io import file_sha256, stable_hash, write_json, write_jsonl
 from rega.modules.export import ADAPTER_WEIGHTS, check_adapter
 from rega.modules.generation import generate_batch, length_sorted_batches

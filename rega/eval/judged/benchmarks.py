@@ -1,9 +1,10 @@
-"""LLM-judged benchmarks next to the judge-free scores: MT-Bench (:mod:`rega.eval.mt_bench`) and the judged general
-sets (:mod:`rega.eval.general_judged`), run by ``rega evaluate`` and, optionally, by the training callback.
+"""LLM-judged benchmarks next to the judge-free scores: MT-Bench (:mod:`rega.eval.judged.mt_bench`) and the judged
+general sets (:mod:`rega.eval.judged.general_set`), run by ``rega evaluate`` and, optionally, by the training
+callback.
 
 Each benchmark writes its answers, its judgments (when judged) and ``scores.json`` under its own folder through
 :func:`write_judged_run`. The judge's API key comes only from the environment variable its config names
-(:class:`rega.eval.judge.JudgeConfig`); it is never written anywhere.
+(:class:`rega.eval.judged.client.JudgeConfig`); it is never written anywhere.
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rega.errors import ConfigError, JudgeError
-from rega.eval.ratings import first_error, missing_problem
+from rega.eval.judged.ratings import first_error, missing_problem
 from rega.io import write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
 JUDGE_BENCHMARKS = {
-    "mt_bench": ("rega.eval.mt_bench", "run_mt_bench"),
-    "general_zh": ("rega.eval.general_judged", "run_general_zh"),
-    "general_en": ("rega.eval.general_judged", "run_general_en"),
+    "mt_bench": ("rega.eval.judged.mt_bench", "run_mt_bench"),
+    "general_zh": ("rega.eval.judged.general_set", "run_general_zh"),
+    "general_en": ("rega.eval.judged.general_set", "run_general_en"),
 }
 
 
@@ -60,7 +61,7 @@ def prepare_judge(request: JudgeRequest):
     so a missing key or a missing ``openai`` package fails at once."""
     if not (request.benchmarks and request.config):
         return None, None
-    from rega.eval.judge import JudgeClient, load_judge_config
+    from rega.eval.judged.client import JudgeClient, load_judge_config
 
     judge = load_judge_config(request.config)
     return judge, JudgeClient(judge)

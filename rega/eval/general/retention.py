@@ -8,8 +8,8 @@ Both run offline in minutes and sit next to the judge scores, so forgetting is v
   highest summed log-probability, ``acc_norm`` divides it by the option's length in characters (lm-eval's
   definitions). C-Eval and CMMLU list lettered options and score the letters. Two backends score identical
   strings: ``lm_eval`` (lm-evaluation-harness ``simple_evaluate`` on task YAMLs generated from
-  ``rega/eval/lm_eval_tasks/*.yaml``; with it ``lm_eval:<task>`` names run the harness's stock tasks, which needs
-  the dataset hub) and ``native`` (this module's batched scorer). ``auto`` takes lm_eval for single-process runs of
+  ``rega/eval/general/lm_eval_tasks/*.yaml``; with it ``lm_eval:<task>`` names run the harness's stock tasks, which
+  needs the dataset hub) and ``native`` (this module's batched scorer). ``auto`` takes lm_eval for single-process runs of
   a model whose tokenizer has a chat template with a system slot, and ``native`` otherwise: under DDP (lm-eval
   forgoes distribution for an in-memory model, while the native scorer shards items across ranks) and for named
   templates such as Vicuna's that lm-eval cannot render.
@@ -35,14 +35,14 @@ import yaml
 
 from rega.data.chat import IGNORE_INDEX, ChatFormat
 from rega.data.records import Record
-from rega.distributed import broadcast_from_zero, dist_info
+from rega.distributed import broadcast_from_zero, dist_info, gather_rows, shard
 from rega.errors import ConfigError
-from rega.eval.loglik import (  # noqa: F401  (re-exported: callers import them from here)
+from rega.eval.domain.metrics import WeightedMean, metric_value
+from rega.eval.general.loglik import (  # noqa: F401  (re-exported: callers import them from here)
     continuation_logprobs,
     continuation_text,
     score_on_cache,
 )
-from rega.eval.metrics import WeightedMean, gather_rows, metric_value, shard
 from rega.io import read_jsonl
 from rega.paths import resolve_path, shared_data_dir
 

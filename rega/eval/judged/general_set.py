@@ -38,9 +38,9 @@ from rega.config import DataSource
 from rega.data.loaders import load_records
 from rega.data.records import Record
 from rega.errors import ConfigError, EmptyDataError
-from rega.eval.judge import JudgeClient, JudgeConfig
-from rega.eval.judged import write_judged_run
-from rega.eval.ratings import chat_messages, parse_bracket_rating, summarize
+from rega.eval.judged.benchmarks import write_judged_run
+from rega.eval.judged.client import JudgeClient, JudgeConfig
+from rega.eval.judged.ratings import chat_messages, parse_bracket_rating, summarize
 from rega.io import read_jsonl, write_jsonl
 from rega.paths import resolve_path
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from rega.errors import ConfigError, JudgeError
-from rega.eval.judge_http import (
+from rega.eval.judged.transport import (
     FATAL_STATUS,
     RETRY_STATUS,
     RequestFailed,

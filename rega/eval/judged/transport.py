@@ -1,5 +1,5 @@
-"""The judge's transport, below :class:`rega.eval.judge.JudgeClient`: the ``openai`` client (no proxy for a
-loopback judge, no retries of its own), which HTTP statuses stop the run, are retried or fail one request, the
+"""The judge's transport, below :class:`rega.eval.judged.client.JudgeClient`: the ``openai`` client (no proxy for
+a loopback judge, no retries of its own), which HTTP statuses stop the run, are retried or fail one request, the
 ``Retry-After`` header, and one-line summaries of error bodies (an HTML page by its title)."""
 
 from __future__ import annotations

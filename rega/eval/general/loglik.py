@@ -1,5 +1,5 @@
 """Log-likelihood of continuations given contexts, batched: the scorer behind general multiple choice, drift and
-closed-question options (:mod:`rega.eval.retention`, :mod:`rega.eval.closed_pass`).
+closed-question options (:mod:`rega.eval.general.retention`, :mod:`rega.eval.domain.closed_pass`).
 
 Contexts are left-padded (positions restart after the padding) so every row's continuation ends at the same
 column and only the continuation's logits are materialised; options that share a context run on its KV cache.

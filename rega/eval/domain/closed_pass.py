@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import torch
 
-from rega.eval.loglik import first_logprobs
+from rega.eval.general.loglik import first_logprobs
 from rega.eval.progress import Progress
 from rega.modules.generation import (
     GREEDY,

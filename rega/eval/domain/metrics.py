@@ -1,4 +1,4 @@
-"""Domain metrics: answer extraction for closed tasks, unigram F1 for free-form tasks, and rank-aware helpers.
+"""Domain metrics: answer extraction for closed tasks, unigram F1 for free-form tasks, and a rank-aware mean.
 
 Everything here is a pure function or :class:`WeightedMean`, a :class:`torchmetrics.Metric` whose states are sums
 (``dist_reduce_fx="sum"``), so the states of metrics updated on different ranks add up to the metric of the union
@@ -48,7 +48,6 @@ import torch
 from torchmetrics import Metric
 
 from rega.data.records import LETTERS, Record
-from rega.distributed import dist_info
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -269,21 +268,3 @@ def metric_value(metric: Metric) -> float | None:
         warnings.simplefilter("ignore")  # "compute called before update" on a rank that saw no items
         value = float(metric.compute())
     return None if value != value else value
-
-
-# --------------------------------------------------------------------------------------------- ranks
-
-
-def shard(items: Sequence, rank: int, world: int) -> list:
-    """This rank's strided share of ``items`` (every rank gets a near-equal share, order kept within it)."""
-    return list(items[rank::world])
-
-
-def gather_rows(rows: list) -> list:
-    """All ranks' rows on every rank (rank order); the rows themselves when not distributed."""
-    rank, world = dist_info()
-    if world == 1:
-        return rows
-    parts: list[Any] = [None] * world
-    torch.distributed.all_gather_object(parts, rows)
-    return [row for part in parts for row in part]

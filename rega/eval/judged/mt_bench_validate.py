@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from rega.eval.mt_bench import (
+from rega.eval.judged.mt_bench import (
     answer_turns,
     build_judge_prompt,
     load_judge_prompts,

@@ -1,5 +1,6 @@
 """Domain evaluation: greedy batched answers to each task's test (or dev) records under a prompt rule, scored by
-accuracy (closed tasks, after answer extraction) or unigram F1 (free-form tasks); see :mod:`rega.eval.metrics`.
+accuracy (closed tasks, after answer extraction) or unigram F1 (free-form tasks); see
+:mod:`rega.eval.domain.metrics`.
 
 Prompt rules (a strategy's ``inference`` tuple): ``central`` answers every input under p_c, ``role`` under the
 input's domain prompt p_i (FTRP, REGA_r). Scores: per task, per domain (mean of its task scores) and ``overall``
@@ -27,24 +28,22 @@ from rega.data.loaders import load_records
 from rega.data.prompts import CENTRAL, RolePrompts
 from rega.data.records import GENERAL, LETTERS, Record
 from rega.data.strategies import ROLE
+from rega.distributed import dist_info, gather_rows, shard
 from rega.errors import ConfigError
-from rega.eval.closed_pass import closed_pass
-from rega.eval.items import option_label
-from rega.eval.loglik import continuation_text
-from rega.eval.metrics import (
+from rega.eval.domain.closed_pass import closed_pass
+from rega.eval.domain.metrics import (
     LABEL,
     ClosedSpec,
     WeightedMean,
     closed_spec,
-    dist_info,
     extract_answer,
-    gather_rows,
     grade_closed,
     metric_value,
-    shard,
     task_label_sets,
     unigram_f1,
 )
+from rega.eval.general.loglik import continuation_text
+from rega.eval.items import option_label
 from rega.eval.progress import Progress
 from rega.eval.settings import EvalSettings
 from rega.modules.generation import generate
@@ -206,7 +205,7 @@ def _pick(scores, gold: int, spec: ClosedSpec, norm: str) -> tuple:
 
 def _closed_with_options(model, tokenizer, chat, items, specs, prompt_ids, settings: EvalSettings):
     """(greedy answers or None, option picks) of closed items, from one prefill per distinct prompt
-    (:func:`rega.eval.closed_pass.closed_pass`)."""
+    (:func:`rega.eval.domain.closed_pass.closed_pass`)."""
     options, golds = _option_ids(tokenizer, chat, items, specs)
     distinct, where = _distinct(prompt_ids)
     first = {w: n for n, w in reversed(list(enumerate(where)))}

@@ -8,7 +8,7 @@ and pass the question file's path. In this project they are at ``shared:mt_bench
 
 What follows FastChat exactly (``fastchat/llm_judge/gen_model_answer.py``, ``common.py``, ``show_result.py``):
 
-* answers (:mod:`rega.eval.mt_bench_answers`): per-category temperature (temperature 0 means greedy), the
+* answers (:mod:`rega.eval.judged.mt_bench_answers`): per-category temperature (temperature 0 means greedy), the
   second turn is generated with the model's own first answer in the conversation, answers saved in FastChat's
   ``model_answer`` JSONL format (``question_id, answer_id, model_id, choices[{index, turns}], tstamp``);
 * grading: single-answer prompts ``single-v1`` / ``single-v1-multi-turn``, and the reference-guided
@@ -20,8 +20,8 @@ Two deliberate differences: an unparsable rating is stored as ``"score": null`` 
 out of every mean and counted as missing; and the conversation is rendered with the evaluated model's own chat
 template (with the evaluation's system prompt: p_c or a role prompt) instead of FastChat's conversation table.
 
-:func:`rega.eval.mt_bench_validate.validate_judge_pipeline` checks the prompt building and rating parsing against
-published GPT-4 judgments (``rega evaluate --validate_judge shared:mt_bench``); ``rega evaluate --judge [mt_bench]
+:func:`rega.eval.judged.mt_bench_validate.validate_judge_pipeline` checks the prompt building and rating parsing
+against published GPT-4 judgments (``rega evaluate --validate_judge shared:mt_bench``); ``rega evaluate --judge [mt_bench]
 --judge_config JUDGE.yaml --judge_answers ANSWERS.jsonl`` grades an existing FastChat answer file.
 """
 
@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rega.errors import ConfigError, EmptyDataError
-from rega.eval.judge import JudgeClient, JudgeConfig
-from rega.eval.judged import write_judged_run
-from rega.eval.ratings import chat_messages, parse_bracket_rating, summarize
+from rega.eval.judged.benchmarks import write_judged_run
+from rega.eval.judged.client import JudgeClient, JudgeConfig
+from rega.eval.judged.ratings import chat_messages, parse_bracket_rating, summarize
 from rega.io import read_jsonl, write_jsonl
 from rega.paths import resolve_path
 
@@ -298,7 +298,7 @@ def _answers(lm, system_prompt: str, questions, answers_path: Path, reuse: bool,
         answers = load_model_answers(answers_path)
         log.info("MT-Bench: re-using %d answers from %s", len(answers), answers_path)
         return answers
-    from rega.eval.mt_bench_answers import generate_answers
+    from rega.eval.judged.mt_bench_answers import generate_answers
 
     rows = generate_answers(*lm, system_prompt, questions, **generation)
     write_jsonl(answers_path, rows)
