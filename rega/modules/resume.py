@@ -61,32 +61,33 @@ def _not_readable(path: Path, problem: str) -> ConfigError:
 
 
 def _load(path: Path) -> Any:
-    # Never torch's own message: it advises weights_only=False, which must not be tried on a file of unknown origin.
+    # Never torch's own message (nor chained under ours): it advises weights_only=False, which must not be tried on
+    # a file of unknown origin.
     with open(path, "rb") as handle:
         head = handle.read(4)
     if not head:
-        return _not_readable(path, "the file is empty (a save that never finished?)")
+        raise _not_readable(path, "the file is empty (a save that never finished?)")
     if head.startswith(b"PK") and not zipfile.is_zipfile(path):
-        return _not_readable(path, "truncated or damaged (its zip index is missing): copy it again or resume "
+        raise _not_readable(path, "truncated or damaged (its zip index is missing): copy it again or resume "
                                    "from an earlier checkpoint")  # fmt: skip
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError:
         what = "holds objects" if head.startswith(b"PK") else "is not a PyTorch file, or holds objects"
-        return _not_readable(path, f"{what} that a Lightning checkpoint does not (made by another program?)")
+        raise _not_readable(
+            path, f"{what} that a Lightning checkpoint does not (made by another program?)"
+        ) from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError) as err:
         kind = (
             "a zip archive but not a PyTorch checkpoint" if zipfile.is_zipfile(path) else "not a checkpoint"
         )
-        return _not_readable(path, f"{kind}, or damaged ({type(err).__name__} while reading it)")
+        raise _not_readable(path, f"{kind}, or damaged ({type(err).__name__} while reading it)") from None
 
 
 def read_checkpoint(path: str | Path) -> dict:
     """The Lightning checkpoint at ``path`` (loaded with ``weights_only``), or a ConfigError in one line."""
     path = Path(path)
     loaded = _load(path)
-    if isinstance(loaded, ConfigError):
-        raise loaded
     if not isinstance(loaded, dict) or "state_dict" not in loaded or "global_step" not in loaded:
         held = f"a {type(loaded).__name__}" if not isinstance(loaded, dict) else f"keys {sorted(loaded)[:5]}"
         raise _not_readable(path, f"a PyTorch file made by another program (it holds {held}), not a Lightning "
