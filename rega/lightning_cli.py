@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 from rega.callbacks import EvaluationCallback
 from rega.callbacks.evaluation import is_sharding
 from rega.callbacks.preemption import PreemptionCallback, resume_requeued, without_slurm_requeue
+from rega.config import DEFAULT_SEED
 from rega.datamodules import REGADataModule
 from rega.distill.runner import ensure_distilled
 from rega.errors import ConfigError
@@ -50,7 +51,7 @@ TRAINER_DEFAULTS = {
 }
 # What every parse of a fit's configuration shares (run_lightning_cli, resolve_fit_config).
 CLI_SETTINGS = dict(
-    seed_everything_default=1234,
+    seed_everything_default=DEFAULT_SEED,
     save_config_kwargs={"overwrite": True},
     trainer_defaults=TRAINER_DEFAULTS,
     parser_kwargs={"default_env": False},
@@ -61,6 +62,10 @@ class REGACLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # One model config drives both the network and the chat rendering of the data.
         parser.link_arguments("model.model", "data.model")
+        # One seed per fit: the LoRA init (Lightning seeds with it), the dropout masks, the batch order and, unless
+        # data.corpus.seed pins it, the corpus draw. Saved configs keep seed_everything only.
+        for target in ("model.seed", "data.seed"):
+            parser.link_arguments("seed_everything", target, compute_fn=fit_seed)
         # Subclass mode makes the key optional (None: no callback); a plain dict of its fields is accepted too.
         parser.add_lightning_class_args(EvaluationCallback, "evaluation", subclass_mode=True, required=False)
         parser.add_argument(
@@ -77,7 +82,7 @@ class REGACLI(LightningCLI):
             return
         taken = settings_to_take(str(config.ckpt_path), asked_settings(config), config.resume_settings)
         if taken:
-            self.config = self.parser.parse_object({subcommand: taken}, self.config)
+            self.config = self.parser.parse_object({subcommand: through_seed_link(taken)}, self.config)
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
@@ -135,6 +140,23 @@ class REGACLI(LightningCLI):
         summary = getattr(self.model, "summary", None)  # set by the fit on rank 0
         if self.trainer.is_global_zero and summary is not None:
             print("\n".join(summary_lines(summary)))
+
+
+def fit_seed(value) -> int:
+    """``seed_everything`` as the seed of the module and the data: an integer (true/false, Lightning's "draw one at
+    random" and "do not seed", would leave the run's masks and order unrecorded)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"seed_everything must be an integer (it seeds the whole fit), got {value!r}")
+    return value
+
+
+def through_seed_link(settings: dict) -> dict:
+    """A checkpoint's settings to parse over a config: its seeds through ``seed_everything``, which they are linked
+    from (a checkpoint of an older release may record two; the module's wins)."""
+    settings = {key: dict(value) for key, value in settings.items()}
+    seeds = [section.pop("seed", None) for section in (settings.get("model", {}), settings.get("data", {}))]
+    seed = next((s for s in seeds if s is not None), None)
+    return {**settings, "seed_everything": seed} if seed is not None else settings
 
 
 def summary_lines(summary: dict) -> list[str]:

@@ -138,10 +138,7 @@ def test_grid_runs_every_run_once_per_seed_with_one_seed_for_everything(tmp_path
     assert run_dir(grid, grid.runs[1], 12) == tmp_path / "ftsd" / "seed_12"
     command = " ".join(fit_command(grid, grid.runs[1], run_dir(grid, grid.runs[1], 12), 12))
     for flag in (
-        "--seed_everything 12",
-        "--model.seed 12",
-        "--data.seed 12",
-        "--data.corpus.seed 12",
+        "--seed_everything 12",  # linked to the module's, the data's and the corpus draw's seeds
         "--data.distill.sampling.seed 12",
         f"--data.distill.output_dir {tmp_path / 'distill' / 'seed_12'}",
     ):

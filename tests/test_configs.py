@@ -80,6 +80,27 @@ def test_a_fit_config_resolves_in_process_as_fit_prints_it():
     assert resolved["data"]["corpus"]["domains"] and resolved["model"]["model"]["name_or_path"] == "embedded"
 
 
+def test_one_seed_seeds_the_whole_fit(capsys):
+    """seed_everything is the fit's one seed: linked to the module's and the data's, which the corpus draw takes
+    unless data.corpus.seed pins it; the linked keys cannot be set apart, and a boolean is refused."""
+    from rega.data.corpus import CorpusConfig
+    from rega.datamodules import REGADataModule
+    from rega.lightning_cli import CLI_SETTINGS, _ParseOnly
+    from rega.modules.lit_module import REGAModule
+
+    args = [*layers(*BASE, str(CONFIGS / "experiment/cpu_en.yaml")), "--seed_everything", "7"]
+    config = _ParseOnly(REGAModule, REGADataModule, run=False, args=args, **CLI_SETTINGS).config
+    assert config.model.seed == config.data.seed == 7 and config.data.corpus.seed is None
+    corpus = CorpusConfig(strategy="ft", domains=[DataSource(path="demo:medical.jsonl", domain="medical")])
+    assert REGADataModule(corpus=corpus, seed=7).corpus_config.seed == 7
+    assert REGADataModule(corpus=CorpusConfig(**{**vars(corpus), "seed": 3}), seed=7).corpus_config.seed == 3
+    for extra, message in ((["--model.seed", "3"], 'must be given via "seed_everything"'),
+                           (["--seed_everything", "true"], "seed_everything must be an integer")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            _ParseOnly(REGAModule, REGADataModule, run=False, args=[*args, *extra], **CLI_SETTINGS)
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("path", SOURCE_LISTS, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_source_list_files_hold_sources_and_are_used(path):
     sources = [DataSource(**item) for item in yaml.safe_load(path.read_text(encoding="utf-8"))]
@@ -180,11 +201,15 @@ def test_cpu_en_grid_trains_what_the_committed_results_trained():
         assert now["evaluation"] is None  # the grid evaluates afterwards, as then
         assert now["seed_everything"] == then["seed_everything"]
         assert now["trainer"]["max_epochs"] == then["trainer"]["max_epochs"]
-        for key in ("learning_rate", "seed"):
-            assert now["model"][key] == then["model"][key]
+        # One seed now, linked to the module's and the data's (which the corpus draw takes): those of then.
+        assert now["seed_everything"] == then["model"]["seed"] == then["data"]["seed"]
+        assert then["data"]["corpus"]["seed"] == now["seed_everything"]
+        assert now["data"]["corpus"]["seed"] is None
+        assert now["model"]["learning_rate"] == then["model"]["learning_rate"]
         lora = ("r", "alpha", "dropout")  # target_modules: written out then, the same default now
         assert {k: now["model"]["lora"][k] for k in lora} == {k: then["model"]["lora"][k] for k in lora}
-        for key in ("corpus", "distill", "max_length", "batch_size", "batching", "seed"):
+        assert {**now["data"]["corpus"], "seed": None} == {**then["data"]["corpus"], "seed": None}, run.name
+        for key in ("distill", "max_length", "batch_size", "batching"):
             assert now["data"][key] == then["data"][key], (run.name, key)
         assert [s["path"] for s in now["data"]["val"]] == [s["path"] for s in then["data"]["val"]]
         assert now["data"]["val_limit_per_task"] == 4 == then["data"]["val"][0]["limit"]
@@ -317,11 +342,13 @@ def test_readme_strategy_and_loss_term_train_from_yaml_lines(readme_plugin, tiny
     root = readme_plugin / "fit"
     main(["fit", *layers(str(CONFIGS / "trainer/cpu.yaml"), str(REPO / "tests/configs/tiny_fit.yaml"),
                          str(experiment)),
-          "--model.model.name_or_path", str(tiny_model_dir), "--trainer.max_steps", "2",
+          "--model.model.name_or_path", str(tiny_model_dir), "--trainer.max_steps", "2", "--seed_everything", "7",
           "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
           "--data.cache", str(root / "cache"), "--model.adapter_dir", str(root / "adapter")])  # fmt: skip
     summary = json.loads(next(root.rglob("summary.json")).read_text())
     assert summary["strategy"] == "rega_no_dg" and set(summary["corpus"]) == {"integrated", "domain"}
+    # what the corpus was built with, from its manifest: the fit's one seed, r as the config sets it
+    assert summary["corpus_seed"] == 7 and summary["mix_ratio"] == 0.1
     assert summary["metrics"]["train/confidence_penalty"] < 0  # weight * sum p log p: a negative entropy
     assert "REGA run finished: strategy=rega_no_dg" in capsys.readouterr().out  # the fit's summary, printed
 

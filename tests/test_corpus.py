@@ -517,7 +517,7 @@ def _shared_config(**overrides) -> CorpusConfig:
     config = CorpusConfig(
         strategy=raw["strategy"],
         mix_ratio=raw["mix_ratio"],
-        seed=raw["seed"],
+        seed=raw.get("seed"),
         skip_invalid=raw["skip_invalid"],
         prompts=PromptConfig(**raw["prompts"], central=PC),
         domains=[DataSource(**d) for d in raw["domains"]],

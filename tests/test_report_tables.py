@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -156,3 +157,21 @@ def test_report_lists_evaluations_that_skipped_invalid_rows(tmp_path):
     md = (tmp_path / "out" / "results.md").read_text()
     assert "* ft: 2 invalid rows skipped in evaluation (first: tasks.jsonl:3: no output, tasks.jsonl:7" in md
     assert "* zero_shot" not in md
+
+
+def test_report_shows_the_ratio_the_corpus_was_built_with(tmp_path):
+    """r comes from the fit's summary (the corpus manifest's), not from the grid's request (None when unset)."""
+    runs = tmp_path / "runs"
+    for name, requested, built in (("rega", None, 0.1), ("rega_r0.3", 0.3, 0.3), ("ft", None, None)):
+        write_json(runs / name / "done.json", {"name": name, "strategy": name.split("_")[0],
+                                               "mix_ratio": requested, "seed": None})  # fmt: skip
+        write_json(
+            runs / name / "eval" / "eval.json", fake_eval([1.0, 0.0], ["yes", "no"], [1, 0], [-2.0, -2.5])
+        )
+        write_json(runs / name / "fit" / "version_0" / "summary.json", {"mix_ratio": 0.5})  # an earlier try's
+        write_json(runs / name / "fit" / "version_1" / "summary.json", {"mix_ratio": built})
+    write_report(runs, tmp_path / "out")
+    with open(tmp_path / "out" / "results.csv", encoding="utf-8") as table:
+        rows = {(row["run"], row["rule"]): row for row in csv.DictReader(table)}
+    assert [rows[run, "central"]["mix_ratio"] for run in ("rega", "rega_r0.3", "ft")] == ["0.1", "0.3", ""]
+    assert rows["rega", "central"]["label"] == "REGA_c (r=0.1)"

@@ -80,6 +80,21 @@ def test_resume_settings_checkpoint_takes_the_checkpoints(trained, monkeypatch):
     assert config.model.lora.r == 16 and config.data.max_length == 192
 
 
+def test_the_seed_is_checked_and_taken_through_seed_everything(trained, capsys, monkeypatch):
+    """The module's and the data's seeds are linked from seed_everything: a checkpoint's are taken through it."""
+    args, checkpoint = trained
+    lines = refused(capsys, [*args, "--seed_everything", "7", "--ckpt_path", str(checkpoint)])
+    assert lines[:2] == [
+        f"error: --ckpt_path {checkpoint}: model.seed is 7 here and 1234 in the checkpoint",
+        f"error: --ckpt_path {checkpoint}: data.seed is 7 here and 1234 in the checkpoint",
+    ]
+    take = ["--resume_settings", "checkpoint"]
+    config = parsed_config(
+        monkeypatch, [*args, "--seed_everything", "7", "--ckpt_path", str(checkpoint), *take]
+    )
+    assert config.seed_everything == config.model.seed == config.data.seed == 1234
+
+
 def test_a_resume_with_the_same_settings_goes_on(trained, monkeypatch):
     args, checkpoint = trained
     config = parsed_config(

@@ -104,7 +104,7 @@ def test_chat_drops_the_oldest_exchanges_to_fit_the_context(loaded):
 def test_chat_command_reads_a_pipe(tiny_model_dir):
     """No TTY: the command reads stdin lines, answers each (streamed to stdout) and ends at /exit."""
     command = [sys.executable, str(REPO / "cli.py"), "chat", "--model.name_or_path", str(tiny_model_dir),
-               "--role", "legal", "--max_new_tokens", "3", "--device", "cpu"]  # fmt: skip
+               "--role", "legal", "--decoding.max_new_tokens", "3", "--device", "cpu"]  # fmt: skip
     done = subprocess.run(command, input="hi\n/system\n/exit\nnever\n", capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
@@ -123,7 +123,7 @@ def test_chat_command_reads_a_pipe(tiny_model_dir):
 
 def predict_args(tiny_model_dir, output, *extra):
     return ["predict", "--input_file", "demo:medical.jsonl", "--limit", "6", "--batch_size", "2",
-            "--model.name_or_path", str(tiny_model_dir), "--max_new_tokens", "3", "--device", "cpu",
+            "--model.name_or_path", str(tiny_model_dir), "--decoding.max_new_tokens", "3", "--device", "cpu",
             "--output", str(output), *extra]  # fmt: skip
 
 
@@ -168,7 +168,7 @@ def test_predict_refuses_changed_settings_naming_the_field(tiny_model_dir, tmp_p
     main(predict_args(tiny_model_dir, out, "--limit", "2"))
     assert {r["rule"] for r in rows(out)} == {"central"}
     for extra, field in (
-        (["--max_new_tokens", "4"], "sampling.max_new_tokens: 3 -> 4"),
+        (["--decoding.max_new_tokens", "4"], "sampling.max_new_tokens: 3 -> 4"),
         (["--rule", "role:legal"], "rule: 'central' -> 'role:legal'"),
         (["--prompts.central", "Be brief."], "prompts.central: "),
     ):
@@ -218,7 +218,7 @@ def test_predict_counts_skipped_rows_and_leaves_only_its_outputs(tiny_model_dir,
     )
     out = tmp_path / "pred"
     main(["predict", "--input_file", str(source), "--model.name_or_path", str(tiny_model_dir),
-          "--max_new_tokens", "2", "--device", "cpu", "--output", str(out), "--skip_invalid", "true"])  # fmt: skip
+          "--decoding.max_new_tokens", "2", "--device", "cpu", "--output", str(out), "--skip_invalid", "true"])  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     assert summary["records"] == 2 and summary["skipped_invalid"] == 1
     assert f"{source}:2" in summary["skipped_rows"][0]
@@ -250,7 +250,7 @@ def test_chat_cuts_a_message_longer_than_the_context(loaded, monkeypatch, text):
 
 def test_chat_with_standard_input_closed(tiny_model_dir):
     command = [sys.executable, str(REPO / "cli.py"), "chat", "--model.name_or_path", str(tiny_model_dir),
-               "--max_new_tokens", "3", "--device", "cpu"]  # fmt: skip
+               "--decoding.max_new_tokens", "3", "--device", "cpu"]  # fmt: skip
     done = subprocess.run(
         " ".join(command) + " 0<&-", shell=True, capture_output=True, text=True, timeout=300
     )

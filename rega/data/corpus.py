@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rega.config import DataSource, ModelConfig
+from rega.config import DEFAULT_MIX_RATIO, DEFAULT_SEED, DataSource, ModelConfig
 from rega.data.chat import ChatFormat
 from rega.data.loaders import LoadReport, load_many
 from rega.data.prompts import PromptConfig, RolePrompts, load_prompt_table, resolve_prompts
@@ -49,7 +49,8 @@ class CorpusConfig:
         prompts: the central prompt p_c and the role prompts p_i.
         only_domains: keep only these domains (single-domain variants, e.g. ``[medical]``); empty keeps all.
         mix_ratio: r, the share of each task of D_i added again under p_c (role integration).
-        seed: seed of the D'_i draw.
+        seed: seed of the D'_i draw; unset, the fit's seed (``seed_everything``), or 1234 for ``rega corpus``.
+            Set it to keep one draw across training seeds.
         skip_invalid: count and report invalid rows instead of stopping at the first.
     """
 
@@ -58,8 +59,8 @@ class CorpusConfig:
     general: list[DataSource] = field(default_factory=list)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     only_domains: list[str] = field(default_factory=list)
-    mix_ratio: float = 0.1
-    seed: int = 1234
+    mix_ratio: float = DEFAULT_MIX_RATIO
+    seed: int | None = None
     skip_invalid: bool = False
 
 
@@ -147,6 +148,7 @@ def build_corpus(config: CorpusConfig, model_default_prompt: str | None = None) 
     domains = sorted({r.domain for r in domain_records})
     prompts = resolve_prompts(config.prompts, domains, model_default_prompt)
     spec = get_strategy(config.strategy)
+    seed = DEFAULT_SEED if config.seed is None else config.seed
     examples = build_examples(
         config.strategy,
         CorpusInputs(
@@ -154,7 +156,7 @@ def build_corpus(config: CorpusConfig, model_default_prompt: str | None = None) 
             general_records=general_report.records if general_report else None,
             prompts=prompts,
             mix_ratio=config.mix_ratio,
-            seed=config.seed,
+            seed=seed,
         ),
     )
     ids = Counter(e.id for e in examples)
@@ -167,7 +169,7 @@ def build_corpus(config: CorpusConfig, model_default_prompt: str | None = None) 
         "strategy": spec.name,
         "inference": list(spec.inference),
         "mix_ratio": config.mix_ratio,
-        "seed": config.seed,
+        "seed": seed,
         "num_examples": len(examples),
         "counts": corpus_counts(examples),
         "source_sizes": {

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 
+from rega.config import DEFAULT_MIX_RATIO, DEFAULT_SEED
 from rega.data.prompts import CENTRAL, RolePrompts
 from rega.data.records import GENERAL, Record
 from rega.errors import ConfigError
@@ -78,8 +79,8 @@ class CorpusInputs:
     domain_records: list[Record]  # ∪ D_i
     general_records: list[Record] | None  # D_g (self-distilled), if any
     prompts: RolePrompts
-    mix_ratio: float = 0.1  # in [0, 1]: checked where the config is read (corpus.check_config)
-    seed: int = 1234
+    mix_ratio: float = DEFAULT_MIX_RATIO  # in [0, 1]: checked where the config is read (corpus.check_config)
+    seed: int = DEFAULT_SEED
 
 
 @dataclass(frozen=True)

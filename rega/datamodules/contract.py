@@ -24,6 +24,8 @@ class TrainingData:
         batch_size: rows per optimizer step.
         corpus_counts: the corpus' examples by kind (domain, general, integrated), from its manifest.
         tokenized: the tokenized corpus' counts (examples, tokens, truncated, dropped), from its manifest.
+        mix_ratio: r as the corpus manifest records it, for a strategy that integrates (D'_i); else None.
+        corpus_seed: the seed of the corpus draw, from its manifest.
     """
 
     domains: tuple[str, ...] = ()
@@ -32,6 +34,8 @@ class TrainingData:
     batch_size: int | None = None
     corpus_counts: dict | None = None
     tokenized: dict | None = field(default=None)
+    mix_ratio: float | None = None
+    corpus_seed: int | None = None
 
 
 def training_data(trainer) -> TrainingData:

@@ -24,7 +24,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler
 
-from rega.config import MERGED, DataSource, DistillConfig, ModelConfig
+from rega.config import DEFAULT_SEED, MERGED, DataSource, DistillConfig, ModelConfig
 from rega.data.chat import ChatFormat
 from rega.data.corpus import Corpus, CorpusConfig, build_corpus, check_config, read_corpus, read_manifest
 from rega.data.loaders import load_many
@@ -106,7 +106,7 @@ class REGADataModule(L.LightningDataModule):
         val_limit_per_task: int | None = 50,
         num_workers: int = 0,
         cache: str | None = None,
-        seed: int = 1234,
+        seed: int = DEFAULT_SEED,
     ):
         """
         Args:
@@ -125,14 +125,15 @@ class REGADataModule(L.LightningDataModule):
             val_limit_per_task: validation examples per task (first N), to keep validation cheap.
             num_workers: DataLoader worker processes.
             cache: folder for tokenized datasets (default ``$REGA_CACHE``).
-            seed: seed of the batch plan and shuffling.
+            seed: the fit's (``seed_everything``): batch plan, shuffling, the corpus draw unless corpus.seed is set.
         """
         super().__init__()
         if corpus is not None and corpus_dir is not None:
             raise ConfigError(
                 "data.corpus and data.corpus_dir both set: give the corpus's config or its folder"
             )
-        self.corpus_config = corpus or CorpusConfig()
+        corpus = corpus or CorpusConfig()
+        self.corpus_config = corpus if corpus.seed is not None else replace(corpus, seed=seed)
         self.corpus_dir = Path(corpus_dir) if corpus_dir is not None else None
         self.val_sources = list(val or [])
         self.distill_config = distill
@@ -299,9 +300,11 @@ class REGADataModule(L.LightningDataModule):
 
     def training_data(self) -> TrainingData:
         """What the module, its loss terms and the evaluation callback need of this data (set up first)."""
+        integrates = get_strategy(self.strategy).integrates
         return TrainingData(
             domains=tuple(self.domains), strategy=self.strategy, prompts=self.prompts, batch_size=self.batch_size,
             corpus_counts=self.manifest.get("counts", {}).get("by_kind"), tokenized=self.manifest.get("tokenized"),
+            mix_ratio=self.manifest.get("mix_ratio") if integrates else None, corpus_seed=self.manifest.get("seed"),
         )  # fmt: skip
 
     # --- exact resume ------------------------------------------------------------------------------------

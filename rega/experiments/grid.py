@@ -5,8 +5,8 @@ Here runs go one after another; on a cluster, one job per run: ``rega grid --con
 mid-fit resumes from its ``last.ckpt``, and one whose fit had finished (its ``adapter/`` is complete) is not trained
 again: only what comes after runs. Two jobs on the same run take turns (a lock in its folder).
 
-With ``seeds`` every run is repeated once per seed, in ``<output>/<name>/seed_<s>``: the seed sets the training
-seed (``seed_everything``, the batch order), the corpus draw (``data.corpus.seed``: D'_i) and the
+With ``seeds`` every run is repeated once per seed, in ``<output>/<name>/seed_<s>``: the seed sets the fit's
+seed (``seed_everything``: LoRA init, dropout, batch order and the corpus draw D'_i) and the
 self-distillation's sampling seed (each seed's D_g in its own folder). A run may also rewrite its domain data
 first (``rewrite``: SDFT) or, instead of training, merge the adapters of other runs (``merge``: one LoRA per
 domain); see :mod:`rega.experiments.stages`.

@@ -38,6 +38,7 @@ from rega.experiments.report_baselines import (
     skipped_markdown,
 )
 from rega.experiments.report_plots import plot_matrices, plot_mix_ratio
+from rega.experiments.report_runs import group_runs, load_runs
 from rega.experiments.report_stats import (
     check_drift_references,
     column_units,
@@ -73,37 +74,6 @@ def row_label(
     if only_domains and not label:  # a single-domain variant beside the multi-domain run of its strategy
         name += f" ({', '.join(only_domains)} only)"
     return name
-
-
-def _read_run(done: Path) -> dict | None:
-    run_dir = done.parent
-    eval_path = run_dir / "eval" / "eval.json"
-    if not eval_path.exists():
-        return None
-    run = json.loads(done.read_text(encoding="utf-8"))
-    run["eval"] = json.loads(eval_path.read_text(encoding="utf-8"))
-    run["_eval_path"] = str(eval_path)
-    matrix = run_dir / "eval_matrix" / "eval.json"
-    run["matrix"] = json.loads(matrix.read_text(encoding="utf-8")) if matrix.exists() else None
-    return run
-
-
-def load_runs(runs_dir: Path) -> list[dict]:
-    """Every evaluated run: ``<name>/done.json`` and, for grids with seeds, ``<name>/seed_<s>/done.json``."""
-    dones = sorted([*runs_dir.glob("*/done.json"), *runs_dir.glob("*/seed_*/done.json")])
-    return [run for done in dones if (run := _read_run(done))]
-
-
-def group_runs(runs: list[dict]) -> list[dict]:
-    """One group per run name: its seeds' evaluations together."""
-    groups: dict[str, dict] = {}
-    for run in runs:
-        group = groups.setdefault(run["name"], {**run, "evals": [], "matrices": [], "seeds": []})
-        group["evals"].append(run["eval"])
-        group["seeds"].append(run.get("seed"))
-        if run.get("matrix"):
-            group["matrices"].append(run["matrix"])
-    return list(groups.values())
 
 
 def general_columns(result: dict) -> dict[str, float | None]:

@@ -29,12 +29,12 @@ def fit_configs(grid, run) -> list[str]:
 
 
 def seed_args(grid, run, seed: int | None) -> list[str]:
-    """One seed for everything random in a fit: training (LoRA init, dropout masks, batch order), the corpus draw
-    (D'_i) and, for strategies that read D_g, the self-distillation's sampling (each seed's D_g in its folder)."""
+    """One seed for everything random in a fit: ``seed_everything`` (linked to the LoRA init, dropout masks, batch
+    order and corpus draw D'_i) and, for strategies that read D_g, the self-distillation's sampling (its own
+    stage and config: each seed's D_g in its folder)."""
     if seed is None:
         return []
-    args = ["--seed_everything", str(seed), "--model.seed", str(seed), "--data.seed", str(seed)]
-    args += ["--data.corpus.seed", str(seed)]
+    args = ["--seed_everything", str(seed)]
     if get_strategy(run.strategy).needs_general:
         root = Path(grid.distill_dir) if grid.distill_dir else Path(grid.output) / "distill"
         args += [

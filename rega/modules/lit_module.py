@@ -26,7 +26,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from rega.config import ModelConfig
+from rega.config import DEFAULT_SEED, ModelConfig
 from rega.data.chat import IGNORE_INDEX, ChatFormat
 from rega.datamodules.contract import TrainingData, training_data
 from rega.datamodules.tokenized import host_counts
@@ -58,7 +58,8 @@ class REGAModule(L.LightningModule):
         max_grad_norm: clip the adapter gradients to this global L2 norm (``None``: no clipping). Replaces
             ``Trainer(gradient_clip_val=...)``.
         adapter_dir: where the final peft adapter is saved (default ``<log_dir>/adapter``).
-        seed: seeds each step's dropout from (seed, step, rank), so a resumed run draws the same masks.
+        seed: seeds each step's dropout from (seed, step, rank), so a resumed run draws the same masks; in a fit,
+            linked from ``seed_everything``.
         loss_terms: terms added to the cross-entropy, by registered name with their settings, e.g.
             ``{kl_to_base: {weight: 0.1}}`` (:mod:`rega.modules.losses`; plugins can register more).
         fast_lora: run the adapters through :mod:`rega.modules.fast_lora` (one dropout mask per layer input
@@ -79,7 +80,7 @@ class REGAModule(L.LightningModule):
         micro_batch_size: int | None = 1,
         max_grad_norm: float | None = None,
         adapter_dir: str | None = None,
-        seed: int = 1234,
+        seed: int = DEFAULT_SEED,
         loss_terms: dict[str, dict] | None = None,
         fast_lora: bool = True,
         compile_layers: bool = False,
@@ -325,6 +326,9 @@ class REGAModule(L.LightningModule):
             "optimizer_steps": self.trainer.global_step,
             "seconds": round(time.perf_counter() - self._fit_start, 1),
             "corpus": self.data.corpus_counts,
+            # what the corpus was built with (its manifest), which the report shows
+            "mix_ratio": self.data.mix_ratio,
+            "corpus_seed": self.data.corpus_seed,
             "tokenized": self.data.tokenized,
             "metrics": metrics,
             "adapter": str(adapter),

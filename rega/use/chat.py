@@ -8,7 +8,7 @@ prompt — p_c by default (the model's own system prompt), ``--role DOMAIN`` for
 training), after the earlier exchanges of the session; the answer is streamed to stdout as it is generated.
 When a prompt would not leave room for ``max_new_tokens`` within ``max_context_tokens`` (and the model's own
 ``max_position_embeddings``), the oldest exchanges are dropped, then the middle of a message too long on its own is
-cut (its head and tail kept), each said in one line. Greedy unless ``--do_sample true``.
+cut (its head and tail kept), each said in one line. Greedy unless ``--decoding.do_sample true``.
 
 Commands: ``/reset`` forgets the history, ``/system TEXT`` sets the system prompt, ``/role DOMAIN`` uses that
 domain's role prompt, ``/help``, ``/exit`` (end of input ends the session too).
@@ -24,7 +24,7 @@ from typing import TextIO
 import torch
 from transformers import TextStreamer
 
-from rega.config import ModelConfig, SamplingConfig
+from rega.config import GREEDY, ModelConfig, SamplingConfig
 from rega.data.prompts import PromptConfig
 from rega.errors import ConfigError
 from rega.modules.generation import decoding_kwargs, stop_token_ids
@@ -197,11 +197,7 @@ def chat_command(
     role: str | None = None,
     system: str | None = None,
     prompts: PromptConfig | None = None,
-    max_new_tokens: int = 256,
-    do_sample: bool = False,
-    temperature: float = 0.7,
-    top_p: float = 0.95,
-    seed: int = 1234,
+    decoding: SamplingConfig = GREEDY,
     max_context_tokens: int = 2048,
     device: str = "auto",
     threads: int | None = None,
@@ -217,26 +213,23 @@ def chat_command(
         role: answer under this domain's role prompt p_i (e.g. medical); default p_c, the central prompt.
         system: answer under this system prompt text instead.
         prompts: where p_c and the role prompts come from (lang, file, central, roles).
-        max_new_tokens: longest answer in tokens.
-        do_sample: sample (temperature, top_p) instead of greedy decoding.
-        temperature: softmax temperature when sampling.
-        top_p: nucleus mass when sampling.
-        seed: seeds the sampler once at the start.
-        max_context_tokens: prompt plus answer (max_new_tokens) stay within this and the model's own limit: the
+        decoding: max_new_tokens (longest answer), do_sample (greedy by default), temperature, top_p,
+            repetition_penalty and the seed of the sampler (set once at the start).
+        max_context_tokens: prompt plus answer (decoding.max_new_tokens) stay within this and the model's own limit: the
             oldest exchanges are dropped, then the middle of a too long message is cut.
         device: auto (CUDA when available), cpu or cuda[:N].
         threads: CPU threads for torch; null = default.
     """
-    config, sampling = use_settings(model, threads, max_new_tokens, do_sample, temperature, top_p, seed)
+    config = use_settings(model, threads)
     loaded = load_for_use(config, adapter, device)
     session = ChatSession(
-        loaded, system_text(loaded.chat, prompts, role, system), sampling, prompts, max_context_tokens
+        loaded, system_text(loaded.chat, prompts, role, system), decoding, prompts, max_context_tokens
     )
-    if do_sample:
-        torch.manual_seed(seed)
+    if decoding.do_sample:
+        torch.manual_seed(decoding.seed)
     if session.budget() < 1:
         raise ConfigError(
-            f"max_new_tokens={max_new_tokens} leaves no room for a message within max_context_tokens="
+            f"decoding.max_new_tokens={decoding.max_new_tokens} leaves no room for a message within max_context_tokens="
             f"{max_context_tokens} (and the model's own limit)"
         )
     stdin = sys.stdin  # None when standard input is closed (0<&-): nothing to answer

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rega.config import ModelConfig, SamplingConfig
+from rega.config import ModelConfig
 from rega.data.chat import ChatFormat
 from rega.data.prompts import PromptConfig, RolePrompts, resolve_prompts
 from rega.errors import ConfigError
@@ -66,10 +66,9 @@ def system_text(chat: ChatFormat, prompts: PromptConfig | None, role: str | None
     return resolved.text(role) if role else resolved.central
 
 
-def use_settings(model: ModelConfig | None, threads: int | None, max_new_tokens: int, do_sample: bool,
-                 temperature: float, top_p: float, seed: int) -> tuple[ModelConfig, SamplingConfig]:  # fmt: skip
+def use_settings(model: ModelConfig | None, threads: int | None) -> ModelConfig:
     """What ``chat`` and ``predict`` make of the arguments they share: torch's CPU threads (``None``: torch's
-    default), the model (default the embedded one) and the decoding settings."""
+    default) and the model (default the embedded one)."""
     if threads:
         torch.set_num_threads(threads)
-    return model or ModelConfig(), SamplingConfig(do_sample, temperature, top_p, max_new_tokens, seed=seed)
+    return model or ModelConfig()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from rega.config import DataSource, ModelConfig, SamplingConfig
+from rega.config import GREEDY, DataSource, ModelConfig, SamplingConfig
 from rega.data.loaders import load_many
 from rega.data.prompts import CENTRAL, PromptConfig, RolePrompts, load_prompt_table
 from rega.data.records import Record
@@ -278,11 +278,7 @@ def predict_command(
     adapter: str | None = None,
     rule: str = "central",
     prompts: PromptConfig | None = None,
-    max_new_tokens: int = 256,
-    do_sample: bool = False,
-    temperature: float = 0.7,
-    top_p: float = 0.95,
-    seed: int = 1234,
+    decoding: SamplingConfig = GREEDY,
     batch_size: int = 8,
     max_batch_tokens: int | None = None,
     limit: int | None = None,
@@ -306,11 +302,8 @@ def predict_command(
         adapter: a saved peft adapter folder; none answers with the base model.
         rule: the prompt: central (p_c), role (each record's domain prompt p_i) or role:<domain>.
         prompts: where p_c and the role prompts come from (lang, file, central, roles).
-        max_new_tokens: longest answer in tokens.
-        do_sample: sample (temperature, top_p, seeded per batch) instead of greedy decoding.
-        temperature: softmax temperature when sampling.
-        top_p: nucleus mass when sampling.
-        seed: sampling seed.
+        decoding: max_new_tokens (longest answer), do_sample (greedy by default), temperature, top_p,
+            repetition_penalty and the sampling seed (each batch seeded from it and its records' ids).
         batch_size: prompts per generate call (sorted by length).
         max_batch_tokens: cap on batch size x longest prompt; null for none.
         limit: answer only the first N records.
@@ -320,8 +313,8 @@ def predict_command(
         device: auto (CUDA when available), cpu or cuda[:N].
         threads: CPU threads for torch; null = default.
     """
-    config, sampling = use_settings(model, threads, max_new_tokens, do_sample, temperature, top_p, seed)
-    job = prepare(config, adapter, input_sources(input_file, domain, source), rule, prompts, sampling, limit,
+    config = use_settings(model, threads)
+    job = prepare(config, adapter, input_sources(input_file, domain, source), rule, prompts, decoding, limit,
                   skip_invalid)  # fmt: skip
     out = Path(output)
     check_settings(out, job.settings)  # before the lock and the model: a refusal costs nothing

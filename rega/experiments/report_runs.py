@@ -1,0 +1,53 @@
+"""A grid's finished runs as the report reads them: each ``done.json`` with its evaluations and its fit's summary,
+and the seeds of one run grouped together."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def fit_summary(run_dir: Path) -> dict:
+    """The summary.json of a run's finished fit (its last ``fit/version_<n>``, or ``fit/`` as results store it);
+    empty when there is none (a merge, a zero-shot run)."""
+    versions = sorted(
+        run_dir.glob("fit/version_*/summary.json"), key=lambda p: int(p.parent.name.split("_")[1])
+    )
+    found = [p for p in (run_dir / "fit" / "summary.json", *versions) if p.exists()]
+    return json.loads(found[-1].read_text(encoding="utf-8")) if found else {}
+
+
+def _read_run(done: Path) -> dict | None:
+    run_dir = done.parent
+    eval_path = run_dir / "eval" / "eval.json"
+    if not eval_path.exists():
+        return None
+    run = json.loads(done.read_text(encoding="utf-8"))
+    # r as the fit's corpus was built with it (None for a strategy without D'_i); done.json holds the grid's
+    # request (None when unset), all that older fits recorded.
+    fitted = fit_summary(run_dir)
+    if "mix_ratio" in fitted:
+        run["mix_ratio"] = fitted["mix_ratio"]
+    run["eval"] = json.loads(eval_path.read_text(encoding="utf-8"))
+    run["_eval_path"] = str(eval_path)
+    matrix = run_dir / "eval_matrix" / "eval.json"
+    run["matrix"] = json.loads(matrix.read_text(encoding="utf-8")) if matrix.exists() else None
+    return run
+
+
+def load_runs(runs_dir: Path) -> list[dict]:
+    """Every evaluated run: ``<name>/done.json`` and, for grids with seeds, ``<name>/seed_<s>/done.json``."""
+    dones = sorted([*runs_dir.glob("*/done.json"), *runs_dir.glob("*/seed_*/done.json")])
+    return [run for done in dones if (run := _read_run(done))]
+
+
+def group_runs(runs: list[dict]) -> list[dict]:
+    """One group per run name: its seeds' evaluations together."""
+    groups: dict[str, dict] = {}
+    for run in runs:
+        group = groups.setdefault(run["name"], {**run, "evals": [], "matrices": [], "seeds": []})
+        group["evals"].append(run["eval"])
+        group["seeds"].append(run.get("seed"))
+        if run.get("matrix"):
+            group["matrices"].append(run["matrix"])
+    return list(groups.values())
