@@ -51,7 +51,6 @@ TRAINER_DEFAULTS = {
 }
 # What every parse of a fit's configuration shares (run_lightning_cli, resolve_fit_config).
 CLI_SETTINGS = dict(
-    seed_everything_default=DEFAULT_SEED,
     save_config_kwargs={"overwrite": True},
     trainer_defaults=TRAINER_DEFAULTS,
     parser_kwargs={"default_env": False},
@@ -59,6 +58,10 @@ CLI_SETTINGS = dict(
 
 
 class REGACLI(LightningCLI):
+    def __init__(self, *args, seed_everything_default: int = DEFAULT_SEED, **kwargs) -> None:
+        # Lightning's default (True: draw a seed) would leave the run's masks and order unrecorded (fit_seed).
+        super().__init__(*args, seed_everything_default=seed_everything_default, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         # One model config drives both the network and the chat rendering of the data.
         parser.link_arguments("model.model", "data.model")
