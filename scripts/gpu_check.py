@@ -27,7 +27,7 @@ JSON and the next one runs; the file is rewritten after every check.
   path that ran. ``extrapolation`` fits step time, FLOPs and memory linearly in the layer count and reads
   them at LLaMA-7B's 32 layers. Then ``bf16-true`` (the project's: LoRA weights stay fp32), ``generation``
   (batched sampling with the KV cache), ``qlora`` (if bitsandbytes imports) and ``fsdp2`` (one rank). Steps are
-  timed with the batches' host counts made on the host, as REGADataModule makes them (no device sync in the step).
+  timed as they train: each batch planned on the host as it moves (rega.modules.batch_plan: no device sync).
 """
 
 from __future__ import annotations
@@ -284,13 +284,6 @@ def counting_attention_paths():
             setattr(attention, attr, originals[key])
 
 
-def with_host_counts(batch: dict) -> dict:
-    """What REGADataModule adds before a batch moves to the device: without it the step counts on the device."""
-    from rega.datamodules.tokenized import host_counts
-
-    return {**batch, "host": host_counts(batch)}
-
-
 def fit(cfg: dict, root: Path, layers: int, precision: str, strategy, options: dict, dataset):
     """Train on every batch of ``dataset``; returns the module, the trainer, step times and last loss, and the
     number of calls of each attention path."""
@@ -327,7 +320,7 @@ def fit(cfg: dict, root: Path, layers: int, precision: str, strategy, options: d
     )))  # fmt: skip
     if cfg["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    loader = DataLoader(dataset, batch_size=None, collate_fn=with_host_counts)
+    loader = DataLoader(dataset, batch_size=None)  # REGAModule plans each batch on the host as it moves
     with counting_attention_paths() as calls:
         trainer.fit(module, train_dataloaders=loader)
     return module, trainer, timer, dict(calls)

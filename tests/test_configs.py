@@ -302,7 +302,7 @@ def rega_no_dg(inputs):
 
 @register_loss_term("confidence_penalty")
 def confidence_penalty(weight: float = 0.1):
-    def term(module, batch, mask, logits):
+    def term(module, batch, logits):
         logp = torch.log_softmax(logits.float(), dim=-1)
         return weight * (logp.exp() * logp).sum()
 

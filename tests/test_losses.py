@@ -12,6 +12,7 @@ from rega.data.corpus import CorpusConfig
 from rega.datamodules import REGADataModule
 from rega.datamodules.tokenized import collate_rows, plan_batches
 from rega.errors import ConfigError
+from rega.modules.attention import decoder_hidden_states
 from rega.modules.lit_module import REGAModule
 from rega.modules.losses import LOSS_TERMS, build_loss_terms, register_loss_term
 from rega.modules.model import LoraSettings
@@ -56,18 +57,20 @@ def test_kl_to_base_is_the_kl_between_adapter_on_and_off_on_general_tokens(datam
     general = datamodule.domains.index("general")
     assert (batch["token_domain"] == general).any() and (batch["token_domain"] != general).any()
     term = module.loss_terms["kl_to_base"]
-    _, mask, logits = module.response_losses(batch)
-    assert term(module, batch, mask, logits).item() == pytest.approx(0.0, abs=1e-6)  # lora_B starts at 0
+    _, planned, logits = module.response_losses(batch)
+    assert term(module, planned, logits).item() == pytest.approx(0.0, abs=1e-6)  # lora_B starts at 0
 
     torch.manual_seed(0)
     for name, param in module.model.named_parameters():
         if "lora_B" in name:
             param.data.normal_(0, 0.5)
-    _, mask, logits = module.response_losses(batch)
-    value = term(module, batch, mask, logits)
+    _, planned, logits = module.response_losses(batch)
+    value = term(module, planned, logits)
     value.backward()
-    with torch.no_grad(), module.model.disable_adapter():
-        base = module.model.response_logits(batch, mask)
+    mask = batch["labels"][:, 1:] != -100
+    with torch.no_grad(), module.model.disable_adapter():  # the base's logits, selected by a boolean mask here
+        hidden = decoder_hidden_states(module.model.get_base_model(), batch)
+        base = module.model.get_base_model().get_output_embeddings()(hidden[:, :-1][mask])
     on_general = batch["token_domain"][:, 1:][mask] == general
     expected = F.kl_div(
         F.log_softmax(logits[on_general].float(), -1), F.log_softmax(base[on_general].float(), -1),
@@ -81,7 +84,7 @@ def test_kl_to_base_is_the_kl_between_adapter_on_and_off_on_general_tokens(datam
 def test_a_registered_term_is_added_and_logged_in_training(datamodule, tiny_model_config, tmp_path):
     @register_loss_term("mean_logit_square")
     def mean_logit_square(weight: float = 1.0):
-        return lambda module, batch, mask, logits: weight * logits.float().pow(2).mean(-1).sum()
+        return lambda module, batch, logits: weight * logits.float().pow(2).mean(-1).sum()
 
     try:
         module = REGAModule(model=tiny_model_config, loss_terms={"mean_logit_square": {"weight": 0.01}})

@@ -40,7 +40,6 @@ from rega.datamodules.tokenized import (
     cache_file,
     domain_list,
     examples_key,
-    host_counts,
     plan_batches,
     tokenize,
     tokenizer_identity,
@@ -352,10 +351,6 @@ class REGADataModule(L.LightningDataModule):
         dataset = self._batches(self.val_data, "grouped")
         sampler = ShardedEvalSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers)
-
-    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        batch["host"] = host_counts(batch)  # counted before the batch moves to the GPU: no sync in the step
-        return batch
 
     def _batches(self, data: TokenizedExamples, mode: str) -> BatchDataset:
         batches = plan_batches(data.lengths.tolist(), mode, self.batch_size, self.max_length, self.seed)

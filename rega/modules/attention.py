@@ -61,12 +61,21 @@ class PackedLayout:
         starts[:, 0] = True
         return cls(starts)
 
+    @classmethod
+    def of_batch(cls, batch: dict[str, torch.Tensor]) -> PackedLayout:
+        """A training batch's layout: the sequence lengths and offsets come from its host plan when it has one
+        (:mod:`rega.modules.batch_plan`), so that nothing is read back from the device."""
+        layout = cls.of(batch["position_ids"])
+        if "sequence_lengths" in batch:
+            layout._cache.update(lengths=batch["sequence_lengths"], cu=batch["cu_seqlens"])
+        return layout
+
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.starts.shape)
 
     def cu_seqlens(self) -> torch.Tensor:
-        """Cumulative sequence lengths over the flattened rows (int32, on device): one host sync a forward."""
+        """Cumulative sequence lengths over the flattened rows (int32, on device); unplanned, one host sync."""
         if "cu" not in self._cache:
             flat = self.starts.flatten().nonzero().flatten()
             end = torch.tensor([self.starts.numel()], device=flat.device)
@@ -74,7 +83,7 @@ class PackedLayout:
         return self._cache["cu"]
 
     def lengths(self) -> list[list[int]]:
-        """Per row, its packed sequences' lengths (host ints: free on CPU, one sync a forward on GPU)."""
+        """Per row, its packed sequences' lengths (host ints); unplanned, one host sync on a GPU."""
         if "lengths" not in self._cache:
             rows: list[list[int]] = [[] for _ in range(self.shape[0])]
             for row, col in self.starts.nonzero().tolist():
@@ -257,7 +266,7 @@ def rope_hidden_states(decoder, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     As transformers' own forward, without the mask it would build (the layout replaces it, and scanning the
     position ids for packed sequences would cost a host sync)."""
     position_ids = batch["position_ids"]
-    layout = PackedLayout.of(position_ids)
+    layout = PackedLayout.of_batch(batch)
     hidden = decoder.embed_tokens(batch["input_ids"])
     rotary = decoder.rotary_emb(hidden, position_ids=position_ids)
     for layer in decoder.layers[: decoder.config.num_hidden_layers]:

@@ -8,7 +8,9 @@ Three choices make a step cheap without changing what it computes (benchmarks/RE
   activations held are those of one micro-batch; the loss is scaled by the batch's response-token count, so the
   gradient is the whole batch's token-mean gradient (manual optimization);
 * training and validation forwards run causal attention per packed sequence (:mod:`rega.modules.attention`)
-  instead of one masked attention over the whole row.
+  instead of one masked attention over the whole row;
+* a batch is planned on the host before it moves (:mod:`rega.modules.batch_plan`): micro-batches, response
+  positions, sequence lengths and token counts, so a step reads nothing back from the GPU.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from rega.config import DEFAULT_SEED, ModelConfig
 from rega.data.chat import IGNORE_INDEX, ChatFormat
 from rega.datamodules.contract import TrainingData, training_data
-from rega.datamodules.tokenized import host_counts
 from rega.io import atomic_dir, write_json
 from rega.model_source import load_tokenizer
 from rega.modules.attention import decoder_hidden_states, prepare_packed_attention
+from rega.modules.batch_plan import PLANNED, plan_batch, planned
 from rega.modules.fast_lora import speed_up_lora
 from rega.modules.fsdp import is_sharded, shard_model
 from rega.modules.losses import build_loss_terms
@@ -143,6 +146,25 @@ class REGAModule(L.LightningModule):
             for layer in [m for m in model.modules() if isinstance(m, layer_types)]:
                 layer.compile()
 
+    # --- the batch, planned on the host ---------------------------------------------------------------------
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        if isinstance(batch, dict) and "input_ids" in batch:
+            training = self.trainer.training
+            batch = plan_batch(
+                batch, self.micro_batch_size if training else None, self._stand_ins(batch, training)
+            )
+            if device.type == "cuda":  # pinned, so the copy does not wait for the GPU to finish the last step
+                batch = apply_to_collection(batch, torch.Tensor, torch.Tensor.pin_memory)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def _stand_ins(self, batch: dict, training: bool) -> int:
+        """Micro-batches every rank runs under FSDP, whose every forward gathers weights from all ranks: a
+        shorter batch (an epoch's last) is padded with stand-ins (rega.modules.batch_plan)."""
+        if not (training and self.micro_batch_size and self.model is not None and is_sharded(self.model)):
+            return 0
+        rows = batch["input_ids"].size(0)
+        return math.ceil(max(rows, self.data.batch_size or rows) / self.micro_batch_size)
+
     # --- loss ---------------------------------------------------------------------------------------------
     def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy of every response token: (losses [N], mask [B, L-1]).
@@ -150,32 +172,30 @@ class REGAModule(L.LightningModule):
         ``mask`` marks the input positions that predict a response token; ``losses`` follow ``mask``'s row-major
         order. The LM head runs on those positions' hidden states only.
         """
-        losses, mask, _ = self.response_losses(batch)
-        return losses, mask
+        losses, _, _ = self.response_losses(batch)
+        return losses, batch["labels"][:, 1:] != IGNORE_INDEX
 
     def response_losses(self, batch: dict[str, torch.Tensor]):
-        """(losses [N], mask [B, L-1], logits [N, V]): :meth:`token_losses` and the logits, for loss terms."""
-        targets = batch["labels"][:, 1:]
-        mask = targets != IGNORE_INDEX
-        logits = self.model.response_logits(batch, mask)
-        return F.cross_entropy(logits.float(), targets[mask], reduction="none"), mask, logits
+        """(losses [N], planned batch, logits [N, V]) of the response positions, in row-major order; an unplanned
+        batch is planned here (:func:`rega.modules.batch_plan.planned`)."""
+        batch = planned(batch)
+        logits = self.model.response_logits(batch, batch[PLANNED])
+        losses = F.cross_entropy(logits.float(), batch["response_targets"], reduction="none")
+        return losses, batch, logits
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         optimizer = self.optimizers()
-        counts = batch.pop("host", None) or host_counts(batch)  # REGADataModule counts on the host
-        rows = batch["input_ids"].size(0)
+        counts, micro_batches = batch["counts"], batch["micro"]
+        rows = len(counts["widths"])
         scale = 1.0 / max(1, counts["supervised"])  # every micro-batch's sum over the batch's token count
-        device = batch["input_ids"].device
+        device = micro_batches[0]["input_ids"].device
         totals = {name: torch.zeros((), device=device) for name in ("loss", *self.loss_terms)}
-        micro_batches = self._micro_batches(batch, counts["widths"])
         for i, micro in enumerate(micro_batches):
             # Gradients are reduced across ranks once, after the last micro-batch.
             with self._gradient_sync(i == len(micro_batches) - 1):
-                losses, mask, logits = self.response_losses(micro)
+                losses, micro, logits = self.response_losses(micro)
                 parts = {"loss": losses.sum() * scale}
-                parts.update(
-                    {n: term(self, micro, mask, logits) * scale for n, term in self.loss_terms.items()}
-                )
+                parts.update({n: term(self, micro, logits) * scale for n, term in self.loss_terms.items()})
                 self.manual_backward(sum(parts.values()))
             for name, part in parts.items():
                 totals[name] += part.detach()
@@ -189,26 +209,6 @@ class REGAModule(L.LightningModule):
             self.log(f"train/{name}", value, batch_size=rows)
         self._batch_tokens = (counts["real"], counts["supervised"], counts["total"])
         return loss
-
-    def _micro_batches(self, batch: dict[str, torch.Tensor], widths: list[int]) -> list[dict]:
-        """``micro_batch_size`` rows at a time, each cut to its longest row. Under FSDP every forward gathers
-        weights from all ranks, so every rank runs as many micro-batches as a full batch has: a shorter batch (an
-        epoch's last) is padded with stand-ins whose labels are all ignored (they add nothing)."""
-        rows = batch["input_ids"].size(0)
-        step = self.micro_batch_size or rows
-        micro = [
-            {
-                key: value[start : start + step, : max(widths[start : start + step])]
-                for key, value in batch.items()
-            }
-            for start in range(0, rows, step)
-        ]
-        if is_sharded(self.model) and self.micro_batch_size:
-            stand_in = {key: value[:1] for key, value in batch.items()}
-            stand_in["labels"] = torch.full_like(stand_in["labels"], IGNORE_INDEX)
-            full = math.ceil(max(rows, self.data.batch_size or rows) / step)
-            micro += [stand_in] * (full - len(micro))
-        return micro
 
     def _gradient_sync(self, enabled: bool):
         if enabled:
@@ -237,11 +237,11 @@ class REGAModule(L.LightningModule):
         domains = self._domain_names()
         self._val_sums = torch.zeros(len(domains), 2, dtype=torch.float64, device=self.device)
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        losses, mask = self.token_losses(batch)
-        domains = batch["token_domain"][:, 1:][mask]
-        values = torch.stack([losses.detach().double(), torch.ones_like(losses, dtype=torch.float64)], 1)
-        self._val_sums.index_add_(0, domains, values)
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        for micro in batch.get("micro", [batch]):
+            losses, micro, _ = self.response_losses(micro)
+            values = torch.stack([losses.detach().double(), torch.ones_like(losses, dtype=torch.float64)], 1)
+            self._val_sums.index_add_(0, micro["response_domain"], values)
 
     def on_validation_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
@@ -276,12 +276,14 @@ class REGAModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         now = time.perf_counter()
         real, supervised, total = self._batch_tokens
+        lr = self.lr_schedulers().get_last_lr()[0]
+        metrics = {"padding_fraction": 1.0 - real / max(1, total), "lr": lr}
         if self._last_batch_end is not None:  # the first step includes start-up costs
             seconds = now - self._last_batch_end
-            self.log("train/tokens_per_s", real / seconds, batch_size=1)
-            self.log("train/supervised_tokens_per_s", supervised / seconds, batch_size=1)
-        self.log("train/padding_fraction", 1.0 - real / max(1, total), batch_size=1)
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], batch_size=1)
+            metrics.update(tokens_per_s=real / seconds, supervised_tokens_per_s=supervised / seconds)
+        for name, value in metrics.items():
+            # A host value as a CPU tensor: self.log would copy a Python number to the GPU, each one a step.
+            self.log(f"train/{name}", torch.tensor(value, dtype=torch.float32), batch_size=1)
         self._last_batch_end = now
 
     # --- optimisation -------------------------------------------------------------------------------------
@@ -345,11 +347,12 @@ def parameter_counts(model) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def response_logits(model, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """Logits of the positions in ``mask`` (those that predict a response token); bound to the peft model."""
+def response_logits(model, batch: dict[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    """Logits of the positions ``index`` of the flattened [rows x width] hidden states (a planned batch's
+    ``response_index``: those that predict a response token); bound to the peft model."""
     base = model.get_base_model()
     hidden = decoder_hidden_states(base, batch)
-    return base.get_output_embeddings()(hidden[:, :-1][mask])
+    return base.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, index))
 
 
 @contextlib.contextmanager

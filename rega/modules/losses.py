@@ -7,10 +7,13 @@ A term is registered under a name with :func:`register_loss_term` and switched o
         kl_to_base: {weight: 0.1, domains: [general]}
 
 The registered function receives the term's settings and returns the term: a callable
-``term(module, batch, mask, logits) -> tensor`` evaluated on every micro-batch, where ``mask`` [B, L-1] marks the
-positions that predict a response token and ``logits`` are theirs (the LM head runs there only). It returns a sum
-over those positions, in the units of the summed cross-entropy: REGAModule divides the total by the batch's
-response-token count, so a term weighs the same whatever the micro-batch size.
+``term(module, batch, logits) -> tensor`` evaluated on every micro-batch. ``logits`` [N, V] are those of the
+positions that predict a response token (the LM head runs there only), in the order of the planned micro-batch's
+``response_index``, ``response_targets`` and ``response_domain`` [N]; ``domain_positions`` maps a domain id to its
+rows of ``logits`` (:mod:`rega.modules.batch_plan`). The term returns a sum over those positions, in the units of
+the summed cross-entropy: REGAModule divides the total by the batch's response-token count, so a term weighs the
+same whatever the micro-batch size. Gather with these indices rather than boolean masks: a mask's count is a
+value the host must wait for on a GPU.
 """
 
 from __future__ import annotations
@@ -62,15 +65,17 @@ def kl_to_base(weight: float = 0.1, domains: list[str] | None = None, temperatur
         raise ConfigError(f"kl_to_base: weight must be >= 0 and temperature > 0, got {weight}, {temperature}")
     names = ["general"] if domains is None else list(domains)
 
-    def term(
-        module, batch: dict[str, torch.Tensor], mask: torch.Tensor, logits: torch.Tensor
-    ) -> torch.Tensor:
-        selected = token_selection(module, batch, mask, names)
-        if not selected.any():
+    def term(module, batch: dict, logits: torch.Tensor) -> torch.Tensor:
+        selected = selected_positions(module, batch, names)
+        if selected is not None and not len(selected):
             return logits.sum() * 0.0  # keeps the graph (and FSDP's hooks) alike on every micro-batch
+        index = (
+            batch["response_index"] if selected is None else batch["response_index"].index_select(0, selected)
+        )
         with torch.no_grad(), module.model.disable_adapter():
-            base = module.model.response_logits(batch, mask)[selected]
-        adapted = F.log_softmax(logits[selected].float() / temperature, dim=-1)
+            base = module.model.response_logits(batch, index)
+        adapted = logits if selected is None else logits.index_select(0, selected)
+        adapted = F.log_softmax(adapted.float() / temperature, dim=-1)
         target = F.log_softmax(base.float() / temperature, dim=-1)
         kl = F.kl_div(adapted, target, log_target=True, reduction="sum")
         return weight * temperature**2 * kl
@@ -78,17 +83,18 @@ def kl_to_base(weight: float = 0.1, domains: list[str] | None = None, temperatur
     return term
 
 
-def token_selection(module, batch: dict[str, torch.Tensor], mask: torch.Tensor, domains: list[str]):
-    """Which of the masked positions belong to examples of ``domains`` (all when ``domains`` is empty)."""
-    token_domain = batch["token_domain"][:, 1:][mask]
+def selected_positions(module, batch: dict, domains: list[str]) -> torch.Tensor | list | None:
+    """The rows of a micro-batch's response logits that belong to examples of ``domains``: None for all (no
+    domains given), an empty list for none, else their indices (from the host plan: no host sync)."""
     if not domains:
-        return torch.ones_like(token_domain, dtype=torch.bool)
+        return None
     names = list(module.data.domains)
     if not names:
         raise RuntimeError(
             f"a loss term restricted to domains {domains} needs a data module's domains (REGADataModule)"
         )
-    wanted = [names.index(d) for d in domains if d in names]
-    return torch.isin(
-        token_domain, torch.tensor(wanted, device=token_domain.device, dtype=token_domain.dtype)
-    )
+    positions = batch["domain_positions"]
+    parts = [positions[i] for i, name in enumerate(names) if name in domains and i in positions]
+    if len(parts) > 1:
+        return torch.cat(parts)
+    return parts[0] if parts else []
