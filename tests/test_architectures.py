@@ -260,6 +260,21 @@ def test_bloom_loads_with_eager_attention(tiny_dirs):
     assert model.config._attn_implementation == "eager"
 
 
+def test_bloom_packed_rows_keep_nothing_of_the_rows_length_squared(tiny_dirs):
+    """BLOOM attends per packed example (SDPA with each example's ALiBi bias): no tensor the backward keeps spans
+    a row's length on two axes, as eager attention's scores and block mask over the whole row did."""
+    module = lora_module(tiny_dirs("bloom"))
+    data = random_examples(len(module.tokenizer))
+    rows = pack_rows(data.lengths.tolist(), ROW)
+    batch = collate_rows(data, rows, pad_id=0)
+    width = batch["input_ids"].size(1)
+    assert max(len(row) for row in rows) > 1 and max(data.lengths) < width
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t, lambda t: t):
+        module.token_losses(batch)[0].sum().backward()
+    assert shapes and not [s for s in shapes if len(s) >= 2 and s[-1] == s[-2] == width]
+
+
 def test_flash_attention_is_refused_not_leaked(tiny_dirs):
     config = ModelConfig(name_or_path=str(tiny_dirs("llama")), attn_implementation="flash_attention_2")
     if not torch.cuda.is_available():

@@ -55,7 +55,8 @@ RECORDS = (
                  config_class="MistralConfig", tiny={**ROPE_TINY, "sliding_window": 24}),
     Architecture(model_type="qwen2", packing="rope", lora_targets=LLAMA_PROJECTIONS, shared_inputs=LLAMA_SHARED,
                  config_class="Qwen2Config", tiny=ROPE_TINY),
-    # BLOOM: BELLE-7B-2M. transformers has no SDPA attention for it: it loads eager whatever is asked.
+    # BLOOM: BELLE-7B-2M. transformers has no SDPA attention for it (it loads eager whatever is asked); packed
+    # training rows run SDPA per example with its ALiBi bias instead (rega.modules.attention).
     Architecture(model_type="bloom", packing="alibi",
                  lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
                  attention=("eager",), config_class="BloomConfig",

@@ -12,8 +12,10 @@ true depends on the architecture's ``packing`` (:mod:`rega.modules.architectures
   sequence; and no B x L x L mask is built. Without a layout (evaluation, generation with a KV cache) it is
   transformers' SDPA with its mask. Under ``eager``: transformers' own block-diagonal mask (exact, O(L^2)).
 * ``alibi`` (BLOOM: BELLE-7B-2M): ALiBi ignores position ids and transformers builds its bias from a running
-  count over the row, so the decoder runs here with the bias from the restarting position ids and a
-  block-diagonal causal mask. ALiBi is shift-invariant per query row: each example gets its scores alone.
+  count over the row and attends eagerly (a [B, H, L, L] score tensor per layer). The decoder runs here instead,
+  each block's attention as exact SDPA per packed sequence with that sequence's ALiBi bias counted from its own
+  first token (:func:`packed_bloom_attention`); ALiBi is shift-invariant per query row, so each example gets the
+  scores it gets alone. Memory and time grow with each example's length squared, not the row's.
 * anything else: rows with one example each (``--data.batching grouped``) go through transformers with their
   padding mask; a packed batch is refused with a :class:`~rega.errors.ConfigError`.
 
@@ -154,7 +156,9 @@ def varlen_packed(query, key, value, layout: PackedLayout, scaling, kwargs: dict
     return out.view(batch, length, heads, dim)
 
 
-def _causal(q, k, v, scaling, window: int | None, dropout: float) -> torch.Tensor:
+def _causal(q, k, v, scaling, window: int | None, dropout: float, bias=None) -> torch.Tensor:
+    if bias is not None:  # ALiBi: a float bias that holds the causal mask
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scaling)
     length = q.shape[-2]
     gqa = q.shape[1] != k.shape[1]
     if window is None or length <= window:
@@ -168,8 +172,10 @@ def _causal(q, k, v, scaling, window: int | None, dropout: float) -> torch.Tenso
     )
 
 
-def per_sequence_packed(query, key, value, layout: PackedLayout, scaling, window, dropout) -> torch.Tensor:
-    """Exact causal SDPA per packed sequence: [B, H, L, D] in, [B, L, H, D] out.
+def per_sequence_packed(
+    query, key, value, layout: PackedLayout, scaling, window, dropout, slopes=None
+) -> torch.Tensor:
+    """Exact causal SDPA per packed sequence: [B, H, L, D] in, [B, L, H, D] out; with ALiBi ``slopes`` [H].
 
     Rows are unbound and sequences split (not sliced): their backward stacks and concatenates the pieces'
     gradients instead of adding a full-size zero tensor per slice."""
@@ -178,9 +184,25 @@ def per_sequence_packed(query, key, value, layout: PackedLayout, scaling, window
         query.unbind(0), key.unbind(0), value.unbind(0), layout.lengths()
     ):
         pieces = zip(q_row.split(lengths, 1), k_row.split(lengths, 1), v_row.split(lengths, 1))
-        outs = [_causal(q[None], k[None], v[None], scaling, window, dropout)[0] for q, k, v in pieces]
+        outs = [
+            _causal(q[None], k[None], v[None], scaling, window, dropout,
+                    None if slopes is None else alibi_bias(layout, slopes, q.shape[1], q.dtype))[0]
+            for q, k, v in pieces
+        ]  # fmt: skip
         rows.append(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0])
     return torch.stack(rows).transpose(1, 2).contiguous()
+
+
+def alibi_bias(layout: PackedLayout, slopes: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """[H, n, n]: one packed sequence's ALiBi (slope x key position, which softmax sees as slope x relative
+    distance) with -inf above the diagonal; made once per length and forward, every layer shares it."""
+    key = ("alibi", length, dtype)
+    if key not in layout._cache:
+        position = torch.arange(length, device=slopes.device)
+        bias = slopes.float()[:, None, None] * position[None, None, :]
+        causal = position[None, :] <= position[:, None]
+        layout._cache[key] = bias.masked_fill(~causal, float("-inf")).to(dtype)
+    return layout._cache[key]
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -230,6 +252,8 @@ def prepare_packed_attention(model, config) -> None:
     if kind is None:
         log.warning("model type %r: packed rows are not verified; train with --data.batching grouped",
                     model.config.model_type)  # fmt: skip
+    if kind == "alibi":
+        use_packed_bloom_attention(model)
     if kind == "rope" and model.config._attn_implementation == "sdpa":
         from transformers.masking_utils import sdpa_mask
 
@@ -278,20 +302,44 @@ def rope_hidden_states(decoder, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def bloom_hidden_states(transformer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """BloomModel's forward with ALiBi from the restarting position ids and a block-diagonal causal mask."""
+    """BloomModel's forward over packed rows: each block's attention is given the rows' layout (as its
+    ``attention_mask``) and the ALiBi slopes (as its ``alibi``), and runs :func:`packed_bloom_attention`."""
     from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 
-    position_ids = batch["position_ids"]
+    layout = PackedLayout.of_batch(batch)
     hidden = transformer.word_embeddings_layernorm(transformer.word_embeddings(batch["input_ids"]))
-    rows, length = position_ids.shape
-    heads = transformer.num_heads
-    slopes = _get_alibi_slopes(heads, hidden.device)
-    # transformers' alibi for one example is slope * position; its own builder counts across a packed row.
-    alibi = (slopes[None, :, None] * position_ids[:, None, :].float()).reshape(rows * heads, 1, length)
-    keep = PackedLayout.of(position_ids).same_sequence()[:, None]
-    mask = torch.zeros(keep.shape, dtype=hidden.dtype, device=hidden.device)
-    mask.masked_fill_(~keep, torch.finfo(hidden.dtype).min)
-    alibi = alibi.to(hidden.dtype)
+    slopes = _get_alibi_slopes(transformer.num_heads, hidden.device)  # made on the device: no copy
     for block in transformer.h:
-        hidden = block(hidden, alibi=alibi, attention_mask=mask, layer_past=None, use_cache=False)[0]
+        hidden = block(hidden, alibi=slopes, attention_mask=layout, layer_past=None, use_cache=False)[0]
     return transformer.ln_f(hidden)
+
+
+def use_packed_bloom_attention(model) -> None:
+    """Route every BloomAttention through :func:`packed_bloom_attention` (its own forward where no layout is
+    given: evaluation, generation)."""
+    from transformers.models.bloom.modeling_bloom import BloomAttention
+
+    if model.config.pretraining_tp > 1 and model.config.slow_but_exact:
+        raise ConfigError("BLOOM with slow_but_exact and pretraining_tp > 1 cannot train on packed rows")
+    for module in model.modules():
+        if isinstance(module, BloomAttention) and not isinstance(module.forward, functools.partial):
+            module.forward = functools.partial(packed_bloom_attention, module, module.forward)
+
+
+def packed_bloom_attention(
+    attention, eager_forward, hidden_states, residual, alibi, attention_mask, **kwargs
+):
+    """BloomAttention's forward on packed rows: SDPA per packed sequence with that sequence's ALiBi bias, instead
+    of eager [B, H, L, L] scores over the whole row (memory and time quadratic in the row, not the example).
+    ALiBi ignores position ids, so each sequence's bias counts from its own first token."""
+    if not isinstance(attention_mask, PackedLayout):
+        return eager_forward(hidden_states, residual, alibi=alibi, attention_mask=attention_mask, **kwargs)
+    from transformers.models.bloom.modeling_bloom import dropout_add
+
+    query, key, value = attention._reshape(attention.query_key_value(hidden_states))
+    dropout = attention.attention_dropout.p if attention.training else 0.0
+    context = per_sequence_packed(
+        query, key, value, attention_mask, attention.inv_norm_factor, None, dropout, slopes=alibi
+    )
+    output = attention.dense(context.flatten(2))
+    return dropout_add(output, residual, attention.hidden_dropout, attention.training), None
