@@ -62,6 +62,31 @@ class SlowRankZero(L.Callback):
         trainer.strategy.barrier("slow-rank-zero")
 
 
+class MeshReport(L.Callback):
+    """Each rank writes ``folder/rank{r}.json`` at the start of training: the device mesh its trainable DTensors
+    live on (dimension names, rank grid), their placements, and the sampler's replicas and rank."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import json
+
+        from torch.distributed.tensor import DTensor
+
+        params = [p for p in pl_module.parameters() if p.requires_grad and isinstance(p, DTensor)]
+        report = {
+            "meshes": sorted(
+                {json.dumps([p.device_mesh.mesh_dim_names, p.device_mesh.mesh.tolist()]) for p in params}
+            ),
+            "placements": sorted({repr(p.placements) for p in params}),
+            "params": len(params),
+            "sampler": trainer.strategy.distributed_sampler_kwargs,
+        }
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
 class ShortTimeoutDDP(DDPStrategy):
     """DDP over gloo whose collectives give up after ``seconds``, as NCCL's do after the process group timeout."""
 

@@ -135,9 +135,8 @@ class REGAModule(L.LightningModule):
         # the root module it is a forward to FSDP, which all-gathers the root's weights around it.
         model.response_logits = types.MethodType(response_logits, model)
         if self.device_mesh is not None:  # ModelParallelStrategy (FSDP2): shard before the optimizer exists
-            shard_model(
-                model, self.device_mesh["data_parallel"], decoder_layer_classes(model), ("response_logits",)
-            )
+            # the whole mesh: shard_model takes its data-parallel part, 2-D (replicate, shard) under HSDP
+            shard_model(model, self.device_mesh, decoder_layer_classes(model), ("response_logits",))
         # from_pretrained returns eval mode and Lightning keeps submodule modes: without this, LoRA dropout is off.
         self.model = model.train()
         if self.compile_layers:  # compiled lazily, at each layer's first call
