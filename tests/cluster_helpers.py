@@ -165,3 +165,43 @@ def slurm_tasks(
             proc.kill()
             proc.wait()
         return None
+
+
+def memory_kib(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB: VmRSS (resident now) or VmHWM (peak resident)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def measure_sharded_load(model_dir: str, out: str, dtype: str = "float32") -> None:
+    """One rank of a gloo job (MASTER_ADDR/PORT, RANK, WORLD_SIZE in the environment) that loads ``model_dir`` with
+    LoRA as ``REGAModule.configure_model`` does under FSDP2 (:func:`rega.modules.rank_loading.load_sharded`) and
+    runs one forward and backward; writes ``out/rank{r}.json``: its resident memory before loading, its peak
+    through loading and its peak after the step, in bytes (the peak is reset first where the kernel allows it)."""
+    import contextlib
+    import json
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from rega.config import ModelConfig
+    from rega.modules.model import LoraSettings, add_lora
+    from rega.modules.rank_loading import load_sharded
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("data_parallel",))
+    config = ModelConfig(name_or_path=model_dir, dtype=dtype)
+    dist.barrier()
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    before = memory_kib("VmRSS")
+    model = load_sharded(config, mesh, lambda base: add_lora(base, LoraSettings()))
+    report = {"before": before * 1024, "peak": memory_kib("VmHWM") * 1024}
+    model(input_ids=torch.arange(16).view(1, 16)).logits.float().mean().backward()  # the shards work
+    report["after_step"] = memory_kib("VmHWM") * 1024
+    Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
+    dist.barrier()
+    dist.destroy_process_group()

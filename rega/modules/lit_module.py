@@ -37,9 +37,10 @@ from rega.model_source import load_tokenizer
 from rega.modules.attention import decoder_hidden_states, prepare_packed_attention
 from rega.modules.batch_plan import PLANNED, plan_batch, planned
 from rega.modules.fast_lora import speed_up_lora
-from rega.modules.fsdp import is_sharded, shard_model
+from rega.modules.fsdp import is_sharded
 from rega.modules.losses import build_loss_terms
 from rega.modules.model import LoraSettings, add_lora, decoder_layer_classes, load_model
+from rega.modules.rank_loading import load_sharded
 
 log = logging.getLogger(__name__)
 
@@ -127,16 +128,11 @@ class REGAModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        base = load_model(self.model_config)
-        prepare_packed_attention(base, self.model_config)
-        model = add_lora(base, self.lora, self.model_config.gradient_checkpointing)
-        model = speed_up_lora(model, self.fast_lora)
-        # The loss runs the decoder and the LM head separately (head on response positions only); as a method of
-        # the root module it is a forward to FSDP, which all-gathers the root's weights around it.
-        model.response_logits = types.MethodType(response_logits, model)
-        if self.device_mesh is not None:  # ModelParallelStrategy (FSDP2): shard before the optimizer exists
+        if self.device_mesh is None:
+            model = self._adapted(load_model(self.model_config))
+        else:  # ModelParallelStrategy (FSDP2): shard before the optimizer exists; rank 0 alone reads the weights
             # the whole mesh: shard_model takes its data-parallel part, 2-D (replicate, shard) under HSDP
-            shard_model(model, self.device_mesh, decoder_layer_classes(model), ("response_logits",))
+            model = load_sharded(self.model_config, self.device_mesh, self._adapted, ("response_logits",))
         # from_pretrained returns eval mode and Lightning keeps submodule modes: without this, LoRA dropout is off.
         self.model = model.train()
         if self.compile_layers:  # compiled lazily, at each layer's first call
@@ -144,6 +140,17 @@ class REGAModule(L.LightningModule):
             layer_types = decoder_layer_classes(model)
             for layer in [m for m in model.modules() if isinstance(m, layer_types)]:
                 layer.compile()
+
+    def _adapted(self, base):
+        """``base`` ready to train: packed attention, LoRA; alike on every rank, whether ``base`` holds weights or
+        is on the meta device (rega.modules.rank_loading)."""
+        prepare_packed_attention(base, self.model_config)
+        model = add_lora(base, self.lora, self.model_config.gradient_checkpointing)
+        model = speed_up_lora(model, self.fast_lora)
+        # The loss runs the decoder and the LM head separately (head on response positions only); as a method of
+        # the root module it is a forward to FSDP, which all-gathers the root's weights around it.
+        model.response_logits = types.MethodType(response_logits, model)
+        return model
 
     # --- the batch, planned on the host ---------------------------------------------------------------------
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):

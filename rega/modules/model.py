@@ -109,6 +109,24 @@ def load_model(config: ModelConfig, device_map: str | dict | None = None):
         raise
 
 
+def empty_model(config: ModelConfig):
+    """:func:`load_model`'s module tree (same dtype and attention implementation) on the meta device, built from
+    the model's config alone: no weight is read (the ranks that receive their shards from rank 0 build this)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model_path(config)
+    model_config = AutoConfig.from_pretrained(
+        path, revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(
+            model_config,
+            dtype=torch_dtype(config.dtype),
+            attn_implementation=attention_implementation(path, config),
+            trust_remote_code=config.trust_remote_code,
+        )
+
+
 # Every load path checkpoints non-reentrantly. peft's 4-bit preparation, given no kwargs, leaves torch to pick
 # reentrant checkpointing, which replays a layer without its keyword arguments' autograd history and needs inputs
 # that require grad.
