@@ -11,6 +11,8 @@ missing files), 1 for anything else. ``--debug`` (or ``REGA_DEBUG=1``) shows the
 from __future__ import annotations
 
 import importlib
+import inspect
+import json
 import os
 import sys
 
@@ -27,6 +29,7 @@ COMMANDS = {
     "predict": "rega.use.predict:predict_command",
     "grid": "rega.experiments.grid:grid_command",
     "report": "rega.experiments.report:report_command",
+    "plan": "rega.plan.command:plan_command",
 }
 LIGHTNING_COMMANDS = ("fit", "validate")
 # LightningCLI offers test too, but REGAModule has no test step: refuse it in one line. (Lightning's predict is
@@ -47,14 +50,38 @@ SUMMARIES = {
     "predict": "answer a JSONL/CSV of records with the base model or an adapter (restartable)",
     "grid": "run a grid of strategies: fit, then evaluate, each in its own process",
     "report": "compare the finished runs of a grid: tables and plots",
+    "plan": "memory per GPU, FLOPs and time of a fit from its configs (meta device: no GPU, no weights)",
 }
+
+
+# Commands that read a fit's configuration: given the fit's own arguments (``--config`` files and overrides such as
+# ``--data.batch_size 2``), as `fit` takes them, besides their own options.
+FIT_CONFIG_COMMANDS = {"plan"}
 
 
 def run_command(name: str, args: list[str]):
     from jsonargparse import CLI
 
     module, func = COMMANDS[name].split(":")
-    return CLI(getattr(importlib.import_module(module), func), args=args, as_positional=False)
+    function = getattr(importlib.import_module(module), func)
+    if name in FIT_CONFIG_COMMANDS:
+        args = fit_args_apart(args, set(inspect.signature(function).parameters) - {"fit_args"})
+    return CLI(function, args=args, as_positional=False)
+
+
+def fit_args_apart(args: list[str], own: set[str]) -> list[str]:
+    """The command's own options (``--NAME VALUE`` or ``--NAME=VALUE`` for NAME in ``own``; help) as given, and
+    every other argument, the fit's, as one ``--fit_args`` JSON list."""
+    mine, fit, rest = [], [], iter(args)
+    for arg in rest:
+        name = arg[2:].partition("=")[0] if arg.startswith("--") else None
+        if arg in ("-h", "--help") or name == "print_config":
+            mine.append(arg)
+        elif name in own:
+            mine += [arg] if "=" in arg else [arg, next(rest, "")]
+        else:
+            fit.append(arg)
+    return [*mine, "--fit_args", json.dumps(fit)]
 
 
 def load_plugins() -> None:

@@ -196,11 +196,11 @@ class _ParseOnly(REGACLI):
         pass
 
 
-def resolve_fit_config(config_files: list[str]) -> dict:
-    """The fit configuration that ``fit --config F ...`` would run, every default and file reference filled in,
-    as plain values (``model``, ``data``, ``trainer``, ...): what SDFT's rewrite and the merge read their base
-    model and domain data from, in this process."""
-    args = [arg for path in config_files for arg in ("--config", str(path))]
+def resolve_fit_config(config_files: list[str], overrides: list[str] = ()) -> dict:
+    """The fit configuration that ``fit --config F ... OVERRIDES`` would run, every default and file reference
+    filled in, as plain values (``model``, ``data``, ``trainer``, ...): what SDFT's rewrite, the merge and the plan
+    read, in this process."""
+    args = [*(arg for path in config_files for arg in ("--config", str(path))), *overrides]
     cli = _ParseOnly(REGAModule, REGADataModule, run=False, args=args, **CLI_SETTINGS)
     return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
 

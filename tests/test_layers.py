@@ -32,6 +32,7 @@ LAYERS = {
     "rega.use": 4,
     "rega.callbacks": 5,
     "rega.experiments": 5,
+    "rega.plan": 5,  # reads a fit's configuration through rega.lightning_cli
     "rega.cli": 5,
     "rega.lightning_cli": 5,
 }
