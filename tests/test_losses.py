@@ -68,7 +68,8 @@ def test_kl_to_base_is_the_kl_between_adapter_on_and_off_on_general_tokens(datam
     value = term(module, planned, logits)
     value.backward()
     mask = batch["labels"][:, 1:] != -100
-    with torch.no_grad(), module.model.disable_adapter():  # the base's logits, selected by a boolean mask here
+    # the base's logits, selected by a boolean mask here
+    with torch.no_grad(), module.model.disable_adapter():
         hidden = decoder_hidden_states(module.model.get_base_model(), batch)
         base = module.model.get_base_model().get_output_embeddings()(hidden[:, :-1][mask])
     on_general = batch["token_domain"][:, 1:][mask] == general
