@@ -23,9 +23,9 @@ JSON and the next one runs; the file is rewritten after every check.
 * ``train_*``: REGAModule steps on a 7B-shaped LLaMA (hidden 4096, 32 heads, MLP 11008, vocab 32000) with
   fewer decoder layers (``--layers``, default 4 and 8: a whole 7B does not fit the time budget), gradient
   checkpointing, 8 rows x 2048 tokens per step in micro-batches of 4: tokens/s, model FLOP/s, MFU against the
-  dense bf16 peak (``--peak-tflops``: 989 for an H200 SXM), peak memory, loss and LoRA dtypes, the attention
-  path that ran. ``extrapolation`` fits step time, FLOPs and memory linearly in the layer count and reads
-  them at LLaMA-7B's 32 layers. Then ``bf16-true`` (the project's: LoRA weights stay fp32), ``generation``
+  dense bf16 peak (``--peak-tflops``: 989 for an H200 SXM), peak memory beside ``rega plan``'s prediction
+  (``planned_peak_gib``), loss and LoRA dtypes, the attention path that ran. ``extrapolation`` fits step time,
+  FLOPs and memory (measured and planned) linearly in the layer count and reads them at LLaMA-7B's 32 layers. Then ``bf16-true`` (the project's: LoRA weights stay fp32), ``generation``
   (batched sampling with the KV cache), ``qlora`` (if bitsandbytes imports) and ``fsdp2`` (one rank). Steps are
   timed as they train: each batch planned on the host as it moves (rega.modules.batch_plan: no device sync).
 """
@@ -355,6 +355,7 @@ def train(
         "model_tflops_per_s": sig(sum(f["model"] for f in flops) / seconds / 1e12),
         "hardware_tflops_per_s": sig(sum(f["hardware"] for f in flops) / seconds / 1e12),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "planned_peak_gib": planned_peak(cfg, model_dir(cfg, layers, root), precision, options, data, strategy),
         "loss": float(timer.loss), "loss_dtype": str(timer.loss.dtype), "lora_dtype": str(lora.dtype),
         "base_weight_dtype": str(base.dtype), "attention_calls": calls,
     }  # fmt: skip
@@ -362,6 +363,26 @@ def train(
         result["mfu"] = sig(result["model_tflops_per_s"] * 1e12 / peak)
         result["hfu"] = sig(result["hardware_tflops_per_s"] * 1e12 / peak)
     return result
+
+
+def planned_peak(cfg: dict, path: Path, precision: str, options: dict, data, strategy) -> float | str:
+    """What ``rega plan`` predicts for this run's peak of allocated memory (its peak less the CUDA context, which
+    max_memory_allocated does not count), for comparison with the measured peak; or the error it raised."""
+    from rega.plan.command import build_plan
+
+    fit = {
+        "model": {"model": {"name_or_path": str(path), **options}, "micro_batch_size": cfg["micro"]},
+        "data": {"max_length": cfg["length"], "batch_size": cfg["batch_rows"], "batching": "packed"},
+        "trainer": {"precision": precision, "devices": 1, "num_nodes": 1},
+    }
+    share = float((data.spans[:, 1] - data.spans[:, 0]).sum() / data.offsets[-1])  # response tokens' share
+    layout = "fsdp2" if strategy else "ddp"
+    try:
+        plan = build_plan(fit, layout=layout, nodes=1, gpus_per_node=1, response_share=share)
+    except Exception as err:  # the measurement stands without it
+        return f"{type(err).__name__}: {err}"
+    memory = plan["memory_gib"][layout]["on" if options.get("gradient_checkpointing") else "off"]
+    return round(memory["peak"] - memory["CUDA context"], 2)
 
 
 def extrapolation(runs: list[dict], peak: float | None) -> dict:
@@ -380,6 +401,8 @@ def extrapolation(runs: list[dict], peak: float | None) -> dict:
               "model_tflops_per_s": sig(at_target("model_flops_per_step") / seconds / 1e12)}  # fmt: skip
     if a["peak_memory_gib"] is not None:
         result["peak_memory_gib"] = round(at_target("peak_memory_gib"), 2)
+    if all(isinstance(run["planned_peak_gib"], float) for run in (a, b)):
+        result["planned_peak_gib"] = round(at_target("planned_peak_gib"), 2)
     if peak:
         result["mfu"] = sig(result["model_tflops_per_s"] * 1e12 / peak)
     return result

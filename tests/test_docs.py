@@ -242,16 +242,17 @@ def test_command_names_existing_files(where, tokens):
 
 @pytest.mark.parametrize(("where", "args"), CLI_LINES, ids=[w for w, _ in CLI_LINES])
 def test_cli_command_and_options_exist(where, args):
-    from rega.cli import COMMANDS, LIGHTNING_COMMANDS
+    from rega.cli import COMMANDS, FIT_CONFIG_COMMANDS, LIGHTNING_COMMANDS
 
     if args in ([], ["--help"], ["-h"]):
         return
     command = args[0]
     assert command in (*LIGHTNING_COMMANDS, *COMMANDS), f"{where}: no command {command!r}"
-    parser = command_parser(command)
+    # a command that reads a fit's configuration passes the options it does not know to the fit's parser
+    parsers = [command_parser(c) for c in (command, *(["fit"] if command in FIT_CONFIG_COMMANDS else []))]
     unknown = [
         option
         for option in (arg.split("=", 1)[0] for arg in args[1:] if arg.startswith("--"))
-        if option != "--debug" and not knows(parser, option)  # --debug is the entry point's own
+        if option != "--debug" and not any(knows(p, option) for p in parsers)  # --debug: the entry point's
     ]
     assert unknown == [], f"{where}: `{command}` has no option {', '.join(unknown)}"
