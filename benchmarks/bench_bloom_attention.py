@@ -28,6 +28,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.common import load_average, machine_info, repo_relative  # noqa: E402
+from benchmarks.profile_step import packed_batch  # noqa: E402
 from rega.config import ModelConfig  # noqa: E402
 from rega.io import write_json  # noqa: E402
 from rega.modules.attention import PackedLayout, decoder_hidden_states, prepare_packed_attention  # noqa: E402
@@ -63,16 +64,8 @@ def tiny_bloom(heads: int, layers: int, device: str):
 
 
 def packed_rows(rows: int, length: int, device: str) -> dict:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 1000, (rows, length), generator=g)
-    positions = torch.zeros((rows, length), dtype=torch.long)
-    for r in range(rows):
-        col = 0
-        while col < length:
-            n = min(int(torch.randint(60, 600, (1,), generator=g)), length - col)
-            positions[r, col : col + n] = torch.arange(n)
-            col += n
-    batch = planned({"input_ids": ids, "labels": ids.clone(), "position_ids": positions})
+    batch = packed_batch(rows, length, vocab=1000, example_tokens=(60, 600))
+    batch = planned({key: value for key, value in batch.items() if key != "token_domain"})
     return {
         key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()
     }

@@ -50,16 +50,24 @@ ATTENTION = ("scaled_dot_product", "flash_attention")
 CATEGORIES = ("matmul", "attention", "dropout masks", "element-wise/other ops", "python/dispatch")
 
 
-def packed_batch(rows: int, length: int = 512, seed: int = 0) -> dict[str, torch.Tensor]:
+def packed_batch(
+    rows: int,
+    length: int = 512,
+    seed: int = 0,
+    vocab: int = 49000,
+    example_tokens: tuple[int, int] = (60, 300),
+) -> dict[str, torch.Tensor]:
+    """``rows`` packed rows of random examples (``example_tokens``: the range of their lengths), the last 40 % of
+    each example its response."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 49000, (rows, length), generator=g)
+    ids = torch.randint(0, vocab, (rows, length), generator=g)
     labels = torch.full((rows, length), -100)
     positions = torch.zeros((rows, length), dtype=torch.long)
     domain = torch.zeros((rows, length), dtype=torch.long)
     for r in range(rows):
         col = 0
         while col < length:
-            n = min(int(torch.randint(60, 300, (1,), generator=g)), length - col)
+            n = min(int(torch.randint(*example_tokens, (1,), generator=g)), length - col)
             positions[r, col : col + n] = torch.arange(n)
             start = col + int(0.6 * n)
             labels[r, start : col + n] = ids[r, start : col + n]

@@ -205,3 +205,32 @@ def measure_sharded_load(model_dir: str, out: str, dtype: str = "float32") -> No
     Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def last_lora_state(root: Path) -> dict:
+    """The LoRA state dict of the run's ``last.ckpt`` below ``root``."""
+    import torch
+
+    return torch.load(next(root.rglob("last.ckpt")), weights_only=False, map_location="cpu")["state_dict"]
+
+
+def assert_trains_like_ddp(ddp: Path, other: Path, steps: int) -> dict:
+    """``other`` (FSDP2, HSDP) against DDP over the same ranks, batches, LoRA init and dropout masks: per-step loss
+    and clipped global gradient norm equal up to the reduction order (relative 1e-4 and 1e-3), clipping active,
+    and its last checkpoint holding every LoRA tensor whole and equal. Returns ``other``'s LoRA state."""
+    import pytest
+    import torch
+
+    losses, norms = ({name: read_scalars(root, key) for name, root in [("ddp", ddp), ("other", other)]}
+                     for key in ("train/loss", "train/grad_norm"))  # fmt: skip
+    assert sorted(losses["other"]) == sorted(losses["ddp"]) and len(losses["ddp"]) == steps
+    for step in losses["ddp"]:
+        assert losses["other"][step] == pytest.approx(losses["ddp"][step], rel=1e-4), step
+        assert norms["other"][step] == pytest.approx(norms["ddp"][step], rel=1e-3), step
+    assert max(norms["other"].values()) > 0.05  # clipping was active (max_grad_norm 0.05)
+    ddp_state, state = last_lora_state(ddp), last_lora_state(other)
+    assert state.keys() == ddp_state.keys() and all("lora_" in k for k in state)
+    for name, tensor in ddp_state.items():
+        assert state[name].shape == tensor.shape  # whole, not one rank's shard
+        torch.testing.assert_close(state[name], tensor, rtol=1e-3, atol=1e-5)
+    return state

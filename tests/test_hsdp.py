@@ -11,8 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
-from cluster_helpers import fit_args, free_port, read_scalars, run_env
+from cluster_helpers import assert_trains_like_ddp, fit_args, free_port, run_env
 
 from rega.errors import ConfigError
 from rega.modules.fsdp import FSDP2Strategy
@@ -48,10 +47,6 @@ def fit_on_two_nodes(args: list[str], logs: Path, timeout: float = 300) -> list[
                 proc.wait()
 
 
-def last_state(root: Path) -> dict[str, torch.Tensor]:
-    return torch.load(next(root.rglob("last.ckpt")), weights_only=False, map_location="cpu")["state_dict"]
-
-
 def test_hsdp_on_two_nodes_trains_like_ddp_on_a_2d_mesh(tiny_model_dir, tmp_path):
     """2 nodes x 2 processes: each LoRA weight sharded over its node's 2 ranks and replicated across the nodes,
     every rank reading its own batches; per-step loss and clipped global gradient norm equal DDP's over the same
@@ -74,19 +69,7 @@ def test_hsdp_on_two_nodes_trains_like_ddp_on_a_2d_mesh(tiny_model_dir, tmp_path
     hsdp_log = (hsdp / "logs" / "node0.log").read_text()
     assert "FSDP2: 2 LlamaDecoderLayer units, sharded over 2 ranks × replicated 2×" in hsdp_log
 
-    losses = {name: read_scalars(root, "train/loss") for name, root in [("ddp", ddp), ("hsdp", hsdp)]}
-    norms = {name: read_scalars(root, "train/grad_norm") for name, root in [("ddp", ddp), ("hsdp", hsdp)]}
-    assert sorted(losses["hsdp"]) == sorted(losses["ddp"]) and len(losses["ddp"]) == 3
-    for step in losses["ddp"]:  # different reduction order only: the FSDP2-vs-DDP test's tolerances
-        assert losses["hsdp"][step] == pytest.approx(losses["ddp"][step], rel=1e-4), step
-        assert norms["hsdp"][step] == pytest.approx(norms["ddp"][step], rel=1e-3), step
-    assert max(norms["hsdp"].values()) > 0.05  # clipping was active
-
-    ddp_state, hsdp_state = last_state(ddp), last_state(hsdp)
-    assert hsdp_state.keys() == ddp_state.keys() and all("lora_" in k for k in hsdp_state)
-    for name, tensor in ddp_state.items():
-        assert hsdp_state[name].shape == tensor.shape  # whole, not one rank's shard
-        torch.testing.assert_close(hsdp_state[name], tensor, rtol=1e-3, atol=1e-5)
+    assert_trains_like_ddp(ddp, hsdp, steps=3)
 
 
 @pytest.mark.parametrize(
