@@ -108,25 +108,53 @@ class PackedRows(L.LightningDataModule):
         return TrainingData(domains=DOMAINS, strategy="ft", batch_size=3)
 
 
+def sync_errors(method):
+    """``method`` under CUDA's own detector: any synchronizing call (a device-to-host copy, a wait) raises."""
+
+    def run(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    return run
+
+
+def fit_two_steps(lora_module_, accelerator: str, wrap, monkeypatch, root) -> L.Trainer:
+    """Two training steps of ``lora_module_``'s model (micro-batches of 2, kl_to_base on general tokens), the step
+    and its batch hooks wrapped by ``wrap``."""
+    module = REGAModule(
+        model=lora_module_.model_config, lora=lora_module_.lora, micro_batch_size=2, max_grad_norm=1.0,
+        loss_terms={"kl_to_base": {"domains": ["general"]}},
+    )  # fmt: skip
+    module.model = lora_module_.model  # LoRA B already non-zero, so the KL and every gradient are too
+    for hook in ("training_step", "on_train_batch_start", "on_train_batch_end"):
+        monkeypatch.setattr(module, hook, wrap(getattr(module, hook)))
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=PackedRows(module.model.config.vocab_size))
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/kl_to_base"])
+    assert trainer.callback_metrics["train/kl_to_base"] > 0  # the selection found the general tokens
+    return trainer
+
+
 CASES = [(arch, record.attention[0]) for arch, record in ARCHITECTURES.items()]
 
 
 @pytest.mark.parametrize(("arch", "attn"), CASES, ids=[a for a, _ in CASES])
 def test_a_training_step_never_waits_for_the_device(tiny_dirs, arch, attn, monkeypatch, tmp_path):  # noqa: F811
     template = lora_module(tiny_dirs(arch), attn_implementation=attn, gradient_checkpointing=True)
-    module = REGAModule(
-        model=template.model_config, lora=template.lora, micro_batch_size=2, max_grad_norm=1.0,
-        loss_terms={"kl_to_base": {"domains": ["general"]}},
-    )  # fmt: skip
-    module.model = template.model  # LoRA B already non-zero, so the KL and every gradient are too
     recorder = WaitRecorder()
-    for hook in ("training_step", "on_train_batch_start", "on_train_batch_end"):
-        monkeypatch.setattr(module, hook, recorded(recorder, getattr(module, hook)))
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
-    trainer.fit(module, datamodule=PackedRows(module.model.config.vocab_size))
-    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/kl_to_base"])
-    assert trainer.callback_metrics["train/kl_to_base"] > 0  # the selection found the general tokens
+    fit_two_steps(template, "cpu", lambda method: recorded(recorder, method), monkeypatch, tmp_path)
     assert sorted(set(recorder.found)) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("arch", "attn"), CASES, ids=[a for a, _ in CASES])
+def test_a_cuda_training_step_never_synchronizes(tiny_dirs, arch, attn, monkeypatch, tmp_path):  # noqa: F811
+    """The same steps on a GPU under torch.cuda.set_sync_debug_mode("error"): what the CPU recording stands for."""
+    template = lora_module(tiny_dirs(arch), attn_implementation=attn, gradient_checkpointing=True)
+    fit_two_steps(template, "gpu", sync_errors, monkeypatch, tmp_path)
