@@ -37,6 +37,8 @@ THIRD_PARTY_WARNINGS = (
     (FutureWarning, "`is_gradient_checkpointing` is deprecated"),
     # Lightning 2.6's own pytree helper builds a LeafSpec, which torch 2.13 deprecates: once per step.
     (Warning, "`isinstance(treespec, LeafSpec)` is deprecated"),
+    # REGAModule plans each batch as it moves (rega.modules.batch_plan) whichever data module feeds it: by design.
+    (Warning, "You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a"),
 )
 THIRD_PARTY_LOG_LINES = (
     # An advertisement for a cloud service, printed by every Trainer without that logger.
