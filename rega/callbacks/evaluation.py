@@ -13,11 +13,13 @@ Files (rank 0), under ``output_dir`` (default ``<trainer.log_dir>/eval``):
   each carries ``epoch`` (epochs completed), ``global_step`` and ``tag``;
 * ``<tag>/predictions.jsonl`` and ``<tag>/general_mc.jsonl``: per-example answers and option log-likelihoods;
 * ``<tag>/<benchmark>/``: a judged benchmark's answers, judgments and ``scores.json`` (with ``judge``);
-* ``base.json``: general MC and drift of the base model (adapters disabled), measured once when
-  ``compare_base``; every evaluation then reports ``base`` and ``delta`` next to them.
+* ``base.json``: general MC, drift and general_gen answers of the base model (adapters disabled), measured once
+  when ``compare_base``; every evaluation then reports ``base`` and ``delta`` next to them and scores its general
+  answers against the base model's (``f1_base``, ``rougeL_base``, ``length_ratio``).
 
 Logging: every scalar of :func:`rega.eval.summary.scalars` (``eval/<rule>/overall``,
-``eval/<rule>/<domain>/<task>/acc``, ``eval/general_mc/<name>``, ``eval/drift/<name>/logprob_per_token``, a judged
+``eval/<rule>/<domain>/<task>/acc``, ``eval/general_mc/<name>``, ``eval/drift/<name>/logprob_per_token``,
+``eval/general_gen/<name>/{f1_ref,rougeL_ref,f1_base,rougeL_base,length,length_ratio,degenerate}``, a judged
 benchmark's mean ``eval/mt_bench/score`` ...) goes to every logger through ``logger.log_metrics(...,
 step=global_step)`` — the same path at epoch end and at the end of training, where ``LightningModule.log`` is not
 allowed — and a markdown table of sample answers goes to TensorBoard as text (``eval/samples``). The scalars also go
@@ -94,8 +96,8 @@ class EvaluationCallback(Callback):
             at_fit_end: also evaluate when training ends, unless that step was just evaluated.
             rules: prompt rules (``central``, ``role``); ``None`` uses the strategy's inference rules
                 (the data module's strategy), or ``central`` without one.
-            compare_base: measure general MC and drift of the base model (adapters disabled) once, and report
-                each evaluation's difference to it.
+            compare_base: measure general MC, drift and the general_gen answers of the base model (adapters
+                disabled) once, and report each evaluation's difference to it.
             output_dir: where eval files go; ``None`` uses ``<trainer.log_dir>/eval``.
             judge: LLM-judged benchmarks to run too (mt_bench, general_en, general_zh), on rank 0; needs
                 ``judge_config``. Their mean scores are logged as ``eval/<benchmark>/score``.

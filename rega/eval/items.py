@@ -5,7 +5,9 @@ with items can be committed::
 
     {"domain": {rule: {"medical/pubmedqa": {"ids", "score", "pred", ["ll_score", "ll_pred"]}}},
      "general_mc": {set: {"ids", "score"}},               # 0/1 under the set's headline metric
-     "drift": {source: {"ids", "logprob", "tokens"}}}     # summed log-probability and token count per record
+     "drift": {source: {"ids", "logprob", "tokens"}},     # summed log-probability and token count per record
+     "general_gen": {source: {"ids", "f1_ref", "rougeL_ref", "f1_base", "rougeL_base", "length", "base_length",
+                              "degenerate"}}}   # per item; null where an item has no reference / no base answer
 
 ``baselines`` holds, per closed task, what a model that ignores the input would score: the majority-class rate
 (the label most frequent in the task's TRAINING split when the evaluated file has a ``train`` sibling, else in the
@@ -24,6 +26,7 @@ from rega.config import DataSource
 from rega.data.loaders import load_records
 from rega.data.records import LETTERS, Record
 from rega.eval.domain.metrics import MC, closed_spec, task_label_sets
+from rega.eval.general.generative import METRICS
 from rega.paths import resolve_path
 
 log = logging.getLogger(__name__)
@@ -73,12 +76,34 @@ def drift_items(rows: Sequence[dict]) -> dict[str, dict]:
     return out
 
 
-def item_results(rows: Sequence[dict], mc_rows: Sequence[dict], mc_summary: dict, drift_rows: Sequence[dict]):
-    return {
+def general_gen_items(rows: Sequence[dict]) -> dict[str, dict]:
+    """{source: {ids, f1_ref, rougeL_ref, f1_base, rougeL_base, length, base_length, degenerate}} from general_gen's
+    per-item rows (:mod:`rega.eval.general.generative`): numbers only, ``None`` where an item has none."""
+    out: dict[str, dict] = {}
+    for row in rows:
+        unit = out.setdefault(row["source"], {"ids": [], **{name: [] for name in METRICS}})
+        unit["ids"].append(row["id"])
+        for name in METRICS:
+            value = row[name]
+            unit[name].append(None if value is None else round(float(value), 6))
+    return out
+
+
+def item_results(
+    rows: Sequence[dict],
+    mc_rows: Sequence[dict],
+    mc_summary: dict,
+    drift_rows: Sequence[dict],
+    gen_rows: Sequence[dict] = (),
+):
+    out = {
         "domain": domain_items(rows),
         "general_mc": mc_items(mc_rows, mc_summary),
         "drift": drift_items(drift_rows),
     }
+    if gen_rows:
+        out["general_gen"] = general_gen_items(gen_rows)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- baselines

@@ -7,12 +7,16 @@
     {"rules": {"central": {"overall", "task_mean", "domains": {domain: {"score", "tasks": {task: {...}}}}}, ...},
      "general_mc": {name: {"acc", "acc_norm", "n", "metric", "score", "backend", ["base", "delta"]}},
      "drift": {name: {"logprob_per_token", "ppl", "n_records", "n_tokens", "truncated", ["base", "delta"]}},
+     "general_gen": {name: {"n", "n_reference", "f1_ref", "rougeL_ref", "f1_base", "rougeL_base", "degenerate",
+                            "length", "length_ratio", "unit"}},   # rega.eval.general.generative
+     "general_gen_answers": {name: {id: answer}},   # a later evaluation's base answers, when this is its base
      "judge": {...},            # only when the LLM-judge evaluations ran (rega.eval.judged.benchmarks)
      "samples": [...],          # a few answers per (rule, task), for reading
      "meta": {...}}             # rules, prompts, settings, timings, files
 
 With ``output_dir`` it also writes the per-example rows there (rank 0 only): ``predictions.jsonl`` (domain
-answers: response, extracted answer, gold, score) and ``general_mc.jsonl`` (option log-likelihoods).
+answers: response, extracted answer, gold, score), ``general_mc.jsonl`` (option log-likelihoods) and
+``general_gen.jsonl`` (general answers and their scores).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from rega.data.prompts import CENTRAL, RolePrompts
 from rega.data.records import Record
 from rega.distributed import dist_info
 from rega.errors import ConfigError
-from rega.eval.domain.scoring import TaskData, check_rule, evaluate_domains, settings_tasks
+from rega.eval.domain.scoring import TaskData, check_rule, evaluate_domains, greedy_answers, settings_tasks
+from rega.eval.general.generative import general_gen_scores
 from rega.eval.general.retention import (
     DEFAULT_MC,
     MCSet,
@@ -60,21 +65,37 @@ def mc_set_names(settings: EvalSettings, records: Sequence[Record]) -> list[str]
     return DEFAULT_MC["zh" if zh > len(records) / 2 else "en"]
 
 
-def load_drift_sources(settings: EvalSettings, skipped: list[str] | None = None) -> dict[str, list[Record]]:
-    """Records of each drift source, by name; the invalid rows left out (skip_invalid) go to ``skipped``."""
+def load_sources(
+    sources: Sequence[DataSource], limit: int | None, what: str, skip_invalid: bool, skipped: list[str] | None
+) -> dict[str, list[Record]]:
+    """Records of each source, by name, the first ``limit`` of each; invalid rows left out go to ``skipped``."""
     out: dict[str, list[Record]] = {}
-    for source in settings.drift:
+    for source in sources:
         name = source_name(source)
         if name in out:
             raise ConfigError(
-                f"two drift sources are both named {name!r}: set 'task' on one to tell them apart"
+                f"two {what} sources are both named {name!r}: set 'task' on one to tell them apart"
             )
-        report = load_records(source, skip_invalid=settings.skip_invalid)
+        report = load_records(source, skip_invalid=skip_invalid)
         records = report.records
         if skipped is not None:
             skipped += report.skipped
-        out[name] = records[: settings.drift_limit] if settings.drift_limit is not None else records
+        out[name] = records[:limit] if limit is not None else records
     return out
+
+
+def load_drift_sources(settings: EvalSettings, skipped: list[str] | None = None) -> dict[str, list[Record]]:
+    """Records of each drift source, by name; the invalid rows left out (skip_invalid) go to ``skipped``."""
+    return load_sources(settings.drift, settings.drift_limit, "drift", settings.skip_invalid, skipped)
+
+
+def load_general_gen_sources(
+    settings: EvalSettings, skipped: list[str] | None = None
+) -> dict[str, list[Record]]:
+    """Records of each general_gen source, by name; the invalid rows left out (skip_invalid) go to ``skipped``."""
+    return load_sources(
+        settings.general_gen, settings.general_gen_limit, "general_gen", settings.skip_invalid, skipped
+    )
 
 
 # --------------------------------------------------------------------------------------------- plan
@@ -82,7 +103,8 @@ def load_drift_sources(settings: EvalSettings, skipped: list[str] | None = None)
 
 @dataclass
 class EvalPlan:
-    """What one evaluation measures: domain records under prompt rules, general MC sets, drift sources."""
+    """What one evaluation measures: domain records under prompt rules, general MC sets, drift sources and the
+    general instructions answered for general_gen."""
 
     rules: list[str]
     data: TaskData
@@ -91,6 +113,7 @@ class EvalPlan:
     drift: dict[str, list[Record]]
     timings: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # invalid task and drift rows left out (skip_invalid)
+    general_gen: dict[str, list[Record]] = field(default_factory=dict)
 
 
 def plan(
@@ -104,7 +127,8 @@ def plan(
     mc_sets = [resolve_mc_set(spec) for spec in mc_set_names(settings, data.records)]
     skipped = list(data.skipped)
     drift = load_drift_sources(settings, skipped)
-    return EvalPlan(list(rules), data, domain_eval, mc_sets, drift, skipped=skipped)
+    general_gen = load_general_gen_sources(settings, skipped)
+    return EvalPlan(list(rules), data, domain_eval, mc_sets, drift, skipped=skipped, general_gen=general_gen)
 
 
 @contextlib.contextmanager
@@ -158,6 +182,27 @@ def _drift(lm, system: str, todo: EvalPlan, settings: EvalSettings, base: dict) 
     }, rows
 
 
+def _general_gen(
+    lm, system: str, todo: EvalPlan, settings: EvalSettings, base: dict
+) -> tuple[dict, dict, list]:
+    """({source: aggregates}, {source: {id: answer}}, per-item rows); ``base``: the base model's result, whose
+    ``general_gen_answers`` the answers are compared with."""
+    rows: list[dict] = []
+    if not todo.general_gen:
+        return {}, {}, rows
+    with timed(todo.timings, "general_gen_s"):
+        summary, answers = general_gen_scores(
+            *lm,
+            system,
+            todo.general_gen,
+            settings,
+            greedy_answers,
+            base.get("general_gen_answers"),
+            rows=rows,
+        )
+    return summary, answers, rows
+
+
 # --------------------------------------------------------------------------------------------- aggregate, write
 
 
@@ -176,12 +221,15 @@ def samples(rows: Sequence[dict], per_task: int, width: int = 300) -> list[dict]
     return out
 
 
-def write_rows(output_dir: str | Path | None, rows: list[dict], mc_rows: list[dict]) -> dict[str, str]:
-    """predictions.jsonl and general_mc.jsonl under ``output_dir`` (rank 0); their paths by name."""
+def write_rows(
+    output_dir: str | Path | None, rows: list[dict], mc_rows: list[dict], gen_rows: Sequence[dict] = ()
+) -> dict[str, str]:
+    """predictions.jsonl, general_mc.jsonl and general_gen.jsonl under ``output_dir`` (rank 0); their paths by
+    name."""
     files: dict[str, str] = {}
     if output_dir is None or dist_info()[0] != 0:
         return files
-    for name, part in (("predictions", rows), ("general_mc", mc_rows)):
+    for name, part in (("predictions", rows), ("general_mc", mc_rows), ("general_gen", list(gen_rows))):
         if part:
             write_jsonl(Path(output_dir) / f"{name}.jsonl", part)
             files[name] = str(Path(output_dir) / f"{name}.jsonl")
@@ -211,7 +259,8 @@ def evaluate_model(
         settings: what to evaluate.
         data: preloaded task records (else loaded from ``settings.tasks``).
         output_dir: where rank 0 writes predictions.jsonl and general_mc.jsonl; ``None`` writes nothing.
-        base_reference: an earlier result of the base model; general MC and drift get ``base`` and ``delta``.
+        base_reference: an earlier result of the base model; general MC and drift get ``base`` and ``delta``, and
+            general_gen compares each answer with the base model's (its ``general_gen_answers``).
         domain_eval: run the domain tasks (off to measure only general MC and drift, e.g. for the base model).
 
     Under DDP every rank must call it (work is sharded and synced); all ranks return the same dict.
@@ -225,11 +274,16 @@ def evaluate_model(
         lm, prompts.central, todo, settings, base.get("general_mc", {})
     )
     result["drift"], drift_rows = _drift(lm, prompts.central, todo, settings, base.get("drift", {}))
-    result["items"] = item_results(rows, mc_rows, result["general_mc"], drift_rows)  # for the report's tests
+    result["general_gen"], answers, gen_rows = _general_gen(lm, prompts.central, todo, settings, base)
+    result["items"] = item_results(
+        rows, mc_rows, result["general_mc"], drift_rows, gen_rows
+    )  # report's tests
     result["baselines"] = (
         trivial_baselines(settings.tasks, todo.data.records, todo.data.labels) if rows else {}
     )
     result["samples"] = samples(rows, settings.sample_rows)
+    if answers:  # what a later evaluation compares its answers with, when this one is its base reference
+        result["general_gen_answers"] = answers
     todo.timings["total_s"] = round(time.perf_counter() - started, 1)
     result["meta"] = {
         "inference_rules": list(inference_rules),
@@ -239,7 +293,7 @@ def evaluate_model(
         # What skip_invalid left out: n shrank by this much (the first rows, to find them).
         "skipped_invalid": {"n": len(todo.skipped), "first": todo.skipped[:20]},
         "timings": todo.timings,
-        "files": write_rows(output_dir, rows, mc_rows),
+        "files": write_rows(output_dir, rows, mc_rows, gen_rows),
     }
     return result
 
@@ -247,7 +301,8 @@ def evaluate_model(
 def base_reference(
     model, tokenizer, chat: ChatFormat, prompts: RolePrompts, settings: EvalSettings, records=()
 ) -> dict:
-    """General MC and drift of the base model: ``model`` with its LoRA adapters disabled (or as is)."""
+    """General MC, drift and general_gen answers of the base model: ``model`` with its LoRA adapters disabled (or
+    as is)."""
     names = mc_set_names(settings, list(records))
     only_general = replace(settings, tasks=[], general_mc=names)
     with base_model(model):

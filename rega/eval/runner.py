@@ -82,8 +82,9 @@ def check_inputs(settings: EvalSettings, data: TaskData, request: JudgeRequest) 
     if settings.tasks and not data.records:
         sources = ", ".join(source.path for source in settings.tasks)
         raise EmptyDataError(f"no evaluation items: the task sources hold no records ({sources})")
-    if not (data.records or mc_set_names(settings, data.records) or settings.drift or request.benchmarks):
-        raise EmptyDataError("nothing to evaluate: set tasks, general_mc, drift or judge")
+    general = mc_set_names(settings, data.records) or settings.drift or settings.general_gen
+    if not (data.records or general or request.benchmarks):
+        raise EmptyDataError("nothing to evaluate: set tasks, general_mc, drift, general_gen or judge")
 
 
 def prepare(options: CommandOptions, settings: EvalSettings, request: JudgeRequest) -> Prepared:
@@ -249,8 +250,10 @@ def evaluate_command(
         rules: override the prompt rules: [central], [role] or both.
         prompts: p_c and role prompts (default: the built-in prompts in the tasks' language; p_c = the model's own
             system prompt).
-        baseline: an earlier eval.json (e.g. the zero-shot run) whose general MC and drift values give deltas.
-        compare_base: with an adapter, also measure general MC and drift with the adapter disabled (deltas).
+        baseline: an earlier eval.json (e.g. the zero-shot run) whose general MC and drift values give deltas and
+            whose general_gen answers are the base answers general_gen compares with.
+        compare_base: with an adapter, also measure general MC and drift with the adapter disabled (deltas) and
+            answer the general_gen instructions with it (the base answers general_gen compares with).
         judge: LLM-judge benchmarks to run as well: mt_bench, general_en, general_zh (under judge in eval.json).
         judge_config: the judge's YAML (configs/eval/judge_*.yaml); without it only answers are generated.
         judge_limit: first N questions of each judge benchmark.

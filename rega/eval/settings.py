@@ -46,9 +46,16 @@ class EvalSettings:
             model: held-out self-distilled base-model answers and general reference answers (records with output).
         drift_limit: first N records of each drift source; ``None`` for all.
         drift_max_length: token cap per drift example (responses are cut at their end).
+        general_gen: held-out general instructions with human reference answers (e.g.
+            ``{path: "shared:general_eval_en_dev/dev.jsonl", require_output: false}``) whose greedy answers under
+            p_c are scored against the reference and the base model's own answer: unigram F1, ROUGE-L, length
+            ratio and degenerate answers (see rega.eval.general.generative); ``[]`` skips it.
+        general_gen_limit: first N records of each general_gen source; ``None`` for all.
+        general_gen_max_new_tokens: generation cap of the general_gen answers (greedy decoding).
         sample_rows: answers per (rule, task) kept in ``samples`` (and the TensorBoard table).
-        skip_invalid: skip invalid task and drift rows, counted in eval.json (``meta.skipped_invalid``) and the
-            summary; off: the first one stops the evaluation, naming its file, line and field (as training does).
+        skip_invalid: skip invalid task, drift and general_gen rows, counted in eval.json
+            (``meta.skipped_invalid``) and the summary; off: the first one stops the evaluation, naming its file,
+            line and field (as training does).
     """
 
     tasks: list[DataSource] = field(default_factory=list)
@@ -67,11 +74,15 @@ class EvalSettings:
     drift: list[DataSource] = field(default_factory=list)
     drift_limit: int | None = 100
     drift_max_length: int = 1024
+    general_gen: list[DataSource] = field(default_factory=list)
+    general_gen_limit: int | None = 40
+    general_gen_max_new_tokens: int = 160
     sample_rows: int = 3
     skip_invalid: bool = False
 
     def __post_init__(self) -> None:
         self.tasks, self.drift = list(self.tasks or []), list(self.drift or [])
+        self.general_gen = list(self.general_gen or [])
         if self.domains is not None:
             self.domains = list(self.domains)
         if self.general_mc is not None:

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import math
 
+GEN_SCALARS = ("f1_ref", "rougeL_ref", "f1_base", "rougeL_base", "length", "length_ratio", "degenerate")
+
 
 def scalars(result: dict, prefix: str = "eval") -> dict[str, float]:
     """Flat ``name -> value`` for loggers:
 
     ``eval/<rule>/overall``, ``eval/<rule>/task_mean``, ``eval/<rule>/<domain>/score``,
     ``eval/<rule>/<domain>/<task>/{acc,f1,ll_acc}``, ``eval/general_mc/<name>`` (headline metric),
-    ``eval/general_mc/<name>/{acc,acc_norm,delta}``, ``eval/drift/<name>/{logprob_per_token,delta}``, and the
+    ``eval/general_mc/<name>/{acc,acc_norm,delta}``, ``eval/drift/<name>/{logprob_per_token,delta}``,
+    ``eval/general_gen/<name>/{f1_ref,rougeL_ref,f1_base,rougeL_base,length,length_ratio,degenerate}``, and the
     mean judge score of each judged benchmark, ``eval/<benchmark>/score`` (``eval/mt_bench/score``).
     """
     out: dict[str, float] = {}
@@ -35,6 +38,9 @@ def scalars(result: dict, prefix: str = "eval") -> dict[str, float]:
     for name, value in result.get("drift", {}).items():
         put(f"drift/{name}/logprob_per_token", value.get("logprob_per_token"))
         put(f"drift/{name}/delta", value.get("delta"))
+    for name, value in result.get("general_gen", {}).items():
+        for metric in GEN_SCALARS:
+            put(f"general_gen/{name}/{metric}", value.get(metric))
     for name, value in result.get("judge", {}).items():
         put(f"{name}/score", (value.get("overall") or {}).get("mean"))
     return out
@@ -92,6 +98,15 @@ def _drift_line(name: str, value: dict) -> str:
     )
 
 
+def _gen_line(name: str, value: dict) -> str:
+    ratio = f"{value['length_ratio']:.2f}" if value.get("length_ratio") is not None else "-"
+    return (
+        f"  {name:<16} F1 {_fmt(value['f1_ref'])}  ROUGE-L {_fmt(value['rougeL_ref'])}"
+        f"  vs base: F1 {_fmt(value['f1_base'])}  ROUGE-L {_fmt(value['rougeL_base'])}  length ratio {ratio}"
+        f"  degenerate {_fmt(value['degenerate'])}  n={value['n']} (reference {value['n_reference']})"
+    )
+
+
 def _section(result: dict, key: str, title: str, line) -> list[str]:
     values = result.get(key) or {}
     return [title, *(line(name, value) for name, value in values.items())] if values else []
@@ -112,7 +127,7 @@ def judge_text(result: dict) -> str:
 
 
 def summary_text(result: dict) -> str:
-    """A readable summary: domain scores per rule, general MC, drift."""
+    """A readable summary: domain scores per rule, general MC, drift, general generation."""
     lines = []
     for rule, summary in result.get("rules", {}).items():
         lines.append(
@@ -128,6 +143,7 @@ def summary_text(result: dict) -> str:
                 )
     lines += _section(result, "general_mc", "general multiple choice (log-likelihood, under p_c):", _mc_line)
     lines += _section(result, "drift", "drift (mean log-prob per response token, under p_c):", _drift_line)
+    lines += _section(result, "general_gen", "general generation (greedy answers under p_c, %):", _gen_line)
     skipped = result.get("meta", {}).get("skipped_invalid") or {}
     if skipped.get("n"):
         lines.append(f"skipped {skipped['n']} invalid rows (skip_invalid), first: {skipped['first'][0]}")

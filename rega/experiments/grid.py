@@ -146,7 +146,7 @@ def _evaluate(grid: Grid, run: GridRun, seed, directory: Path, timings: dict) ->
     if wants_matrix and "role" in spec.inference:
         matrix_rules = [f"role:{d}" for d in domains_of(grid)]
         command = eval_command(grid, run, directory, matrix_rules, directory / "eval_matrix")
-        command += ["--general_mc", "[]", "--drift", "[]"]
+        command += ["--general_mc", "[]", "--drift", "[]", "--general_gen", "[]"]
         _run_stage(directory, timings, "matrix_s", command, "eval.log")
     return rules
 

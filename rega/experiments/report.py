@@ -4,7 +4,7 @@ baselines, statistics and plots.
 Rows are runs (all seeds of a run together) under each prompt rule (REGA twice: REGA_c answers with p_c, REGA_r
 with each domain's p_i); columns are each task's score (accuracy for closed tasks, unigram F1 for free-form ones),
 each domain's mean, the mean over domains, and the judge-free general scores (general multiple choice, drift of
-log-likelihood) next to the judge's where it ran. Where the runs kept per-item results (``items`` in eval.json):
+log-likelihood, the general_gen scores of greedy general answers) next to the judge's where it ran. Where the runs kept per-item results (``items`` in eval.json):
 
 * every cell gets a 95 % bootstrap interval over items (and seeds; ± the spread over seeds with several);
 * two tables give each row's paired difference to FT and to zero-shot on the same items (interval and p-value:
@@ -40,6 +40,7 @@ from rega.experiments.report_baselines import (
 from rega.experiments.report_plots import plot_matrices, plot_mix_ratio
 from rega.experiments.report_runs import group_runs, load_runs
 from rega.experiments.report_stats import (
+    GEN_COLUMNS,
     check_drift_references,
     column_units,
     intervals,
@@ -85,6 +86,9 @@ def general_columns(result: dict) -> dict[str, float | None]:
     cols["general MC mean"] = sum(scores) / len(scores) if scores else None
     for name, value in sorted((result.get("drift") or {}).items()):
         cols[f"logprob:{name}"] = value.get("logprob_per_token")
+    for name, value in sorted((result.get("general_gen") or {}).items()):
+        for label, metric in GEN_COLUMNS.items():
+            cols[f"{label}:{name}"] = value.get("length_ratio" if metric == "length" else metric)
     for name, value in sorted((result.get("judge") or {}).items()):
         overall = value.get("overall") if isinstance(value, dict) else None
         cols[f"judge:{name}"] = overall.get("mean") if isinstance(overall, dict) else overall
@@ -156,11 +160,13 @@ def _pct(value: float, column: str, signed: bool = False) -> str:
     sign = "+" if signed else ""
     if column.startswith("logprob:"):
         return f"{value:{sign}.3f}"
+    if column.startswith("gen_len_ratio:"):
+        return f"{value:{sign}.2f}"
     return f"{value:{sign}.2f}" if column.startswith("judge:") else f"{100 * value:{sign}.1f}"
 
 
 def _fmt(value, column: str) -> str:
-    """Scores (0-1) as percentages; log-likelihoods and judge ratings (1-10) as they are."""
+    """Scores (0-1) as percentages; log-likelihoods, length ratios and judge ratings (1-10) as they are."""
     if value is None:
         return "–"
     return _pct(value, column) if isinstance(value, float) else str(value)
@@ -232,11 +238,11 @@ def _reference(rows: list[dict], strategy: str) -> dict | None:
 
 
 def row_headline(rows: list[dict]) -> list[str]:
-    """Columns compared in the paired tables: each task, the domain mean, the general MC mean, drift."""
+    """Columns compared in the paired tables: each task, the domain mean, the general MC mean, drift, general_gen."""
     columns = score_columns(rows)
     keep = [c for c in columns if c.endswith(")") and "(" in c and not c.startswith(("mc:", "judge:"))]
     keep += [c for c in ("domain mean", "general MC mean") if c in columns]
-    return keep + [c for c in columns if c.startswith("logprob:")]
+    return keep + [c for c in columns if c.startswith(("logprob:", "gen_"))]
 
 
 def paired_markdown(rows: list[dict], name: str) -> list[str]:
@@ -262,6 +268,13 @@ def markdown_report(groups: list[dict], rows: list[dict], columns: list[str], ba
         "Scores in % (accuracy for closed tasks, unigram F1 for free-form ones, general multiple-choice accuracy);",
         "logprob = mean log-likelihood per token of reference responses under the model (higher = closer to them).",
     ]
+    if any(c.startswith("gen_") for c in columns):
+        markdown.append(
+            "gen_* = greedy answers to general instructions: unigram F1 and ROUGE-L against the human reference"
+            " (gen_f1, gen_rougeL) and the base model's answer (…_vs_base), answer length over the base answer's"
+            " (gen_len_ratio) and the share of degenerate answers (gen_degenerate: empty, bare label, too short,"
+            " looping)."
+        )
     if stats:
         markdown.append(
             "[lo, hi]: 95 % bootstrap interval over items (and seeds); ±: standard deviation over seeds."

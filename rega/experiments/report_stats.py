@@ -16,6 +16,16 @@ from rega.errors import UserError
 from rega.experiments.stats import Unit, align, bootstrap_ci, paired_difference, seed_spread
 
 TaskCols = dict[str, dict[str, float]]  # column -> {unit: weight}
+# general_gen: report column label -> per-item metric (rega.eval.general.generative), each its own unit; the
+# length ratio is the unit ``gen_length:<source>`` (answer length over the base answer's, summed over items).
+GEN_COLUMNS = {
+    "gen_f1": "f1_ref",
+    "gen_rougeL": "rougeL_ref",
+    "gen_f1_vs_base": "f1_base",
+    "gen_rougeL_vs_base": "rougeL_base",
+    "gen_len_ratio": "length",
+    "gen_degenerate": "degenerate",
+}
 
 
 def _unit_from_seeds(
@@ -55,6 +65,21 @@ def check_drift_references(evals: list[tuple[str, dict]]) -> None:
         raise UserError(*problems)
 
 
+def _gen_parts(unit: dict) -> dict[str, tuple[list[str], list[float], list[float] | None]]:
+    """{unit kind: (ids, numerators, denominators or None)} of one general_gen source, each over the items that
+    have the value (a reference, a base answer); the length ratio's: length over base_length."""
+    out = {}
+    for metric in GEN_COLUMNS.values():
+        if metric == "length":
+            keep = [k for k, base in enumerate(unit["base_length"]) if base is not None]
+            den = [unit["base_length"][k] for k in keep]
+        else:
+            keep, den = [k for k, value in enumerate(unit[metric]) if value is not None], None
+        if keep:
+            out[f"gen_{metric}"] = ([unit["ids"][k] for k in keep], [unit[metric][k] for k in keep], den)
+    return out
+
+
 def row_units(evals: list[dict], rule: str) -> dict[str, tuple[list[str], Unit]] | None:
     """{unit name: (ids, Unit)} of one row, or None when a seed has no per-item results."""
     if not evals or any("items" not in e for e in evals):
@@ -70,12 +95,16 @@ def row_units(evals: list[dict], rule: str) -> dict[str, tuple[list[str], Unit]]
             sources.setdefault(f"mc:{name}", []).append((unit["ids"], unit["score"], None))
         for name, unit in items.get("drift", {}).items():
             sources.setdefault(f"drift:{name}", []).append((unit["ids"], unit["logprob"], unit["tokens"]))
+        for name, unit in items.get("general_gen", {}).items():
+            for key, part in _gen_parts(unit).items():
+                sources.setdefault(f"{key}:{name}", []).append(part)
     return {name: _unit_from_seeds(parts) for name, parts in sources.items() if len(parts) == len(evals)}
 
 
 def column_units(summary: dict, general: dict) -> TaskCols:
     """Which units (and weights) each score column of a row is made of, from one rule's summary (see the
-    report's columns: a task, a domain mean, the mean over domains, general MC sets and their mean, drift)."""
+    report's columns: a task, a domain mean, the mean over domains, general MC sets and their mean, drift, the
+    general_gen scores)."""
     cols: TaskCols = {}
     domains = summary.get("domains", {})
     for domain, dsum in sorted(domains.items()):
@@ -99,6 +128,9 @@ def column_units(summary: dict, general: dict) -> TaskCols:
         cols["general MC mean"] = {f"mc:{name}": 1 / len(mc) for name in mc}
     for name in sorted(general.get("drift") or {}):
         cols[f"logprob:{name}"] = {f"drift:{name}": 1.0}
+    for name in sorted(general.get("general_gen") or {}):
+        for label, metric in GEN_COLUMNS.items():
+            cols[f"{label}:{name}"] = {f"gen_{metric}:{name}": 1.0}
     return cols
 
 

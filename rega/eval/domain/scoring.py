@@ -173,7 +173,9 @@ def _distinct(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
     return [list(p) for p in seen], where
 
 
-def _generate(model, tokenizer, prompts, limit: int, settings: EvalSettings, desc: str) -> list:
+def greedy_answers(model, tokenizer, prompts, limit: int, settings: EvalSettings, desc: str) -> list:
+    """One greedy :class:`~rega.modules.generation.Generation` per tokenized prompt (at most ``limit`` new tokens),
+    in batches of ``settings.batch_size`` rows / ``max_batch_tokens``; identical prompts are answered once."""
     distinct, where = _distinct(prompts)
     sampling = SamplingConfig(do_sample=False, temperature=1.0, top_p=1.0, max_new_tokens=limit)
     answers: list = [None] * len(distinct)
@@ -239,7 +241,7 @@ def _answer(model, tokenizer, chat, mine, specs, settings: EvalSettings) -> tupl
             ll_preds.update(zip(idx, picks))
         else:
             desc = f"domain generation ({'closed' if closed else 'free-form'})"
-            gens = _generate(model, tokenizer, prompt_ids, settings.answer_cap(closed), settings, desc)
+            gens = greedy_answers(model, tokenizer, prompt_ids, settings.answer_cap(closed), settings, desc)
         responses.update(zip(idx, gens))
     return responses, ll_preds
 
@@ -380,6 +382,7 @@ __all__ = [
     "choice_candidates",
     "evaluate_domains",
     "extract_answer",
+    "greedy_answers",
     "load_task_records",
     "settings_tasks",
     "system_prompt",
