@@ -27,6 +27,7 @@ from rega.eval.pipeline import base_reference, evaluate_model
 from rega.eval.settings import EvalSettings
 from rega.eval.summary import scalars, summary_text
 from rega.experiments.report import write_report
+from rega.experiments.report_runs import load_runs
 from rega.io import write_json
 from rega.model_source import load_tokenizer
 from rega.modules.model import LoraSettings, add_lora, load_model
@@ -238,3 +239,24 @@ def test_report_gives_intervals_and_paired_tests_of_the_general_gen_scores(tmp_p
     assert "gen_* = greedy answers" in md and "| FT |" in md
     header = (tmp_path / "out" / "results.csv").read_text().splitlines()[0]
     assert "gen_f1:gen_en ci_lo" in header and "gen_degenerate:gen_en vs FT p" in header
+
+
+def test_the_report_compares_a_grids_answers_with_the_zero_shot_runs(tmp_path):
+    """A grid evaluates without the base model's answers: the report scores each run's answers against the
+    zero-shot run's (the base model's greedy answers), per item and in the source's aggregates."""
+    runs = tmp_path / "runs"
+    base_answers = {"g0": "the sky is blue because of scattering", "g1": "paris is the capital of france"}
+    mine = {"g0": "the sky is blue", "g1": "yes"}
+    for name, strategy, answers in (("zero_shot", "zero_shot", base_answers), ("ft", "ft", mine)):
+        result = gen_eval([0.5, 0.5], [0.0, 0.0], [len(a.split()) for a in answers.values()], base=False)
+        result["general_gen_answers"] = {"gen_en": answers}
+        done = {"name": name, "strategy": strategy, "mix_ratio": None, "seed": None}
+        write_json(runs / name / "done.json", done)
+        write_json(runs / name / "eval" / "eval.json", result)
+    ft = next(run for run in load_runs(runs) if run["strategy"] == "ft")["eval"]
+    unit = ft["items"]["general_gen"]["gen_en"]
+    expected = [unigram_f1(mine[k], base_answers[k], "en") for k in ("g0", "g1")]
+    assert unit["f1_base"] == pytest.approx(expected) and expected[0] > expected[1] == 0.0
+    assert unit["base_length"] == [6, 5]  # SQuAD normalisation drops "the"
+    assert ft["general_gen"]["gen_en"]["length_ratio"] == pytest.approx((4 + 1) / (6 + 5))
+    assert ft["general_gen"]["gen_en"]["f1_base"] == pytest.approx(sum(expected) / 2)

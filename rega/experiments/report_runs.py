@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rega.eval.general.generative import compare_with_base_answers
+
 
 def fit_summary(run_dir: Path) -> dict:
     """The summary.json of a run's finished fit (its last ``fit/version_<n>``, or ``fit/`` as results store it);
@@ -36,9 +38,15 @@ def _read_run(done: Path) -> dict | None:
 
 
 def load_runs(runs_dir: Path) -> list[dict]:
-    """Every evaluated run: ``<name>/done.json`` and, for grids with seeds, ``<name>/seed_<s>/done.json``."""
+    """Every evaluated run: ``<name>/done.json`` and, for grids with seeds, ``<name>/seed_<s>/done.json``; general
+    answers evaluated without the base model's are compared with a zero-shot run's (its answers are the base's)."""
     dones = sorted([*runs_dir.glob("*/done.json"), *runs_dir.glob("*/seed_*/done.json")])
-    return [run for done in dones if (run := _read_run(done))]
+    runs = [run for done in dones if (run := _read_run(done))]
+    base = next((answers for run in runs if run.get("strategy") == "zero_shot"
+                 and (answers := run["eval"].get("general_gen_answers"))), None)  # fmt: skip
+    for run in runs if base else []:
+        compare_with_base_answers(run["eval"], base)
+    return runs
 
 
 def group_runs(runs: list[dict]) -> list[dict]:

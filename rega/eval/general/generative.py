@@ -185,3 +185,26 @@ def general_gen_scores(
             rows.extend(gathered)
         log.info("general generation %s: %s", name, summary[name])
     return summary, answers
+
+
+def compare_with_base_answers(result: dict, base_answers: dict[str, dict[str, str]]) -> None:
+    """Fill an evaluation's base comparisons (per item ``f1_base``, ``rougeL_base``, ``base_length``; each source's
+    ``f1_base``, ``rougeL_base``, ``length_ratio``) from ``base_answers``, in place, for the sources evaluated
+    without them. The report uses a zero-shot run's answers (the base model's greedy answers, the same for every
+    seed), so a grid need not answer as the base model again in every job."""
+    answers = result.get("general_gen_answers") or {}
+    for name, unit in ((result.get("items") or {}).get("general_gen") or {}).items():
+        base, mine = base_answers.get(name) or {}, answers.get(name) or {}
+        if not base or any(value is not None for value in unit["f1_base"]):
+            continue
+        lang = "zh" if result["general_gen"][name].get("unit") == "chars" else "en"
+        for k, item in enumerate(unit["ids"]):
+            if item in base and item in mine:
+                scores = score_answer(mine[item], "", base[item], lang)
+                for key in ("f1_base", "rougeL_base", "base_length"):
+                    unit[key][k] = round(float(scores[key]), 6)
+        rows = [{"lang": lang, **{key: unit[key][k] for key in METRICS}} for k in range(len(unit["ids"]))]
+        again = summarize(rows)
+        result["general_gen"][name].update(
+            {key: again[key] for key in ("f1_base", "rougeL_base", "length_ratio")}
+        )
