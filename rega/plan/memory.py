@@ -10,8 +10,10 @@ What is counted, per GPU (the formulas are in each function's docstring):
 
 The saved-tensor lists behind the activation formulas were read from this project's own forward
 (``decoder_hidden_states`` with :mod:`rega.modules.fast_lora`) by walking the autograd graph of tiny models;
-``tests/test_plan.py`` compares the total with a measured CPU step (fp32: within +7..+15 %); on an H100 with bf16
-weights under bf16 autocast it came to 0.99x (checkpointing) and 1.03x (without) of ``max_memory_allocated``.
+``tests/test_plan.py`` compares the total with a measured CPU step (fp32: LLaMA +7..+13 %; BLOOM -9..-13 %, as CPU
+SDPA with a float bias keeps probabilities that CUDA's kernel does not). One H100 comparison during development
+(LLaMA, bf16 autocast) came to 0.99x (checkpointing) and 1.03x (without) of ``max_memory_allocated``;
+``scripts/gpu_check.py`` records the comparison (``planned_peak_gib``) on the next GPU.
 """
 
 from __future__ import annotations
