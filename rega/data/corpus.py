@@ -19,7 +19,13 @@ from pathlib import Path
 from rega.config import DEFAULT_MIX_RATIO, DEFAULT_SEED, DataSource, ModelConfig
 from rega.data.chat import ChatFormat
 from rega.data.loaders import LoadReport, load_many
-from rega.data.prompts import PromptConfig, RolePrompts, load_prompt_table, resolve_prompts
+from rega.data.prompts import (
+    PromptConfig,
+    RolePrompts,
+    load_prompt_table,
+    prompts_provenance,
+    resolve_prompts,
+)
 from rega.data.records import GENERAL, Record
 from rega.data.strategies import INTEGRATED, CorpusInputs, Example, build_examples, get_strategy, task_groups
 from rega.errors import ConfigError, EmptyDataError
@@ -188,6 +194,9 @@ def build_corpus(config: CorpusConfig, model_default_prompt: str | None = None) 
             "general": _input_fingerprint(config.general),
         },
     }
+    # role prompts written by `rega prompts`: model, k, seed, the items' ids, candidates and scores
+    if provenance := prompts_provenance(config.prompts, domains):
+        manifest["prompts_provenance"] = provenance
     log.info("built %d %s examples in %.2f s", len(examples), spec.name, time.perf_counter() - start)
     return Corpus(examples=examples, prompts=prompts, manifest=manifest)
 

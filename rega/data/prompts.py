@@ -72,6 +72,9 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(
             f"{path}: expected a mapping with optional 'central' and 'roles: {{domain: prompt}}'"
         )
+    # written by `rega prompts`: how each role was written
+    if not isinstance(data.get("provenance", {}), dict):
+        raise ConfigError(f"{path}: 'provenance' must be a mapping {{domain: {{...}}}}")
     return data
 
 
@@ -89,6 +92,15 @@ def load_prompt_table(config: PromptConfig) -> tuple[str | None, dict[str, str]]
     if config.central is not None:
         central = config.central
     return central, {d: p for d, p in roles.items() if str(p or "").strip()}
+
+
+def prompts_provenance(config: PromptConfig, domains: list[str]) -> dict[str, dict]:
+    """The ``provenance`` the prompts file records (``rega prompts``) for those of ``domains`` whose role prompt
+    comes from the file: a domain with an inline role is left out, since the user's prompt wins."""
+    if not config.file:
+        return {}
+    written = _read_yaml(resolve_path(config.file)).get("provenance") or {}
+    return {d: written[d] for d in sorted(set(domains)) if d in written and d not in config.roles}
 
 
 def resolve_prompts(config: PromptConfig, domains: list[str], model_default: str | None) -> RolePrompts:
