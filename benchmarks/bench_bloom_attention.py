@@ -26,6 +26,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from lightning.fabric.utilities.apply_func import move_data_to_device  # noqa: E402
 
 from benchmarks.common import load_average, machine_info, repo_relative  # noqa: E402
 from benchmarks.profile_step import packed_batch  # noqa: E402
@@ -65,10 +66,7 @@ def tiny_bloom(heads: int, layers: int, device: str):
 
 def packed_rows(rows: int, length: int, device: str) -> dict:
     batch = packed_batch(rows, length, vocab=1000, example_tokens=(60, 600))
-    batch = planned({key: value for key, value in batch.items() if key != "token_domain"})
-    return {
-        key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()
-    }
+    return move_data_to_device(planned({k: v for k, v in batch.items() if k != "token_domain"}), device)
 
 
 def eager_row_hidden_states(transformer, batch: dict) -> torch.Tensor:

@@ -18,12 +18,12 @@ benchmarks) is planned there by :func:`planned`.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from rega.data.chat import IGNORE_INDEX
 from rega.datamodules.tokenized import host_counts
+from rega.modules.attention import PackedLayout
 
 PLANNED = "response_index"  # present in a planned micro-batch
 
@@ -58,30 +58,16 @@ def plan_micro(rows: dict[str, torch.Tensor]) -> dict:
     # the domain of the predicted token (a batch made without domains counts as one)
     token_domain = rows.get("token_domain", torch.zeros_like(labels))
     domains = token_domain[:, 1:][predicts]
-    lengths = sequence_lengths(rows["position_ids"])
-    offsets = itertools.accumulate((n for row_lengths in lengths for n in row_lengths), initial=0)
+    layout = PackedLayout.of(rows["position_ids"])  # on the host: its lengths and offsets cost no sync
     return {
         **rows,
         PLANNED: row * width + col,
         "response_targets": labels[:, 1:][predicts],
         "response_domain": domains,
         "domain_positions": {int(d): (domains == d).nonzero().flatten() for d in domains.unique().tolist()},
-        "sequence_lengths": lengths,
-        "cu_seqlens": torch.tensor(list(offsets), dtype=torch.int32),
+        "sequence_lengths": layout.lengths(),
+        "cu_seqlens": layout.cu_seqlens(),
     }
-
-
-def sequence_lengths(position_ids: torch.Tensor) -> list[list[int]]:
-    """Per row, the lengths of its packed sequences (position ids restart at 0; right padding continues the last
-    sequence, so a row's lengths sum to its width)."""
-    starts = position_ids == 0
-    starts[:, 0] = True
-    width = position_ids.size(1)
-    lengths = []
-    for row_starts in starts:
-        cols = row_starts.nonzero().flatten().tolist()
-        lengths.append([end - start for start, end in zip(cols, [*cols[1:], width])])
-    return lengths
 
 
 def planned(batch: dict) -> dict:
@@ -90,12 +76,4 @@ def planned(batch: dict) -> dict:
         return batch
     device = batch["input_ids"].device
     plan = plan_micro({key: value.cpu() for key, value in batch.items() if key != "host"})
-    return {key: to_device(value, device) for key, value in plan.items()}
-
-
-def to_device(value, device: torch.device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {key: to_device(item, device) for key, item in value.items()}
-    return value
+    return move_data_to_device(plan, device)
