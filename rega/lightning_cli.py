@@ -201,7 +201,9 @@ def resolve_fit_config(config_files: list[str], overrides: list[str] = ()) -> di
     filled in, as plain values (``model``, ``data``, ``trainer``, ...): what SDFT's rewrite, the merge and the plan
     read, in this process."""
     args = [*(arg for path in config_files for arg in ("--config", str(path))), *overrides]
-    cli = _ParseOnly(REGAModule, REGADataModule, run=False, args=args, **CLI_SETTINGS)
+    with warnings.catch_warnings():  # LightningCLI's note that args were given besides this process's argv
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = _ParseOnly(REGAModule, REGADataModule, run=False, args=args, **CLI_SETTINGS)
     return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
 
 

@@ -251,22 +251,19 @@ def tiny_model(family: str, folder: Path, checkpointing: bool):
     for training as REGAModule.configure_model does: packed attention, LoRA (fused), response_logits."""
     import transformers
 
-    from rega.modules.attention import prepare_packed_attention
-    from rega.modules.fast_lora import speed_up_lora
-    from rega.modules.lit_module import response_logits
-    from rega.modules.model import add_lora
+    from rega.modules.lit_module import REGAModule
 
     config_name, model_name, settings = TINY[family]
     config = getattr(transformers, config_name)(vocab_size=VOCAB, **settings)
     torch.manual_seed(0)
     model = getattr(transformers, model_name)(config)
     model.config.save_pretrained(folder)
-    model_config = ModelConfig(attn_implementation="sdpa" if family == "llama" else "eager")
+    model_config = ModelConfig(
+        attn_implementation="sdpa" if family == "llama" else "eager", gradient_checkpointing=checkpointing
+    )
     model.config._attn_implementation = model_config.attn_implementation
-    prepare_packed_attention(model, model_config)
-    model = speed_up_lora(add_lora(model, LoraSettings(), gradient_checkpointing=checkpointing))
-    model.response_logits = types.MethodType(response_logits, model)
-    return model.train()
+    module = types.SimpleNamespace(model_config=model_config, lora=LoraSettings(), fast_lora=True)
+    return REGAModule._adapted(module, model).train()
 
 
 def measured_step_peak(model) -> int:

@@ -4,7 +4,6 @@ weights (the model is built on the meta device from its config.json; see :mod:`r
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict
 
 from rega.errors import ConfigError
@@ -69,9 +68,7 @@ def plan_command(
         )
     options = dict(gpu=gpu, layout=layout, nodes=nodes, gpus_per_node=gpus_per_node, mfu=mfu)
     corpus = read_tokenized(tokenized) if tokenized else (Corpus(tokens, "--tokens") if tokens else None)
-    with warnings.catch_warnings():  # LightningCLI's note that args were given besides this process's argv
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        fit = resolve_fit_config([], fit_args)
+    fit = resolve_fit_config([], fit_args)
     plan = build_plan(fit, corpus=corpus, response_share=response_share, **options)
     print("\n".join(plan_lines(plan)))
     if output:
