@@ -21,6 +21,7 @@ from rega.callbacks.evaluation import is_sharding
 from rega.callbacks.preemption import PreemptionCallback, resume_requeued, without_slurm_requeue
 from rega.config import DEFAULT_SEED
 from rega.datamodules import REGADataModule
+from rega.distill.role_prompts import ensure_role_prompts
 from rega.distill.runner import ensure_distilled
 from rega.errors import ConfigError
 from rega.modules.checkpoint_io import AtomicCheckpointIO
@@ -135,6 +136,10 @@ class REGACLI(LightningCLI):
             )
 
     def before_fit(self) -> None:
+        writing = self.datamodule.pending_role_prompts
+        if writing is not None:  # the prompts file the corpus reads, before prepare_data builds it
+            corpus = self.datamodule.corpus_config
+            ensure_role_prompts(corpus, writing, here=starts_the_fit(self.trainer))
         distill = self.datamodule.pending_distillation
         if distill is not None:
             ensure_distilled(distill, processes=self.trainer.num_devices * self.trainer.num_nodes)
@@ -143,6 +148,19 @@ class REGACLI(LightningCLI):
         summary = getattr(self.model, "summary", None)  # set by the fit on rank 0
         if self.trainer.is_global_zero and summary is not None:
             print("\n".join(summary_lines(summary)))
+
+
+def starts_the_fit(trainer: Trainer) -> bool:
+    """Whether this process runs before every other process of the fit exists: it is the only one, or the one node's
+    process that starts the others in ``trainer.fit`` (by running the script again, or spawning: a fork must not
+    find CUDA in use). Processes that a launcher started (torchrun, SLURM) run side by side."""
+    if trainer.num_devices * trainer.num_nodes == 1:
+        return True
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if trainer.num_nodes > 1 or environment is None or launcher is None:
+        return False
+    return not environment.creates_processes_externally and not launcher.is_interactive_compatible
 
 
 def fit_seed(value) -> int:

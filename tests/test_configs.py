@@ -208,6 +208,8 @@ def test_cpu_en_grid_trains_what_the_committed_results_trained():
         assert now["model"]["learning_rate"] == then["model"]["learning_rate"]
         lora = ("r", "alpha", "dropout")  # target_modules: written out then, the same default now
         assert {k: now["model"]["lora"][k] for k in lora} == {k: then["model"]["lora"][k] for k in lora}
+        # prompts.write (role prompts the fit writes) came later: unset, the corpus is the one of then
+        assert now["data"]["corpus"]["prompts"].pop("write") is None
         assert {**now["data"]["corpus"], "seed": None} == {**then["data"]["corpus"], "seed": None}, run.name
         for key in ("distill", "max_length", "batch_size", "batching"):
             assert now["data"][key] == then["data"][key], (run.name, key)

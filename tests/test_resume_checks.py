@@ -127,3 +127,15 @@ def test_an_unreadable_checkpoint_ends_in_one_line_naming_it(trained, capsys, tm
         assert len(lines) == 1 and str(tmp_path / name) in lines[0] and problem in lines[0], lines
         assert "weights_only" not in lines[0]
     assert "no such file" in refused(capsys, [*args, "--ckpt_path", str(tmp_path / "missing.ckpt")])[0]
+
+
+def test_a_setting_added_since_the_checkpoint_is_no_difference_while_unset():
+    """A checkpoint written before corpus.prompts.write existed trained without it: unset, it differs in nothing;
+    set, it does."""
+    from rega.modules.resume import differences
+
+    then = {"data": {"corpus": {"prompts": {"lang": "en", "file": None}}}}
+    now = {"data": {"corpus": {"prompts": {"lang": "en", "file": None, "write": None}}}}
+    assert differences(now, then) == []
+    now["data"]["corpus"]["prompts"]["write"] = {"k": 8}
+    assert differences(now, then) == ["data.corpus.prompts.write is {'k': 8} here and absent in the other"]

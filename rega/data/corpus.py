@@ -88,10 +88,12 @@ def check_config(config: CorpusConfig) -> None:
         )
     if spec.name != "zero_shot" and not config.domains:
         raise ConfigError(f"strategy {config.strategy!r} needs at least one domain source under 'domains'")
+    if config.prompts.write is not None:
+        config.prompts.write.check()
     _, roles = load_prompt_table(config.prompts)
     named = {s.domain for s in config.domains if s.domain} | set(config.only_domains)
     missing = sorted(d for d in named if d not in roles)
-    if missing:
+    if missing and config.prompts.write is None:  # else the model writes them (a fit, before the corpus)
         raise ConfigError(f"no role prompt for domain(s) {', '.join(missing)}: add them under prompts.roles")
 
 

@@ -5,7 +5,8 @@ the tokenizer is the model's (its config is linked from the model's). Tokenizati
 
 D_g is read from ``distill.output_dir`` when the strategy needs it and ``corpus.general`` is empty; producing it is
 a stage of its own (``rega distill``, or ``rega fit`` itself before training when it runs as one process), never
-work that one rank does while the others wait.
+work that one rank does while the others wait. So is the file of ``corpus.prompts.write`` (``rega prompts``, or
+``rega fit`` before it starts its processes: :mod:`rega.distill.role_prompts`).
 
 ``prepare_data`` (once per node) builds the corpus once, tokenizes it into a cache keyed by its content, and
 writes a small record, keyed by the configuration, naming those files; ``setup`` (every rank) reads the record
@@ -28,7 +29,7 @@ from rega.config import DEFAULT_SEED, MERGED, DataSource, DistillConfig, ModelCo
 from rega.data.chat import ChatFormat
 from rega.data.corpus import Corpus, CorpusConfig, build_corpus, check_config, read_corpus, read_manifest
 from rega.data.loaders import load_many
-from rega.data.prompts import CENTRAL, RolePrompts
+from rega.data.prompts import CENTRAL, RolePrompts, RolePromptWriting, prompts_file
 from rega.data.records import GENERAL, Record
 from rega.data.strategies import DOMAIN, ROLE, Example, as_examples, get_strategy
 from rega.datamodules.contract import TrainingData
@@ -131,12 +132,11 @@ class REGADataModule(L.LightningDataModule):
             raise ConfigError(
                 "data.corpus and data.corpus_dir both set: give the corpus's config or its folder"
             )
-        corpus = corpus or CorpusConfig()
-        self.corpus_config = corpus if corpus.seed is not None else replace(corpus, seed=seed)
+        self.model_config = model or ModelConfig()
+        self.corpus_config = with_fit_defaults(corpus or CorpusConfig(), seed, self.model_config)
         self.corpus_dir = Path(corpus_dir) if corpus_dir is not None else None
         self.val_sources = list(val or [])
         self.distill_config = distill
-        self.model_config = model or ModelConfig()
         self.max_length, self.batch_size, self.batching, self.seed = max_length, batch_size, batching, seed
         self.val_limit_per_task = val_limit_per_task
         self.num_workers = num_workers
@@ -161,6 +161,11 @@ class REGADataModule(L.LightningDataModule):
             return None
         needs = get_strategy(self.corpus_config.strategy).needs_general and not self.corpus_config.general
         return self.distill_config if needs else None
+
+    @property
+    def pending_role_prompts(self) -> RolePromptWriting | None:
+        """How the prompts file this corpus reads is written (``corpus.prompts.write``, model filled in), or None."""
+        return None if self.corpus_dir is not None else self.corpus_config.prompts.write
 
     def _warn_if_distilled_by_another_model(self) -> None:
         distill = self.pending_distillation
@@ -230,7 +235,9 @@ class REGADataModule(L.LightningDataModule):
         if self.corpus_dir is not None:
             return [str(self.corpus_dir / name) for name in ("manifest.json", "corpus.jsonl", "corpus.arrow")]
         config = self._effective_corpus_config()
-        return [s.path for s in [*config.domains, *config.general, *self.val_sources]]
+        prompts = prompts_file(config.prompts)  # a file rewritten (prompts.write, by hand) is another input
+        sources = [s.path for s in [*config.domains, *config.general, *self.val_sources]]
+        return sources + ([str(prompts)] if prompts else [])
 
     def _record_path(self) -> Path:
         return self.cache_root / "prepared" / f"{self.record_key()}.json"
@@ -355,6 +362,14 @@ class REGADataModule(L.LightningDataModule):
     def _batches(self, data: TokenizedExamples, mode: str) -> BatchDataset:
         batches = plan_batches(data.lengths.tolist(), mode, self.batch_size, self.max_length, self.seed)
         return BatchDataset(data, batches, self.chat.tokenizer.pad_token_id)
+
+
+def with_fit_defaults(corpus: CorpusConfig, seed: int, model: ModelConfig) -> CorpusConfig:
+    """The corpus config with what it leaves to the fit filled in: the draw's seed (the fit's) and the model that
+    writes the role prompts (the trained one), with their language (``prompts.lang``)."""
+    corpus, prompts = corpus if corpus.seed is not None else replace(corpus, seed=seed), corpus.prompts
+    write = prompts.write.filled(prompts.lang, model) if prompts.write else None
+    return replace(corpus, prompts=replace(prompts, write=write)) if write else corpus
 
 
 def first_per_task(records: list[Record], limit: int | None) -> list[Record]:

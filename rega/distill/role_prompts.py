@@ -20,27 +20,38 @@ and inline ``prompts.roles`` still override it (a user-written prompt always win
 written at all). The file is rewritten atomically after every domain, and a rerun skips the domains it already
 holds with the same settings (model, lang, k, seed, candidates, max_words, instruction), so each domain is
 written exactly once; a role in the file without provenance was written by hand and is kept.
+
+The settings are one :class:`~rega.data.prompts.RolePromptWriting`, the command's options and a fit's
+``data.corpus.prompts.write`` alike. With the latter, ``rega fit`` writes what the file lacks before it builds the
+corpus (:func:`ensure_role_prompts`, from the LightningCLI's ``before_fit``), in the fit's only process or in the
+one that starts the others, before it starts them; fits started together take turns on a lock beside the file.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import random
 import re
 from pathlib import Path
 
 import yaml
 
-from rega.config import DEFAULT_SEED, EMBEDDED, ModelConfig, SamplingConfig
+from rega.config import EMBEDDED, ModelConfig, SamplingConfig
 from rega.data.chat import ChatFormat
 from rega.data.corpus import CorpusConfig
 from rega.data.loaders import load_many
+from rega.data.prompts import RolePromptWriting
 from rega.data.records import GENERAL, Record
 from rega.errors import ConfigError, EmptyDataError, UserError
-from rega.io import atomic_write, stable_hash
+from rega.io import atomic_write, stable_hash, waiting_lock
 from rega.model_source import load_tokenizer
 from rega.modules.generation import generate
 from rega.modules.model import load_model
+from rega.paths import resolve_path
+
+log = logging.getLogger(__name__)
 
 ITEM_CHARS = 400  # each shown instruction and answer is cut to this many characters
 INSTRUCTIONS = {
@@ -192,14 +203,16 @@ class Writer:
         return sum(lp for lp, _ in scored) / max(1, sum(n for _, n in scored))
 
 
-def settings_of(model: ModelConfig, lang: str, k: int, seed: int, candidates: int, max_words: int) -> dict:
+def settings_of(writing: RolePromptWriting) -> dict:
+    """What a domain's provenance records of the settings, and a rerun compares (``writing`` filled in)."""
+    lang = writing.lang
     return {
-        "model": model.name_or_path,
+        "model": writing.model.name_or_path,
         "lang": lang,
-        "k": k,
-        "seed": seed,
-        "candidates": candidates,
-        "max_words": max_words,
+        "k": writing.k,
+        "seed": writing.seed,
+        "candidates": writing.candidates,
+        "max_words": writing.max_words,
         "instruction": stable_hash([INSTRUCTIONS[lang], ITEM_FORMAT[lang], ITEM_CHARS]),
     }
 
@@ -247,62 +260,89 @@ def write_domain(writer: Writer, domain: str, records: list[Record], settings: d
     return drafts[best], provenance
 
 
-def write_role_prompts(
-    corpus: CorpusConfig,
-    output: str | Path,
-    model: ModelConfig | None = None,
-    k: int = 8,
-    seed: int = DEFAULT_SEED,
-    candidates: int = 1,
-    max_words: int = 120,
-    lang: str = "en",
-) -> dict:
-    """Write the role prompt of every domain of ``corpus`` without one into ``output``; return the file's data."""
-    model = model or ModelConfig(name_or_path=EMBEDDED)
-    if lang not in INSTRUCTIONS:
-        raise ConfigError(f"lang must be one of {', '.join(INSTRUCTIONS)}, got {lang!r}")
-    if k < 1 or candidates < 1 or max_words < 1:
-        raise ConfigError(
-            f"k, candidates and max_words must be at least 1, got {k}, {candidates}, {max_words}"
-        )
-    path = Path(output)
+def pending_domains(corpus: CorpusConfig, data: dict, settings: dict) -> dict[str, list[Record]]:
+    """The domains of ``corpus`` whose role prompt ``data`` (the file) lacks for ``settings``, with their records:
+    a domain with an inline role is never written."""
+    return {
+        domain: records
+        for domain, records in domain_records(corpus).items()
+        if domain not in corpus.prompts.roles and not _done(data, domain, settings)
+    }
+
+
+def write_role_prompts(corpus: CorpusConfig, writing: RolePromptWriting) -> dict:
+    """Write the role prompt of every domain of ``corpus`` without one into ``writing.output``; return the file's
+    data."""
+    writing = filled(corpus, writing)
+    path = resolve_path(writing.output)
     data = read_output(path)
-    settings = settings_of(model, lang, k, seed, candidates, max_words)
-    writer = Writer(model)
-    for domain, records in domain_records(corpus).items():
-        if domain in corpus.prompts.roles or _done(data, domain, settings):
-            continue
+    settings = settings_of(writing)
+    writer = Writer(writing.model)
+    for domain, records in pending_domains(corpus, data, settings).items():
         data["roles"][domain], data["provenance"][domain] = write_domain(writer, domain, records, settings)
         write_output(path, data)  # after every domain: a killed run keeps what it finished
     return data
 
 
-def prompts_command(
-    corpus: CorpusConfig,
-    output: str = "runs/role_prompts.yaml",
-    model: ModelConfig | None = None,
-    k: int = 8,
-    seed: int = DEFAULT_SEED,
-    candidates: int = 1,
-    max_words: int = 120,
-    lang: str = "en",
-):
+def filled(corpus: CorpusConfig, writing: RolePromptWriting) -> RolePromptWriting:
+    """``writing`` checked, its unset language the corpus's and its unset model the embedded base model (a fit has
+    put the trained model there already)."""
+    writing = writing.filled(corpus.prompts.lang, ModelConfig(name_or_path=EMBEDDED))
+    writing.check()
+    return writing
+
+
+def ensure_role_prompts(corpus: CorpusConfig, writing: RolePromptWriting, here: bool) -> Path:
+    """The prompts file of a fit's ``prompts.write``, every domain in it: what it lacks is written when ``here``
+    (this process is the fit's only one, or starts the others after this), else it must hold them already.
+
+    Fits started together that name one file take turns (a lock beside it): the first writes, the others find
+    the domains done. The global random generators are left as they were, so the fit trains as one whose file
+    existed.
+    """
+    from rega.distill.runner import preserved_random_state
+
+    path = resolve_path(writing.output)
+    if here:
+        waiting = functools.partial(log.info, "prompts: another fit is writing %s; waiting for it", path)
+        with waiting_lock(path.parent / f".{path.name}.lock", on_wait=waiting), preserved_random_state():
+            write_role_prompts(corpus, writing)
+        _release_device_memory()
+        return path
+    writing = filled(corpus, writing)
+    missing = pending_domains(corpus, read_output(path), settings_of(writing))
+    if missing:
+        model = writing.model.name_or_path
+        raise ConfigError(
+            f"prompts.write: {path} lacks the role prompts of {', '.join(missing)} (or holds them written with "
+            "other settings), and a fit whose processes start side by side (torchrun, SLURM, several nodes, "
+            "ddp_fork) does not write them: write them first with `python cli.py prompts --config DATA_CONFIG "
+            f"--output {writing.output} --model.name_or_path {model} --k {writing.k} --seed {writing.seed} "
+            f"--candidates {writing.candidates} --max_words {writing.max_words} --lang {writing.lang}`, or run the "
+            "fit once on one device"
+        )
+    return path
+
+
+def _release_device_memory() -> None:
+    """The writing model is gone; give its cached GPU memory back before the fit loads the model it trains."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def prompts_command(corpus: CorpusConfig, **writing):
     """Write each domain's role prompt p_i with a model from k sampled training items of that domain.
+
+    The other options are :class:`~rega.data.prompts.RolePromptWriting`'s, a fit's ``data.corpus.prompts.write``.
 
     Args:
         corpus: the data config: its ``domains`` sources (and ``only_domains``) give the domains and their items;
             domains with an inline ``prompts.roles`` entry keep it and are not written.
-        output: the YAML file written (``roles`` and ``provenance``); give it as ``prompts.file``. A rerun skips
-            the domains it holds with the same settings.
-        model: the model that writes the prompts; unset, the embedded base model (``embedded``).
-        k: training items shown per domain (and held out per domain to score candidates).
-        seed: seeds the draw of the items and the sampling of candidates.
-        candidates: 1 decodes greedily; more samples that many (temperature 0.7, top-p 0.95) and keeps the one
-            under which the model gives k held-out answers of the domain the highest mean log-likelihood per token.
-        max_words: length limit in words (characters for zh); a longer prompt is cut at a sentence end.
-        lang: language of the instruction: en or zh.
     """
-    data = write_role_prompts(corpus, output, model, k, seed, candidates, max_words, lang)
+    settings = RolePromptWriting(**writing)
+    data = write_role_prompts(corpus, settings)
     for domain, prompt in data["roles"].items():
         print(f"{domain}: {prompt}")
-    print(f"wrote {output}")
+    print(f"wrote {settings.output}")

@@ -127,6 +127,8 @@ def differences(asked: Any, recorded: Any, name: str = "") -> list[str]:
         for key in keys:
             where = f"{name}.{key}" if name else key
             if key not in recorded or key not in asked:
+                if asked.get(key, recorded.get(key)) is None:
+                    continue  # a setting added since (corpus.prompts.write), unset: what the checkpoint trained
                 side = "here" if key in asked else "in the checkpoint"
                 lines.append(
                     f"{where} is {_show(asked.get(key, recorded.get(key)))} {side} and absent in the other"
