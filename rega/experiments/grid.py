@@ -9,7 +9,9 @@ With ``seeds`` every run is repeated once per seed, in ``<output>/<name>/seed_<s
 seed (``seed_everything``: LoRA init, dropout, batch order and the corpus draw D'_i) and the
 self-distillation's sampling seed (each seed's D_g in its own folder). A run may also rewrite its domain data
 first (``rewrite``: SDFT) or, instead of training, merge the adapters of other runs (``merge``: one LoRA per
-domain); see :mod:`rega.experiments.stages`.
+domain); see :mod:`rega.experiments.stages`. A run with ``heldout_domains`` trains on the grid's other domains and
+is evaluated on the held-out ones alone, under p_c and their hand-written p_i, and with the grid's ``auto_prompts``
+also under the automatic p_i (``eval_auto/``): the report's held-out section (:mod:`rega.experiments.report_heldout`).
 """
 
 from __future__ import annotations
@@ -24,15 +26,20 @@ from rega.distill.rewrite import RewriteConfig
 from rega.errors import ConfigError
 from rega.eval.progress import format_duration
 from rega.experiments.stages import (
+    GENERAL_OFF,
+    auto_eval_command,
+    check_auto_prompts,
     cli_command,  # noqa: F401  (kept importable from here)
     domains_of,
     eval_command,
     fit_command,
+    heldout_rules,
     merge_command,
     rewrite_command,
     run_logged,
     stage_env,  # noqa: F401
     trained,
+    trained_domains,
 )
 from rega.io import waiting_lock, write_json
 
@@ -74,6 +81,9 @@ class GridRun:
         rewrite: rewrite settings (:class:`rega.distill.rewrite.RewriteConfig`; its empty source and model are the
             fit configs'): the base model rewrites the domain data first (SDFT) and the fit trains on the rewrites.
         merge: merge other runs' adapters instead of training (see :class:`MergeSpec`).
+        heldout_domains: unseen-domain evaluation: train on every domain of the grid's evaluation tasks but these,
+            and evaluate on these alone, under p_c and their hand-written p_i (and the grid's ``auto_prompts``);
+            not with ``only_domains``. A zero_shot run with them measures the base model under those prompts.
     """
 
     name: str
@@ -89,6 +99,7 @@ class GridRun:
     evaluate: bool = True
     rewrite: RewriteConfig | None = None
     merge: MergeSpec | None = None
+    heldout_domains: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # plain dicts when built from YAML without the CLI's parser (tests, scripts)
@@ -111,6 +122,8 @@ class Grid:
             for strategies trained with role prompts.
         seeds: run every run once per seed (``<name>/seed_<s>``); ``None``: once, with the configs' seeds.
         distill_dir: where each seed's D_g is distilled (``<distill_dir>/seed_<s>``); default ``<output>/distill``.
+        auto_prompts: a role-prompts file written by ``rega prompts``: runs with ``heldout_domains`` are also
+            evaluated under its p_i of their held-out domains (``<run>/eval_auto``).
     """
 
     output: str = "runs/grid"
@@ -120,6 +133,7 @@ class Grid:
     prompt_matrix: bool = True
     seeds: list[int] | None = None
     distill_dir: str | None = None
+    auto_prompts: str | None = None
 
 
 def run_seeds(grid: Grid, run: GridRun) -> list[int | None]:
@@ -139,14 +153,18 @@ def jobs(grid: Grid, runs: list[GridRun] | None = None) -> list[tuple[GridRun, i
 
 def _evaluate(grid: Grid, run: GridRun, seed, directory: Path, timings: dict) -> list[str]:
     spec = get_strategy(run.strategy)
-    rules = list(spec.inference)
+    rules = heldout_rules(run.strategy) if run.heldout_domains else list(spec.inference)
     command = eval_command(grid, run, directory, rules, directory / "eval")
     _run_stage(directory, timings, "eval_s", command, "eval.log")
+    if run.heldout_domains:  # its prompt comparison is the held-out section's, not the matrix
+        if grid.auto_prompts:
+            _run_stage(directory, timings, "auto_s", auto_eval_command(grid, run, directory), "eval.log")
+        return rules
     wants_matrix = grid.prompt_matrix if run.prompt_matrix is None else run.prompt_matrix
     if wants_matrix and "role" in spec.inference:
         matrix_rules = [f"role:{d}" for d in domains_of(grid)]
         command = eval_command(grid, run, directory, matrix_rules, directory / "eval_matrix")
-        command += ["--general_mc", "[]", "--drift", "[]", "--general_gen", "[]"]
+        command += GENERAL_OFF
         _run_stage(directory, timings, "matrix_s", command, "eval.log")
     return rules
 
@@ -225,6 +243,7 @@ def _run_job(grid: Grid, run: GridRun, seed: int | None, directory: Path, tag: s
         **asdict(run),
         "seed": seed,
         "inference": rules,
+        **({"auto_prompts": grid.auto_prompts} if run.heldout_domains and grid.auto_prompts else {}),
         "timings": timings,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -243,6 +262,11 @@ def check_grid(grid: Grid) -> None:
                 raise ConfigError(f"run {run.name!r} merges run {name!r}, which is not in the grid")
     if len(set(names)) != len(names):
         raise ConfigError(f"run names must be unique: {names}")
+    held = [run for run in grid.runs if run.heldout_domains]
+    domains = domains_of(grid) if held else []
+    for run in held:
+        trained_domains(run, domains)  # a bad split fails before anything runs
+    check_auto_prompts(grid.auto_prompts, sorted({d for run in held for d in run.heldout_domains}))
 
 
 def grid_command(grid: Grid, only: list[str] | None = None, index: int | None = None) -> None:

@@ -1,5 +1,5 @@
 """The command lines of a grid run's stages (each runs in its own process, its output in a log file): rewrite
-(SDFT), fit, merge (one LoRA per domain) and evaluate."""
+(SDFT), fit, merge (one LoRA per domain) and evaluate; and the domains a run holding some out trains on."""
 
 from __future__ import annotations
 
@@ -12,8 +12,15 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from rega.data.strategies import get_strategy
-from rega.paths import REPO_ROOT
+import yaml
+
+from rega.data.prompts import CENTRAL
+from rega.data.strategies import ROLE, get_strategy
+from rega.errors import ConfigError
+from rega.paths import REPO_ROOT, resolve_path
+
+# Stages that measure domain tasks only (the prompt matrix, held-out domains): general measures off.
+GENERAL_OFF = ("--general_mc", "[]", "--drift", "[]", "--general_gen", "[]")
 
 
 def cli_command(*args: str) -> list[str]:
@@ -58,6 +65,8 @@ def fit_command(grid, run, run_dir: Path, seed: int | None = None) -> list[str]:
         args += ["--data.corpus.mix_ratio", str(run.mix_ratio)]
     if run.only_domains:
         args += ["--data.corpus.only_domains", json.dumps(run.only_domains)]
+    if run.heldout_domains:
+        args += ["--data.corpus.only_domains", json.dumps(trained_domains(run, domains_of(grid)))]
     args += seed_args(grid, run, seed)
     args += [
         "--trainer.default_root_dir", str(run_dir),
@@ -79,7 +88,60 @@ def eval_command(grid, run, run_dir: Path, rules: list[str], output: Path) -> li
         args += ["--adapter", str(run_dir / "adapter")]
     if run.only_domains:  # a single-domain run on its own domain(s)
         args += ["--domains", json.dumps(run.only_domains)]
+    # A held-out run on its unseen domains alone: general ability is the question of the grid's other runs.
+    if run.heldout_domains:
+        args += ["--domains", json.dumps(run.heldout_domains), *GENERAL_OFF]
     return cli_command("evaluate", *args, *run.eval_args)
+
+
+def heldout_rules(strategy: str) -> list[str]:
+    """A held-out run answers under p_c and under the unseen domain's hand-written p_i, whatever its strategy's
+    rules: every row of the report's held-out section then has both, beside the zero-shot and FT rows under p_c."""
+    return list(dict.fromkeys([CENTRAL, *get_strategy(strategy).inference, ROLE]))
+
+
+def auto_eval_command(grid, run, run_dir: Path) -> list[str]:
+    """The held-out domains' tasks under the automatic role prompts (``rega prompts``' file), into ``eval_auto/``
+    (general measures off, as in the run's first evaluation)."""
+    command = eval_command(grid, run, run_dir, [ROLE], run_dir / "eval_auto")
+    return [*command, "--prompts.file", grid.auto_prompts]
+
+
+def trained_domains(run, domains: list[str]) -> list[str]:
+    """The domains a run holding some out trains on: the grid's evaluation domains (``domains_of``) without them.
+    Raises a ConfigError naming the run where that is no held-out split."""
+    if run.only_domains:
+        raise ConfigError(
+            f"run {run.name!r} sets both heldout_domains and only_domains: give one (it trains on the grid's "
+            "domains without the held-out ones)"
+        )
+    unknown = sorted(set(run.heldout_domains) - set(domains))
+    if unknown:
+        have = ", ".join(domains) or "none (no eval_config?)"
+        raise ConfigError(
+            f"run {run.name!r} holds out {', '.join(unknown)}: not a domain of the grid's evaluation tasks ({have})"
+        )
+    kept = [d for d in domains if d not in run.heldout_domains]
+    if not kept and run.strategy != "zero_shot":
+        raise ConfigError(
+            f"run {run.name!r} holds out every domain of the grid ({', '.join(domains)}): nothing to train on"
+        )
+    return kept
+
+
+def check_auto_prompts(path: str | None, heldout: list[str]) -> None:
+    """The automatic prompts file must exist and hold a role for every held-out domain: a missing role would fall
+    back to the built-in (hand-written) one, and the "automatic" row would silently measure that."""
+    if path is None or not heldout:
+        return
+    hint = "write it with `python cli.py prompts` (docs/experiments.md, Unseen domains)"
+    file = resolve_path(path)
+    if not file.is_file():
+        raise ConfigError(f"auto_prompts {path} does not exist: {hint}")
+    roles = (yaml.safe_load(file.read_text(encoding="utf-8")) or {}).get("roles") or {}
+    missing = sorted(set(heldout) - set(roles))
+    if missing:
+        raise ConfigError(f"auto_prompts {path} has no role for {', '.join(missing)}: {hint}")
 
 
 def rewrite_command(grid, run, seed: int | None, output: Path) -> list[str]:
