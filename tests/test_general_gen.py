@@ -27,6 +27,7 @@ from rega.eval.pipeline import base_reference, evaluate_model
 from rega.eval.settings import EvalSettings
 from rega.eval.summary import scalars, summary_text
 from rega.experiments.report import write_report
+from rega.experiments.report_plots import general_panels, plot_vs_reference
 from rega.experiments.report_runs import load_runs
 from rega.io import write_json
 from rega.model_source import load_tokenizer
@@ -239,6 +240,16 @@ def test_report_gives_intervals_and_paired_tests_of_the_general_gen_scores(tmp_p
     assert "gen_* = greedy answers" in md and "| FT |" in md
     header = (tmp_path / "out" / "results.csv").read_text().splitlines()[0]
     assert "gen_f1:gen_en ci_lo" in header and "gen_degenerate:gen_en vs FT p" in header
+    # the forgetting plot: FT and REGA_c against zero-shot, one panel per general measure it compared
+    assert (
+        report["plots"]["general_vs_zero_shot"] and (tmp_path / "out" / "general_vs_zero_shot.png").is_file()
+    )
+    body = [r for r in report["rows"] if r["_vs"].get("zero-shot")]
+    assert [r["label"] for r in body] == ["FT", "REGA_c"]
+    panels = dict((title, columns) for columns, title in general_panels(body, "zero-shot"))
+    assert panels["general answers: F1 vs reference (points)"] == ["gen_f1:gen_en"]  # not gen_f1_vs_base
+    assert panels["degenerate general answers (points)"] == ["gen_degenerate:gen_en"]
+    assert not plot_vs_reference(body[:1], tmp_path / "one.png")  # one run: nothing to compare across
 
 
 def test_the_report_compares_a_grids_answers_with_the_zero_shot_runs(tmp_path):

@@ -15,7 +15,8 @@ log-likelihood, the general_gen scores of greedy general answers) next to the ju
 
 Trivial baselines (majority class and uniform chance of every closed task) come from eval.json's ``baselines``,
 else are computed from the data the run evaluated; a closed-task score not above its majority rate is marked †.
-Plots: scores against r, and the prompt-by-domain matrix that shows inter-domain confusion.
+Plots: scores against r, the prompt-by-domain matrix that shows inter-domain confusion, and each run's general
+measures as paired differences to zero-shot (forgetting at a glance).
 
 The output folder may hold other files (a README, run records), so it is not replaced as a whole: each file is
 written atomically, and ``report.json`` is removed first and written last. So a ``report.json`` vouches that every
@@ -37,7 +38,8 @@ from rega.experiments.report_baselines import (
     report_baselines,
     skipped_markdown,
 )
-from rega.experiments.report_plots import plot_matrices, plot_mix_ratio
+from rega.experiments.report_heldout import heldout_report, split_heldout
+from rega.experiments.report_plots import plot_matrices, plot_mix_ratio, plot_vs_reference
 from rega.experiments.report_runs import group_runs, load_runs
 from rega.experiments.report_stats import (
     GEN_COLUMNS,
@@ -330,16 +332,18 @@ def write_report(runs_dir: str | Path, output: str | Path) -> dict:
     if not runs:
         raise FileNotFoundError(f"no finished runs (done.json + eval/eval.json) under {runs_dir}")
     check_drift_references([(run["_eval_path"], run["eval"]) for run in runs])
+    runs, held = split_heldout(runs)  # evaluated on their unseen domains alone: a section of their own
     rows = table_rows(runs)
     groups = list({id(row["_group"]): row["_group"] for row in rows}.values())
     columns = score_columns(rows)
     stats = add_statistics(rows)
     baselines = report_baselines(groups)
     mark_below_majority(rows, baselines)
+    held_md, held_json = heldout_report(held, runs)
     out = Path(output)
     (out / "report.json").unlink(missing_ok=True)  # until the last write, the report is visibly incomplete
     with atomic_write(out / "results.md") as handle:
-        handle.write(markdown_report(groups, rows, columns, baselines, stats))
+        handle.write((markdown_report(groups, rows, columns, baselines, stats) if rows else "") + held_md)
     with atomic_write(out / "results.csv") as handle:
         handle.write(csv_text(rows, columns))
     cis = {(r["label"], c): s for r in rows for c, s in r["_ci"].items()}
@@ -347,13 +351,15 @@ def write_report(runs_dir: str | Path, output: str | Path) -> dict:
     plots = {
         "mix_ratio": plot_mix_ratio(rows, out / "mix_ratio.png", cis),
         "prompt_matrix": plot_matrices(matrices, out / "prompt_matrix.png", _fmt),
+        "general_vs_zero_shot": plot_vs_reference(rows, out / "general_vs_zero_shot.png"),
     }
     for name, made in plots.items():
         if not made:  # a plot of an earlier report must not stay beside this one's tables
             (out / f"{name}.png").unlink(missing_ok=True)
     summary = {"runs": [g["name"] for g in groups], "columns": columns, "plots": plots, "statistics": stats}
-    write_json(out / "report.json", {**summary, "baselines": baselines})
-    return {"rows": rows, "columns": columns, "plots": plots, "statistics": stats, "baselines": baselines}
+    write_json(out / "report.json", {**summary, "baselines": baselines, **held_json})
+    report = {"rows": rows, "columns": columns, "plots": plots, "statistics": stats, "baselines": baselines}
+    return {**report, **held_json}
 
 
 def check_report(output: str | Path) -> list[str]:
@@ -376,7 +382,8 @@ def report_command(runs: str, output: str = "docs/results") -> None:
     Args:
         runs: the grid's output folder (one sub-folder per run, or per run and seed, with done.json and
             eval/eval.json).
-        output: folder for results.md, results.csv, mix_ratio.png and prompt_matrix.png.
+        output: folder for results.md, results.csv and the plots (mix_ratio.png, prompt_matrix.png,
+            general_vs_zero_shot.png).
     """
     report = write_report(runs, output)
     print(to_markdown(report["rows"], report["columns"], render=cell))

@@ -1,4 +1,5 @@
-"""The report's plots: scores against the mixing ratio r, and the prompt-by-domain matrices.
+"""The report's plots: scores against the mixing ratio r, the prompt-by-domain matrices, and each run's general
+ability as a paired difference to zero-shot.
 
 PNG bytes are reproducible (no timestamps), so a regenerated report equals the committed one on the same machine.
 """
@@ -86,6 +87,64 @@ def plot_mix_ratio(rows: list[dict], path: Path, cis: dict | None = None) -> boo
         ax.set_xlabel("mixing ratio r")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.16), ncol=2, frameon=False)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+    return True
+
+
+# The general measures, one panel each: a column family (every general_gen source of it in one panel).
+GENERAL_PANELS = (
+    ("general MC mean", "general MC accuracy (points)"),
+    ("logprob:", "drift (log-prob/token)"),
+    ("gen_f1:", "general answers: F1 vs reference (points)"),
+    ("gen_f1_vs_base:", "general answers: F1 vs base answer (points)"),
+    ("gen_len_ratio:", "general answers: length / base length"),
+    ("gen_degenerate:", "degenerate general answers (points)"),
+)
+
+
+def general_panels(body: list[dict], name: str) -> list[tuple[list[str], str]]:
+    """(columns, title) of each general measure that some row of ``body`` compares with ``name``."""
+    panels = []
+    for prefix, title in GENERAL_PANELS:
+        columns = sorted({c for r in body for c in r["_vs"][name] if c == prefix or c.startswith(prefix)})
+        if columns:
+            panels.append((columns, title))
+    return panels
+
+
+def plot_vs_reference(rows: list[dict], path: Path, name: str = "zero-shot") -> bool:
+    """Forgetting at a glance: each row's paired difference to ``name`` (95 % interval) on every general measure,
+    rows top to bottom in table order; an interval left of zero (right of it for degenerate answers) is a loss."""
+    body = [r for r in rows if r.get("_vs", {}).get(name)]
+    panels = general_panels(body, name)
+    if len(body) < 2 or not panels:
+        return False
+    plt = _pyplot()
+    cols = min(3, len(panels))
+    rows_n = -(-len(panels) // cols)
+    height = 1.2 + 0.35 * len(body)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, height * rows_n), squeeze=False)
+    ys = list(range(len(body)))[::-1]
+    for ax, (columns, title) in zip(axes.flat, panels):
+        for k, column in enumerate(columns):
+            scale = 1.0 if column.startswith(("logprob:", "gen_len_ratio:")) else 100.0
+            points = [(y, r["_vs"][name].get(column)) for y, r in zip(ys, body)]
+            points = [(y + 0.15 * (k - (len(columns) - 1) / 2), d) for y, d in points if d]
+            xs = [scale * d["diff"] for _, d in points]
+            low = [scale * (d["diff"] - d["lo"]) for _, d in points]
+            high = [scale * (d["hi"] - d["diff"]) for _, d in points]
+            label = column.split(":", 1)[1] if ":" in column else None
+            ax.errorbar(xs, [y for y, _ in points], xerr=[low, high], fmt="o", capsize=2, label=label)
+        ax.axvline(0, color="grey", linewidth=0.8)
+        ax.set_yticks(ys, [r["label"] for r in body], fontsize=7)
+        ax.set_title(title, fontsize=9)
+        if len(columns) > 1:
+            ax.legend(fontsize=6, frameon=False)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(f"paired difference to {name} on the same items (95 % interval)", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
