@@ -78,7 +78,11 @@ def test_report_table_and_plots(tmp_path):
     assert "| FT | 80.0 | 80.0 | 70.0 | 70.0 | 75.0 | 50.0 | 50.0 | -2.000 |" in markdown
     assert "Prompt × test domain, rega_r0.1" in markdown
     assert (tmp_path / "out" / "results.csv").read_text().count("\n") == len(labels) + 1
-    assert report["plots"] == {"mix_ratio": True, "prompt_matrix": True}
+    assert report["plots"] == {
+        "mix_ratio": True,
+        "prompt_matrix": True,
+        "general_vs_zero_shot": False,
+    }  # no items
     first = (tmp_path / "out" / "mix_ratio.png").read_bytes()
     write_report(runs, tmp_path / "out")  # regenerating gives the same bytes
     assert (tmp_path / "out" / "mix_ratio.png").read_bytes() == first
