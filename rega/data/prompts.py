@@ -125,7 +125,8 @@ class RolePrompts:
         return {"central": self.central, "roles": dict(self.roles)}
 
 
-def _read_yaml(path: Path) -> dict:
+def read_prompts_file(path: Path) -> dict:
+    """A prompts file's mapping (``central``, ``roles``, ``provenance``), checked; a :class:`ConfigError` names the file."""
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict) or not isinstance(data.get("roles", {}), dict):
         raise ConfigError(
@@ -156,13 +157,13 @@ def _user_file(config: PromptConfig) -> dict:
     path = prompts_file(config)
     if path is None or (config.write is not None and not path.exists()):
         return {}
-    return _read_yaml(path)
+    return read_prompts_file(path)
 
 
 def load_prompt_table(config: PromptConfig) -> tuple[str | None, dict[str, str]]:
     """(central or None, roles) from the built-ins, then the user file, then inline values."""
     builtin = BUILTIN_DIR / f"{config.lang}.yaml"
-    merged = _read_yaml(builtin) if builtin.exists() else {"roles": {}}
+    merged = read_prompts_file(builtin) if builtin.exists() else {"roles": {}}
     roles = dict(merged.get("roles", {}))
     central = merged.get("central")
     user = _user_file(config)

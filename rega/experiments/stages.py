@@ -12,9 +12,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-import yaml
-
-from rega.data.prompts import CENTRAL
+from rega.data.prompts import CENTRAL, read_prompts_file
 from rega.data.strategies import ROLE, get_strategy
 from rega.errors import ConfigError
 from rega.paths import REPO_ROOT, resolve_path
@@ -138,7 +136,7 @@ def check_auto_prompts(path: str | None, heldout: list[str]) -> None:
     file = resolve_path(path)
     if not file.is_file():
         raise ConfigError(f"auto_prompts {path} does not exist: {hint}")
-    roles = (yaml.safe_load(file.read_text(encoding="utf-8")) or {}).get("roles") or {}
+    roles = read_prompts_file(file).get("roles") or {}
     missing = sorted(set(heldout) - set(roles))
     if missing:
         raise ConfigError(f"auto_prompts {path} has no role for {', '.join(missing)}: {hint}")
