@@ -266,9 +266,16 @@ def test_committed_cpu_results_regenerate_from_their_runs(grid, tmp_path, shared
 
 
 def test_report_formats_by_column_not_by_magnitude():
-    from rega.experiments.report import _fmt
+    from rega.experiments.report_format import difference, fmt, with_interval
 
-    assert _fmt(0.425, "mc:arc_easy") == "42.5"
-    assert _fmt(-1.207, "logprob:self_distilled_heldout") == "-1.207"  # not -120.7 %
-    assert _fmt(-2.5, "logprob:general_en_reference") == "-2.500"
-    assert _fmt(1.25, "judge:mt_bench") == "1.25" and _fmt(None, "x") == "–"
+    assert fmt(0.425, "mc:arc_easy") == "42.5"
+    assert fmt(-1.207, "logprob:self_distilled_heldout") == "-1.207"  # not -120.7 %
+    assert fmt(-2.5, "logprob:general_en_reference") == "-2.500"
+    assert fmt(1.25, "judge:mt_bench") == "1.25" and fmt(None, "x") == "–"
+    assert fmt(0.81, "gen_len_ratio:general_en") == "0.81"
+    stats = {"sd": 0.02, "lo": 0.4, "hi": 0.45}
+    assert with_interval(0.425, stats, "mc:arc_easy") == "42.5 ±2.0 [40.0, 45.0]"
+    assert with_interval(None, stats, "mc:arc_easy") == "–"
+    paired = {"diff": -0.054, "lo": -0.087, "hi": -0.02, "p": 0.0015}
+    assert difference(paired, "gen_f1:general_en") == "-5.4 [-8.7, -2.0] p=0.0015"
+    assert difference(None, "x") == "–"

@@ -38,6 +38,7 @@ from rega.experiments.report_baselines import (
     report_baselines,
     skipped_markdown,
 )
+from rega.experiments.report_format import difference, domain_columns, fmt, mean, with_interval
 from rega.experiments.report_heldout import heldout_report, split_heldout
 from rega.experiments.report_plots import plot_matrices, plot_mix_ratio, plot_vs_reference
 from rega.experiments.report_runs import group_runs, load_runs
@@ -100,17 +101,9 @@ def general_columns(result: dict) -> dict[str, float | None]:
 def rule_columns(summary: dict, result: dict) -> dict[str, float | None]:
     cols: dict[str, float | None] = {}
     for domain, dsum in sorted(summary["domains"].items()):
-        for task, tsum in sorted(dsum["tasks"].items()):
-            cols[f"{task} ({tsum['metric']})"] = tsum["score"]
-            if "ll_acc" in tsum and tsum["metric"] != "ll_acc":
-                cols[f"{task} (ll_acc)"] = tsum["ll_acc"]
-        cols[f"{domain} mean"] = dsum["score"]
+        cols.update(domain_columns(domain, dsum))
     cols["domain mean"] = summary.get("overall")
     return {**cols, **general_columns(result)}
-
-
-def _mean(values: list) -> float | None:
-    return None if not values or any(v is None for v in values) else sum(values) / len(values)
 
 
 def table_rows(runs: list[dict]) -> list[dict]:
@@ -140,7 +133,7 @@ def table_rows(runs: list[dict]) -> list[dict]:
                 "mix_ratio": group.get("mix_ratio"),
                 "seeds": " ".join(str(s) for s in group["seeds"] if s is not None),
             }
-            row.update({c: _mean([p.get(c) for p in per_seed]) for c in per_seed[0]})
+            row.update({c: mean([p.get(c) for p in per_seed]) for c in per_seed[0]})
             row["_group"], row["_cols"] = group, column_units(summary, first)
             row["_domains"] = set(summary["domains"])
             rows.append(row)
@@ -158,33 +151,13 @@ def _partial_domain_means(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def _pct(value: float, column: str, signed: bool = False) -> str:
-    sign = "+" if signed else ""
-    if column.startswith("logprob:"):
-        return f"{value:{sign}.3f}"
-    if column.startswith("gen_len_ratio:"):
-        return f"{value:{sign}.2f}"
-    return f"{value:{sign}.2f}" if column.startswith("judge:") else f"{100 * value:{sign}.1f}"
-
-
-def _fmt(value, column: str) -> str:
-    """Scores (0-1) as percentages; log-likelihoods, length ratios and judge ratings (1-10) as they are."""
-    if value is None:
-        return "–"
-    return _pct(value, column) if isinstance(value, float) else str(value)
-
-
 def cell(row: dict, column: str) -> str:
-    text = _fmt(row.get(column), column)
-    stats = row.get("_ci", {}).get(column)
-    if stats and row.get(column) is not None:
-        sd = f" ±{_pct(stats['sd'], column)}" if stats.get("sd") is not None else ""
-        text += f"{sd} [{_pct(stats['lo'], column)}, {_pct(stats['hi'], column)}]"
+    text = with_interval(row.get(column), row.get("_ci", {}).get(column), column)
     return text + ("†" if column in row.get("_below", ()) else "")
 
 
 def to_markdown(rows: list[dict], columns: list[str], first: str = "strategy", render=None) -> str:
-    render = render or (lambda row, c: _fmt(row.get(c), c))
+    render = render or (lambda row, c: fmt(row.get(c), c))
     lines = ["| " + " | ".join([first, *columns]) + " |", "|" + "---|" * (len(columns) + 1)]
     for row in rows:
         lines.append("| " + " | ".join([row["label"], *(render(row, c) for c in columns)]) + " |")
@@ -210,7 +183,7 @@ def prompt_matrix(group: dict) -> tuple[list[str], list[str], list[list[float | 
         values = [
             m["rules"][f"role:{prompt}"]["domains"].get(domain, {}).get("score") for m in group["matrices"]
         ]
-        return _mean(values)
+        return mean(values)
 
     return prompts, domains, [[score(p, d) for d in domains] for p in prompts]
 
@@ -254,10 +227,7 @@ def paired_markdown(rows: list[dict], name: str) -> list[str]:
     columns = [c for c in row_headline(rows) if any(c in r["_vs"][name] for r in body)]
 
     def render(row, column):
-        d = row["_vs"][name].get(column)
-        if not d:
-            return "–"
-        return f"{_pct(d['diff'], column, True)} [{_pct(d['lo'], column, True)}, {_pct(d['hi'], column, True)}] p={d['p']:.2g}"
+        return difference(row["_vs"][name].get(column), column)
 
     return ["", f"Paired difference to {name} on the same items (points; 95 % paired-bootstrap interval, over seeds "
             "too where a side has several; p: exact McNemar for one seed of a closed task, paired permutation for "
@@ -350,7 +320,7 @@ def write_report(runs_dir: str | Path, output: str | Path) -> dict:
     matrices = [(g["name"], m) for g in groups if (m := prompt_matrix(g))]
     plots = {
         "mix_ratio": plot_mix_ratio(rows, out / "mix_ratio.png", cis),
-        "prompt_matrix": plot_matrices(matrices, out / "prompt_matrix.png", _fmt),
+        "prompt_matrix": plot_matrices(matrices, out / "prompt_matrix.png", fmt),
         "general_vs_zero_shot": plot_vs_reference(rows, out / "general_vs_zero_shot.png"),
     }
     for name, made in plots.items():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rega.experiments.report_format import difference, domain_columns, mean, with_interval
 from rega.experiments.report_stats import column_units, intervals, paired, row_units
 
 # (prompt source, the run's evaluation holding it, its rule)
@@ -64,26 +65,11 @@ def _evals(group: dict, kind: str, rule: str, domain: str) -> list[dict]:
     return evals if whole else []
 
 
-def _scores(dsum: dict, domain: str) -> dict[str, float | None]:
-    """One seed's columns, named as :func:`column_units` names them: each task's score (and ll_acc), the mean."""
-    cols: dict[str, float | None] = {}
-    for task, tsum in sorted(dsum["tasks"].items()):
-        cols[f"{task} ({tsum['metric']})"] = tsum["score"]
-        if "ll_acc" in tsum and tsum["metric"] != "ll_acc":
-            cols[f"{task} (ll_acc)"] = tsum["ll_acc"]
-    cols[f"{domain} mean"] = dsum["score"]
-    return cols
-
-
-def _mean(values: list) -> float | None:
-    return None if not values or any(v is None for v in values) else sum(values) / len(values)
-
-
 def _row(group: dict, source: str, kind: str, rule: str, domain: str) -> dict | None:
     evals = _evals(group, kind, rule, domain)
     if not evals:
         return None
-    per_seed = [_scores(e["rules"][rule]["domains"][domain], domain) for e in evals]
+    per_seed = [domain_columns(domain, e["rules"][rule]["domains"][domain]) for e in evals]
     cols = column_units({"domains": {domain: evals[0]["rules"][rule]["domains"][domain]}}, {})
     cols.pop("domain mean", None)  # one domain: its own mean
     units = row_units(evals, rule)
@@ -93,7 +79,7 @@ def _row(group: dict, source: str, kind: str, rule: str, domain: str) -> dict | 
         "strategy": group["strategy"],
         "prompt": source,
         "seeds": " ".join(str(s) for s in group["seeds"] if s is not None),
-        "scores": {c: _mean([p.get(c) for p in per_seed]) for c in per_seed[0]},
+        "scores": {c: mean([p.get(c) for p in per_seed]) for c in per_seed[0]},
         "ci": intervals(units, cols),
         "_group": group,
         "_units": units,
@@ -141,29 +127,10 @@ def domain_section(domain: str, held: list[dict], main: list[dict]) -> dict:
     return {"domain": domain, "references": names, "prompts": prompts, "rows": rows}
 
 
-def _pct(value: float | None, signed: bool = False) -> str:
-    return "–" if value is None else f"{100 * value:{'+' if signed else ''}.1f}"
-
-
-def _cell(row: dict, column: str) -> str:
-    text, stats = _pct(row["scores"].get(column)), row["ci"].get(column)
-    if stats and row["scores"].get(column) is not None:
-        sd = f" ±{_pct(stats['sd'])}" if stats.get("sd") is not None else ""
-        text += f"{sd} [{_pct(stats['lo'])}, {_pct(stats['hi'])}]"
-    return text
-
-
-def _diff(row: dict, name: str, column: str) -> str:
-    d = row["vs"].get(name, {}).get(column)
-    if not d:
-        return "–"
-    return f"{_pct(d['diff'], True)} [{_pct(d['lo'], True)}, {_pct(d['hi'], True)}] p={d['p']:.2g}"
-
-
 def section_markdown(section: dict) -> list[str]:
     domain, refs, rows = section["domain"], section["references"], section["rows"]
     columns = list(dict.fromkeys(c for row in rows for c in row["scores"]))
-    mean = f"{domain} mean"
+    mean_column = f"{domain} mean"
     said = ", ".join(f"{name}: {run}" for name, run in refs.items()) or "no zero-shot or FT reference"
     lines = ["", f"**{domain}** (references under p_c: {said})"]
     texts = {source: " ".join(text.split()) for source, text in section["prompts"].items() if text}
@@ -172,11 +139,12 @@ def section_markdown(section: dict) -> list[str]:
         lines += ["", *(f"* {source}: “{cut(text)}”" for source, text in texts.items())]
     if len(texts) == 2 and len(set(texts.values())) == 1:
         lines.append("* the automatic p_i is the hand-written one: did its file hold a role for this domain?")
-    heads = [f"Δ {mean} vs {name}" for name in refs]
+    heads = [f"Δ {mean_column} vs {name}" for name in refs]
     lines += ["", "| run | prompt | " + " | ".join([*columns, *heads]) + " |"]
     lines.append("|" + "---|" * (len(columns) + len(heads) + 2))
     for row in rows:
-        cells = [_cell(row, c) for c in columns] + [_diff(row, name, mean) for name in refs]
+        cells = [with_interval(row["scores"].get(c), row["ci"].get(c), c) for c in columns]
+        cells += [difference(row["vs"].get(name, {}).get(mean_column), mean_column) for name in refs]
         lines.append(f"| {row['run']} | {row['prompt']} | " + " | ".join(cells) + " |")
     return lines
 
