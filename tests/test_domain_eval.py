@@ -167,7 +167,9 @@ def test_scoring_plumbing_with_canned_answers(tiny, task_file, monkeypatch):
     model, tokenizer, chat = tiny
     seen: list[str] = []
 
-    def fake_generate(model, tokenizer, prompts, sampling, batch_size=8, max_batch_tokens=None):
+    def fake_generate(
+        model, tokenizer, prompts, sampling, batch_size=8, max_batch_tokens=None, share_prefix=False
+    ):
         for index, ids in enumerate(prompts):
             text = tokenizer.decode(ids)
             seen.append(text)
@@ -363,17 +365,21 @@ def test_closed_pass_answers_and_options_equal_the_separate_paths(tiny):
     model, tokenizer, chat = tiny
     texts = ["Is it?", "A much longer question about the patient and the outcome, please answer", "Why?"]
     contexts = [chat.encode_prompt(chat.default_system, t) for t in texts]
-    options = [[tokenizer(o, add_special_tokens=False)["input_ids"] for o in ("yes", "no", "maybe")]] * 3
-    gens, scores = closed_pass(model, tokenizer, contexts, options, max_new_tokens=5, batch_size=3)
+    words = ("yes", "no", "maybe, not sure")  # one option of several tokens: scored on top of the cache
+    options = [[tokenizer(o, add_special_tokens=False)["input_ids"] for o in words]] * 3
     sampling = SamplingConfig(do_sample=False, temperature=1.0, top_p=1.0, max_new_tokens=5)
     plain = {g.index: g for g in generate(model, tokenizer, contexts, sampling, batch_size=3)}
-    assert [g.token_ids for g in gens] == [plain[i].token_ids for i in range(3)]
-    assert [g.finish_reason for g in gens] == [plain[i].finish_reason for i in range(3)]
     pairs = [(c, o) for c, opts in zip(contexts, options) for o in opts]
     separate = continuation_logprobs(model, tokenizer, pairs, batch_size=8)
-    flat = [s for row in scores for s in row]
-    assert [n for _, n in flat] == [n for _, n in separate]
-    assert [s for s, _ in flat] == pytest.approx([s for s, _ in separate], abs=1e-4)
+    for share in (False, True):  # the system prompt and template prefilled once per batch, or every row whole
+        gens, scores = closed_pass(
+            model, tokenizer, contexts, options, max_new_tokens=5, batch_size=3, share_prefix=share
+        )
+        assert [g.token_ids for g in gens] == [plain[i].token_ids for i in range(3)]
+        assert [g.finish_reason for g in gens] == [plain[i].finish_reason for i in range(3)]
+        flat = [s for row in scores for s in row]
+        assert [n for _, n in flat] == [n for _, n in separate]
+        assert [s for s, _ in flat] == pytest.approx([s for s, _ in separate], abs=1e-4)
     only_options, _ = closed_pass(model, tokenizer, contexts, options, max_new_tokens=None)
     assert only_options == [None, None, None]
 
@@ -410,7 +416,7 @@ def test_identical_prompts_are_answered_once(tiny, task_file, monkeypatch):
     model, tokenizer, chat = tiny
     prompts_seen: list[list[int]] = []
 
-    def counting_generate(model, tokenizer, prompts, sampling, batch_size=8, max_batch_tokens=None):
+    def counting_generate(model, tokenizer, prompts, sampling, batch_size=8, max_batch_tokens=None, **_):
         for index, ids in enumerate(prompts):
             prompts_seen.append(ids)
             marker = re.search(r"\[(q\d+)\]", tokenizer.decode(ids)).group(1)

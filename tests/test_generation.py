@@ -179,3 +179,37 @@ def test_cache_with_room_holds_what_concatenation_would(tiny):
         expected = append(layer, expected[..., :-2, :])
         layer.batch_repeat_interleave(2)
         expected = append(layer, expected.repeat_interleave(2, dim=0))
+
+
+def test_shared_prefix_prefill_answers_as_whole_rows(tiny):
+    """The rows' common leading tokens (system prompt, template) prefilled once and repeated: the same logits,
+    the same greedy answers and the same stops as prefilling every row whole; one row of the batch runs the
+    prefix, and a batch with too short a common prefix prefills whole rows."""
+    from rega.modules.generation import MIN_SHARED_PREFIX, prefill, prefill_rows, shared_prefix_length
+
+    model, tokenizer, prompts = tiny
+    shared = shared_prefix_length(prompts)
+    assert shared >= MIN_SHARED_PREFIX and prompts[0][shared] != prompts[1][shared]
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # each row keeps one token of its own
+    pad = pad_token_id(tokenizer)
+    with torch.inference_mode():
+        whole = prefill(model, *left_padded(prompts, pad))
+        with rows_per_forward(model) as seen:
+            ours = prefill_rows(model, prompts, pad, share_prefix=True)
+    assert seen == [1, len(prompts)]
+    torch.testing.assert_close(ours.last_logits, whole.last_logits, atol=1e-5, rtol=1e-5)
+    assert ours.attention.sum(-1).tolist() == [len(p) for p in prompts]
+    greedy = replace(GREEDY, max_new_tokens=12)
+    plain = generate_batch(model, tokenizer, prompts, greedy)
+    with stopping_at(model, [plain[0].token_ids[2]]):
+        stopped = generate_batch(model, tokenizer, prompts, greedy)
+        assert [
+            (g.token_ids, g.finish_reason)
+            for g in generate_batch(model, tokenizer, prompts, greedy, share_prefix=True)
+        ] == [(g.token_ids, g.finish_reason) for g in stopped]
+    shared_answers = generate_batch(model, tokenizer, prompts, greedy, share_prefix=True)
+    assert [g.token_ids for g in shared_answers] == [g.token_ids for g in plain]
+    short = [[5, 6, 7, 8], [5, 6, 9]]
+    with torch.inference_mode(), rows_per_forward(model) as seen:
+        prefill_rows(model, short, pad, share_prefix=True)
+    assert seen == [2]

@@ -396,7 +396,9 @@ def test_domain_evaluation_prompts_with_the_history_and_scores_the_last_answer(
     data = load_task_records([DataSource(str(write_jsonl(tmp_path / "eval.jsonl", rows)))])
     seen = []
 
-    def fake_generate(model, tokenizer, prompts, sampling, batch_size=8, max_batch_tokens=None):
+    def fake_generate(
+        model, tokenizer, prompts, sampling, batch_size=8, max_batch_tokens=None, share_prefix=False
+    ):
         for index, ids in enumerate(prompts):
             seen.append(tokenizer.decode(ids))
             yield Generation(index=index, token_ids=[1], text="Reply 7.2 about rest.", finish_reason="stop")

@@ -155,6 +155,58 @@ def prefill(model, input_ids: torch.Tensor, attention: torch.Tensor, positions: 
     return Prefilled(input_ids, attention, out.logits[:, -1], out[cache_key], cache_key)
 
 
+# A batch whose rows share at least this many leading tokens prefills them once (:func:`prefill_rows`).
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """Leading tokens every row shares, leaving each row at least one token of its own (its last position's
+    logits start the answer)."""
+    first, limit = rows[0], min(len(r) for r in rows) - 1
+    for k in range(max(limit, 0)):
+        if any(r[k] != first[k] for r in rows[1:]):
+            return k
+    return max(limit, 0)
+
+
+def _plain_layers(cache) -> bool:
+    plain, roomy = _layer_classes()
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) in (plain, roomy) for layer in layers)
+
+
+def prefill_rows(model, rows: Sequence[Sequence[int]], pad_id: int, share_prefix: bool = False) -> Prefilled:
+    """:func:`prefill` of tokenized rows, left-padded. With ``share_prefix``, the leading tokens all rows share
+    (the system prompt and the chat template's opening) run once and their KV cache is repeated for every row;
+    each row's own tokens follow, left-padded after the prefix (``[prefix][padding][own tokens]``, the padding
+    masked, positions continuing from the prefix), so decoding continues exactly as from :func:`left_padded` rows.
+    Caches other than plain dynamic layers (sliding windows, transformers 4's tuples) prefill whole rows."""
+    shared = shared_prefix_length(rows) if share_prefix and len(rows) > 1 else 0
+    if shared < MIN_SHARED_PREFIX:
+        return prefill(model, *left_padded(rows, pad_id))
+    device = next(model.parameters()).device
+    head = torch.tensor([list(rows[0][:shared])], dtype=torch.long)
+    out = model(input_ids=head.to(device), logits_to_keep=1, use_cache=True)
+    cache_key = "cache" if "cache" in out else "past_key_values"
+    cache = out[cache_key]
+    if not _plain_layers(cache):
+        return prefill(model, *left_padded(rows, pad_id))
+    cache.batch_repeat_interleave(len(rows))
+    tail_ids, tail_mask, _ = left_padded([r[shared:] for r in rows], pad_id)
+    attention = torch.cat([torch.ones((len(rows), shared), dtype=torch.long), tail_mask], dim=-1)
+    positions = shared + (tail_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=tail_ids.to(device),
+        attention_mask=attention.to(device),
+        position_ids=positions.to(device),
+        logits_to_keep=1,
+        use_cache=True,
+        **{cache_key: cache},
+    )
+    input_ids = torch.cat([head.expand(len(rows), -1), tail_ids], dim=-1)
+    return Prefilled(input_ids, attention, out.logits[:, -1], out[cache_key], cache_key)
+
+
 def _next_tokens(
     logits: torch.Tensor, history: torch.Tensor, sampling: SamplingConfig, warper
 ) -> torch.Tensor:
@@ -286,11 +338,11 @@ def decode(model, tokenizer, start: Prefilled, sampling: SamplingConfig) -> list
 
 @torch.inference_mode()
 def generate_batch(
-    model, tokenizer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig
+    model, tokenizer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, share_prefix: bool = False
 ) -> list[Generation]:
     """Generate for one batch of tokenized prompts (any order); results in the same order as ``prompts``."""
-    input_ids, attention, positions = left_padded(prompts, pad_token_id(tokenizer))
-    return decode(model, tokenizer, prefill(model, input_ids, attention, positions), sampling)
+    start = prefill_rows(model, prompts, pad_token_id(tokenizer), share_prefix)
+    return decode(model, tokenizer, start, sampling)
 
 
 def generate(
@@ -300,15 +352,18 @@ def generate(
     sampling: SamplingConfig,
     batch_size: int = 8,
     max_batch_tokens: int | None = None,
+    share_prefix: bool = False,
 ) -> Iterator[Generation]:
-    """Yield one :class:`Generation` per prompt, batch by batch in length order; ``index`` maps back to ``prompts``."""
+    """Yield one :class:`Generation` per prompt, batch by batch in length order; ``index`` maps back to ``prompts``.
+    ``share_prefix``: each batch prefills its rows' common leading tokens once (:func:`prefill_rows`)."""
     if sampling.do_sample:
         torch.manual_seed(sampling.seed)
     was_training = model.training
     model.eval()
     try:
         for batch in length_sorted_batches([len(p) for p in prompts], batch_size, max_batch_tokens):
-            for gen in generate_batch(model, tokenizer, [prompts[i] for i in batch], sampling):
+            rows = [prompts[i] for i in batch]
+            for gen in generate_batch(model, tokenizer, rows, sampling, share_prefix):
                 gen.index = batch[gen.index]
                 yield gen
     finally:

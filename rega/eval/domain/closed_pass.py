@@ -24,10 +24,9 @@ from rega.modules.generation import (
     GREEDY,
     Generation,
     decode,
-    left_padded,
     length_sorted_batches,
     pad_token_id,
-    prefill,
+    prefill_rows,
 )
 
 
@@ -90,10 +89,12 @@ def closed_pass(
     max_new_tokens: int | None,
     batch_size: int = 8,
     max_batch_tokens: int | None = None,
+    share_prefix: bool = False,
     desc: str = "closed questions",
 ) -> tuple[list[Generation | None], list[list[tuple[float, int]]] | None]:
     """(greedy answers or None when ``max_new_tokens`` is None, per context the (log-probability sum, tokens) of
-    each of its ``options`` or None), both in the order of ``contexts``."""
+    each of its ``options`` or None), both in the order of ``contexts``. ``share_prefix``: each batch prefills its
+    contexts' common leading tokens once (:func:`rega.modules.generation.prefill_rows`)."""
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
     greedy = replace(GREEDY, max_new_tokens=max_new_tokens or 0)
@@ -104,15 +105,14 @@ def closed_pass(
     progress = Progress(len(contexts), desc, unit="question")
     try:
         for batch in length_sorted_batches([len(c) for c in contexts], batch_size, max_batch_tokens):
-            input_ids, attention, positions = left_padded([contexts[i] for i in batch], pad_id)
-            start = prefill(model, input_ids, attention, positions)
+            start = prefill_rows(model, [contexts[i] for i in batch], pad_id, share_prefix)
             if options is not None:
                 conts = [[list(o) for o in options[i]] for i in batch]
                 scored = score_options(
                     model,
                     start.cache,
                     start.cache_key,
-                    attention,
+                    start.attention,
                     first_logprobs(start),
                     conts,
                     pad_id,

@@ -180,6 +180,7 @@ def greedy_answers(model, tokenizer, prompts, limit: int, settings: EvalSettings
     sampling = SamplingConfig(do_sample=False, temperature=1.0, top_p=1.0, max_new_tokens=limit)
     answers: list = [None] * len(distinct)
     batches = {"batch_size": settings.batch_size, "max_batch_tokens": settings.max_batch_tokens}
+    batches["share_prefix"] = settings.share_prefix
     with Progress(len(distinct), desc, unit="answer") as progress:
         for gen in generate(model, tokenizer, distinct, sampling, **batches):
             answers[gen.index] = gen
@@ -215,7 +216,7 @@ def _closed_with_options(model, tokenizer, chat, items, specs, prompt_ids, setti
     gens, scores = closed_pass(
         model, tokenizer, distinct, [options[first[w]] for w in range(len(distinct))],
         settings.answer_cap(True) if generated else None, settings.batch_size, settings.max_batch_tokens,
-        desc="domain closed questions" + (" (answer + options)" if generated else " (options)"),
+        share_prefix=settings.share_prefix, desc="domain closed questions" + (" (answer + options)" if generated else " (options)"),
     )  # fmt: skip
     picks = [
         _pick(scores[w], golds[n], specs[items[n][1].id], settings.loglik_norm) for n, w in enumerate(where)
