@@ -246,7 +246,9 @@ def test_report_sets_single_domain_runs_beside_the_multi_domain_ones(tmp_path):
     assert "| FT (medical only) | – | – | 90.0 | 90.0 | – |" in (tmp_path / "out" / "results.md").read_text()
 
 
-@pytest.mark.parametrize("grid", ["cpu_en", "cpu_zh", "cpu_en_evidence", "cpu_en_forgetting"])
+@pytest.mark.parametrize(
+    "grid", ["cpu_en", "cpu_zh", "cpu_en_evidence", "cpu_en_forgetting", "cpu_en_heldout"]
+)
 def test_committed_cpu_results_regenerate_from_their_runs(grid, tmp_path, shared_data):
     """docs/results/<grid> holds a CPU-scale grid's run records; the report command rebuilds its table from them
     (cpu_en's trivial baselines from the shared data: those records predate ``baselines`` in eval.json). A grid
