@@ -43,15 +43,32 @@ def test_continuation_logprobs_match_a_full_forward(tiny):
     model, tokenizer, _ = tiny
     g = torch.Generator().manual_seed(0)
     pairs = []
-    for length, options in ((30, 3), (57, 1), (12, 4), (5, 2)):
-        ctx = torch.randint(100, 40000, (length,), generator=g).tolist()
+    # a system prompt every question starts with
+    head = torch.randint(100, 40000, (10,), generator=g).tolist()
+    for length, options in ((30, 3), (57, 1), (12, 4), (5, 2), (9, 2)):
+        ctx = head + torch.randint(100, 40000, (length,), generator=g).tolist()
         for k in range(options):  # options of one question share the context
             pairs.append((ctx, torch.randint(100, 40000, (1 + k,), generator=g).tolist()))
     expected = [manual_logprob(model, ctx, cont) for ctx, cont in pairs]
-    for share in (True, False):
-        got = continuation_logprobs(model, tokenizer, pairs, batch_size=3, share_prefix=share)
+    forwards = {}
+    # common: the head runs once per batch
+    for share, common in ((True, False), (False, False), (True, True)):
+        rows: list[int] = []
+        hook = model.register_forward_pre_hook(
+            lambda _, a, kw, rows=rows: rows.append(kw["input_ids"].shape[0]), with_kwargs=True
+        )
+        try:
+            got = continuation_logprobs(
+                model, tokenizer, pairs, batch_size=8, share_prefix=share, common_prefix=common
+            )
+        finally:
+            hook.remove()
         assert [n for _, n in got] == [len(cont) for _, cont in pairs]
         assert [s for s, _ in got] == pytest.approx(expected, abs=1e-3)
+        forwards[share, common] = rows
+    shared, common = forwards[True, False], forwards[True, True]
+    # one more forward per batch: the head alone, one row
+    assert len(common) > len(shared) and common.count(1) > shared.count(1)
     # context cut from the left to fit max_length, continuation kept; the caller's train mode is restored
     model.train()
     ((total, n),) = continuation_logprobs(

@@ -166,6 +166,7 @@ def _general_mc(lm, system: str, todo: EvalPlan, settings: EvalSettings, base: d
             settings.general_mc_limit,
             settings.batch_size,
             settings.general_mc_backend,
+            settings.share_prefix,
         )
     return {name: with_base(value, base.get(name), "score") for name, value in summary.items()}, rows
 

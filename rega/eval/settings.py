@@ -54,7 +54,8 @@ class EvalSettings:
         general_gen_max_new_tokens: generation cap of the general_gen answers (greedy decoding).
         share_prefix: a batch's prompts share their first tokens (the system prompt and the chat template's
             opening): prefill them once and repeat their KV cache for every row (greedy answers and closed
-            questions; see rega.modules.generation.prefill_rows). Off: every row prefills whole.
+            questions, native general multiple choice; see rega.modules.generation.prefill_rows). Off: every row
+            prefills whole.
         sample_rows: answers per (rule, task) kept in ``samples`` (and the TensorBoard table).
         skip_invalid: skip invalid task, drift and general_gen rows, counted in eval.json
             (``meta.skipped_invalid``) and the summary; off: the first one stops the evaluation, naming its file,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from rega.data.chat import ChatFormat
-from rega.modules.generation import Prefilled, left_padded, length_sorted_batches, pad_token_id, prefill
+from rega.modules.generation import Prefilled, left_padded, length_sorted_batches, pad_token_id, prefill_rows
 
 
 def continuation_text(chat: ChatFormat, system: str, user: str, answer: str) -> str:
@@ -86,18 +86,24 @@ def score_on_cache(model, cache, cache_key: str, attention, first_lp, conts, pad
 
 
 def _shared_prefix_logprobs(
-    model, pad_id: int, groups: list[tuple[list[int], list[list[int]]]], batch_size, device, progress=None
+    model,
+    pad_id: int,
+    groups: list[tuple[list[int], list[list[int]]]],
+    batch_size,
+    device,
+    progress=None,
+    common_prefix: bool = False,
 ):
     """Per group (context, continuations): the context runs once, its KV cache is repeated for every
-    continuation, and the continuations (right-padded) run on top of it."""
+    continuation, and the continuations (right-padded) run on top of it. ``common_prefix``: the leading tokens
+    of a batch's contexts run once too (:func:`rega.modules.generation.prefill_rows`)."""
     out: list[list[tuple[float, int]]] = [[] for _ in groups]
     widest = max(len(conts) for _, conts in groups)
     for batch in length_sorted_batches([len(ctx) for ctx, _ in groups], max(1, batch_size // widest)):
-        input_ids, attention, positions = left_padded([groups[g][0] for g in batch], pad_id)
-        start = prefill(model, input_ids, attention, positions)
+        start = prefill_rows(model, [groups[g][0] for g in batch], pad_id, common_prefix)
         conts = [groups[g][1] for g in batch]
         scored = score_on_cache(
-            model, start.cache, start.cache_key, attention, first_logprobs(start), conts, pad_id, device
+            model, start.cache, start.cache_key, start.attention, first_logprobs(start), conts, pad_id, device
         )
         for g, scores in zip(batch, scored):
             out[g] = scores
@@ -139,6 +145,7 @@ def continuation_logprobs(
     max_length: int | None = None,
     share_prefix: bool = True,
     desc: str | None = None,
+    common_prefix: bool = False,
 ) -> list[tuple[float, int]]:
     """(sum of log-probabilities, number of tokens) of each continuation given its context, batched.
 
@@ -146,7 +153,8 @@ def continuation_logprobs(
     ``share_prefix``: its KV cache is repeated for every option, so a question with k options costs about one
     forward pass instead of k. Other pairs run whole, left-padded so only the continuation's logits are
     materialised. A pair longer than ``max_length`` loses context tokens from the left. With ``desc``, progress
-    is reported under that name (:class:`rega.eval.progress.Progress`).
+    is reported under that name (:class:`rega.eval.progress.Progress`). ``common_prefix``: the leading tokens that
+    a batch of shared contexts has in common (system prompt, chat template) run once as well.
     """
     from rega.eval.progress import Progress
 
@@ -166,6 +174,7 @@ def continuation_logprobs(
                 batch_size,
                 device,
                 progress,
+                common_prefix,
             )
             for (_, members), values in zip(groups, scored):
                 for i, value in zip(members, values):

@@ -152,7 +152,7 @@ def mc_items(mc: MCSet, limit: int | None) -> list[dict]:
 
 
 def _native_mc(
-    model, tokenizer, chat: ChatFormat, system: str, mc: MCSet, limit, batch_size
+    model, tokenizer, chat: ChatFormat, system: str, mc: MCSet, limit, batch_size, common_prefix: bool = False
 ) -> tuple[dict, list[dict]]:
     rank, world = dist_info()
     items = shard(mc_items(mc, limit), rank, world)
@@ -165,7 +165,10 @@ def _native_mc(
             ]
             pairs.append((ctx, cont))
             owners.append(k)
-    scores = continuation_logprobs(model, tokenizer, pairs, batch_size, desc=f"general MC {mc.name}")
+    desc = f"general MC {mc.name}"
+    scores = continuation_logprobs(
+        model, tokenizer, pairs, batch_size, desc=desc, common_prefix=common_prefix
+    )
     device = next(model.parameters()).device
     acc, acc_norm = WeightedMean().to(device), WeightedMean().to(device)
     rows = []
@@ -282,8 +285,10 @@ def general_mc_scores(
     limit: int | None = 100,
     batch_size: int = 8,
     backend: str = "auto",
+    common_prefix: bool = False,
 ) -> tuple[dict[str, dict], list[dict]]:
     """({set: {acc, acc_norm, n, metric, score, backend}}, per-item rows), every set under the prompt ``system``.
+    ``common_prefix``: the native backend runs the leading tokens its batches' questions share once.
 
     Under DDP every rank must call this; the native backend shards items across ranks and syncs its metrics,
     lm-eval runs on rank 0 and its result is broadcast.
@@ -297,7 +302,9 @@ def general_mc_scores(
     )
     if chosen == "native":
         for mc in sets:
-            results[mc.name] = _native_mc(model, tokenizer, chat, system, mc, limit, batch_size)
+            results[mc.name] = _native_mc(
+                model, tokenizer, chat, system, mc, limit, batch_size, common_prefix
+            )
     elif sets:
         rank, _ = dist_info()
         results = _lm_eval_mc(model, tokenizer, system, list(sets), limit, batch_size) if rank == 0 else {}
