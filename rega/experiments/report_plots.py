@@ -44,8 +44,13 @@ def plot_mix_ratio(rows: list[dict], path: Path, cis: dict | None = None) -> boo
     intervals where the runs kept per-item results), every other strategy as a labelled horizontal line."""
     plt = _pyplot()
     rows = [r for r in rows if not r["_group"].get("only_domains")]  # the sweep compares multi-domain runs
+    # a labelled REGA run is a variant (e.g. other role prompts): not a point of the r curve
     rega = sorted(
-        (r for r in rows if r["strategy"] == "rega" and r["mix_ratio"] is not None),
+        (
+            r
+            for r in rows
+            if r["strategy"] == "rega" and r["mix_ratio"] is not None and not r["_group"].get("label")
+        ),
         key=lambda r: r["mix_ratio"],
     )
     ratios = sorted({r["mix_ratio"] for r in rega})
