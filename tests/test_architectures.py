@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from autograd_thread import backward_on_another_thread
 from safetensors.torch import load_file
 
 from rega.config import ModelConfig
-from rega.data.chat import IGNORE_INDEX
+from rega.data.chat import IGNORE_INDEX, ChatFormat
 from rega.datamodules.tokenized import TokenizedExamples, collate_rows, pack_rows
 from rega.errors import ConfigError
 from rega.model_source import load_tokenizer
@@ -34,6 +35,7 @@ from rega.modules.attention import (
     prepare_packed_attention,
     varlen_kwargs,
 )
+from rega.modules.generation import GREEDY, generate_batch, left_padded, pad_token_id, prefill, prefill_rows
 from rega.modules.lit_module import REGAModule
 from rega.modules.model import LoraSettings, decoder_layer_classes, load_model
 
@@ -394,3 +396,25 @@ def test_varlen_wrapper_feeds_the_kernel_flattened_rows(monkeypatch, signature, 
         results.append([out, *torch.autograd.grad((out * out).sum(), leaves)])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_shared_prefix_prefill_answers_as_whole_rows_on_every_family(tiny_dirs, arch):
+    """Evaluation prefills a batch's common system prompt once and repeats its KV cache (BLOOM's ALiBi, Qwen2's
+    biases, Mistral's window included): the same last logits and the same greedy answers as whole rows."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_dirs(arch)
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(path)))
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    chat = ChatFormat(tokenizer)
+    texts = ["Hi", "A much longer question about the patient, the outcome and the dose", "Why so?"]
+    prompts = [chat.encode_prompt(chat.default_system, t) for t in texts]
+    pad = pad_token_id(tokenizer)
+    with torch.inference_mode():
+        whole = prefill(model, *left_padded(prompts, pad))
+        shared = prefill_rows(model, prompts, pad, share_prefix=True)
+    torch.testing.assert_close(shared.last_logits, whole.last_logits, atol=1e-5, rtol=1e-5)
+    greedy = replace(GREEDY, max_new_tokens=8)
+    answers = [g.token_ids for g in generate_batch(model, tokenizer, prompts, greedy, share_prefix=True)]
+    assert answers == [g.token_ids for g in generate_batch(model, tokenizer, prompts, greedy)]
