@@ -143,14 +143,26 @@ def test_grid_runs_fit_and_eval_then_skips_finished_runs(tiny_model_dir, tmp_pat
     for name in ("zero_shot", "ftrp"):
         assert (tmp_path / "grid" / name / "done.json").exists()
         assert (tmp_path / "grid" / name / "eval" / "eval.json").exists()
-    assert (tmp_path / "grid" / "ftrp" / "adapter" / "adapter_config.json").exists()
-    matrix = json.loads((tmp_path / "grid" / "ftrp" / "eval_matrix" / "eval.json").read_text())
-    assert set(matrix["rules"]) == {"role:medical", "role:legal"}
-    stamp = (tmp_path / "grid" / "ftrp" / "done.json").stat().st_mtime_ns
+    ftrp = tmp_path / "grid" / "ftrp"
+    assert (ftrp / "adapter" / "adapter_config.json").exists()
+    # The prompt matrix is answered in the run's own evaluation: one model load, and each domain's records under
+    # ``role`` and under ``role:<that domain>`` (the same rendering) answered once.
+    result = json.loads((ftrp / "eval" / "eval.json").read_text())
+    assert set(result["rules"]) == {"role", "role:medical", "role:legal"}
+    assert not (ftrp / "eval_matrix").exists()
+    for domain in ("medical", "legal"):
+        assert (
+            result["rules"][f"role:{domain}"]["domains"][domain] == result["rules"]["role"]["domains"][domain]
+        )
+    stamp = (ftrp / "done.json").stat().st_mtime_ns
     grid_command(grid)  # finished runs are skipped
-    assert (tmp_path / "grid" / "ftrp" / "done.json").stat().st_mtime_ns == stamp
+    assert (ftrp / "done.json").stat().st_mtime_ns == stamp
     report = write_report(tmp_path / "grid", tmp_path / "report")
-    assert [row["label"] for row in report["rows"]] == ["zero-shot", "FTRP"]
+    assert [row["label"] for row in report["rows"]] == ["zero-shot", "FTRP"]  # the matrix is no row
+    assert (
+        report["plots"]["prompt_matrix"]
+        and "Prompt × test domain, ftrp" in (tmp_path / "report" / "results.md").read_text()
+    )
 
 
 def _hold_run_while(directory: Path, waiting: threading.Event, finish) -> threading.Thread:

@@ -26,7 +26,6 @@ from rega.distill.rewrite import RewriteConfig
 from rega.errors import ConfigError
 from rega.eval.progress import format_duration
 from rega.experiments.stages import (
-    GENERAL_OFF,
     auto_eval_command,
     check_auto_prompts,
     cli_command,  # noqa: F401  (kept importable from here)
@@ -154,19 +153,22 @@ def jobs(grid: Grid, runs: list[GridRun] | None = None) -> list[tuple[GridRun, i
 def _evaluate(grid: Grid, run: GridRun, seed, directory: Path, timings: dict) -> list[str]:
     spec = get_strategy(run.strategy)
     rules = heldout_rules(run.strategy) if run.heldout_domains else list(spec.inference)
-    command = eval_command(grid, run, directory, rules, directory / "eval")
+    command = eval_command(grid, run, directory, rules + _matrix_rules(grid, run), directory / "eval")
     _run_stage(directory, timings, "eval_s", command, "eval.log")
-    if run.heldout_domains:  # its prompt comparison is the held-out section's, not the matrix
-        if grid.auto_prompts:
-            _run_stage(directory, timings, "auto_s", auto_eval_command(grid, run, directory), "eval.log")
-        return rules
-    wants_matrix = grid.prompt_matrix if run.prompt_matrix is None else run.prompt_matrix
-    if wants_matrix and "role" in spec.inference:
-        matrix_rules = [f"role:{d}" for d in domains_of(grid)]
-        command = eval_command(grid, run, directory, matrix_rules, directory / "eval_matrix")
-        command += GENERAL_OFF
-        _run_stage(directory, timings, "matrix_s", command, "eval.log")
+    if run.heldout_domains and grid.auto_prompts:
+        _run_stage(directory, timings, "auto_s", auto_eval_command(grid, run, directory), "eval.log")
     return rules
+
+
+def _matrix_rules(grid: Grid, run: GridRun) -> list[str]:
+    """The prompt matrix's rules (every test set under every domain's p_i), evaluated with the run's own rules:
+    one model load, and a rendering two rules share (``role`` and ``role:<its domain>``) answered once; the
+    report moves them out of the run's rules (:func:`rega.experiments.report_runs.split_matrix`). A held-out
+    run's prompt comparison is the held-out section's instead."""
+    wants = grid.prompt_matrix if run.prompt_matrix is None else run.prompt_matrix
+    if not wants or run.heldout_domains or "role" not in get_strategy(run.strategy).inference:
+        return []
+    return [f"role:{d}" for d in domains_of(grid)]
 
 
 def _train(grid: Grid, run: GridRun, seed, directory: Path, timings: dict) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rega.eval.domain.scoring import FIXED_ROLE
 from rega.eval.general.generative import compare_with_base_answers
 
 
@@ -32,9 +33,19 @@ def _read_run(done: Path) -> dict | None:
         run["mix_ratio"] = fitted["mix_ratio"]
     run["eval"] = json.loads(eval_path.read_text(encoding="utf-8"))
     run["_eval_path"] = str(eval_path)
-    matrix = run_dir / "eval_matrix" / "eval.json"
-    run["matrix"] = json.loads(matrix.read_text(encoding="utf-8")) if matrix.exists() else None
+    run["matrix"] = split_matrix(run["eval"])
+    matrix = run_dir / "eval_matrix" / "eval.json"  # where grids before the fused matrix wrote it
+    if matrix.exists():
+        run["matrix"] = json.loads(matrix.read_text(encoding="utf-8"))
     return run
+
+
+def split_matrix(result: dict) -> dict | None:
+    """The prompt matrix a grid evaluates together with a run's own rules (its ``role:<domain>`` rules), moved
+    out of the run's evaluation ``result`` into ``{"rules": ...}``; None when there is none."""
+    rules = result.get("rules", {})
+    matrix = {rule: rules.pop(rule) for rule in list(rules) if rule.startswith(FIXED_ROLE)}
+    return {"rules": matrix} if matrix else None
 
 
 def load_runs(runs_dir: Path) -> list[dict]:

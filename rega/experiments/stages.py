@@ -17,7 +17,7 @@ from rega.data.strategies import ROLE, get_strategy
 from rega.errors import ConfigError
 from rega.paths import REPO_ROOT, resolve_path
 
-# Stages that measure domain tasks only (the prompt matrix, held-out domains): general measures off.
+# Stages that measure domain tasks only (held-out domains): general measures off.
 GENERAL_OFF = ("--general_mc", "[]", "--drift", "[]", "--general_gen", "[]")
 
 
