@@ -144,6 +144,9 @@ class REGACLI(LightningCLI):
         if distill is not None:
             ensure_distilled(distill, processes=self.trainer.num_devices * self.trainer.num_nodes)
 
+    def before_validate(self) -> None:
+        self.before_fit()  # the same corpus: its written role prompts and its D_g first, as a fit does
+
     def after_fit(self) -> None:
         summary = getattr(self.model, "summary", None)  # set by the fit on rank 0
         if self.trainer.is_global_zero and summary is not None:

@@ -228,6 +228,27 @@ def test_a_fit_writes_its_role_prompts_before_its_corpus_and_only_once(
     assert again.datamodule.manifest["prompts_provenance"] == {"medical": written["provenance"]["medical"]}
 
 
+def test_validate_writes_the_role_prompts_its_corpus_reads(sources, writer_model, tmp_path, monkeypatch):
+    """``rega validate`` builds the fit's corpus, so it writes the prompts file first as a fit does (it used to stop
+    on the corpus' missing role prompts)."""
+    from rega.lightning_cli import REGACLI, REGADataModule, REGAModule
+
+    calls = counted(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = REGACLI(
+            REGAModule,
+            REGADataModule,
+            args=fit_args(sources, tmp_path, writer_model),
+            run=False,
+            parser_kwargs={"default_env": False},
+        )
+    cli.before_validate()
+    cli.datamodule.prepare_data()
+    assert calls == ["medical", "tax"]
+    assert set(cli.datamodule.prompts.roles) >= {"medical", "tax"}
+
+
 def test_prompts_file_and_write_naming_different_files_is_a_config_error(sources, tmp_path):
     from rega.datamodules import REGADataModule
 
