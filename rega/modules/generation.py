@@ -141,8 +141,9 @@ class Prefilled:
     cache_key: str  # the keyword the model takes the cache under
 
 
-def prefill(model, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor) -> Prefilled:
-    """One forward over left-padded rows keeping the KV cache; only the last position's logits are computed."""
+def _cached_forward(model, input_ids, attention, positions, **past) -> tuple[torch.Tensor, object, str]:
+    """(last position's logits, KV cache, the keyword the model takes it under) of one forward that keeps the cache
+    (continuing ``past``, the cache under its keyword, when given)."""
     device = next(model.parameters()).device
     out = model(
         input_ids=input_ids.to(device),
@@ -150,9 +151,15 @@ def prefill(model, input_ids: torch.Tensor, attention: torch.Tensor, positions: 
         position_ids=positions.to(device),
         logits_to_keep=1,
         use_cache=True,
+        **past,
     )
     cache_key = "cache" if "cache" in out else "past_key_values"  # transformers 5 / 4.x
-    return Prefilled(input_ids, attention, out.logits[:, -1], out[cache_key], cache_key)
+    return out.logits[:, -1], out[cache_key], cache_key
+
+
+def prefill(model, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor) -> Prefilled:
+    """One forward over left-padded rows keeping the KV cache; only the last position's logits are computed."""
+    return Prefilled(input_ids, attention, *_cached_forward(model, input_ids, attention, positions))
 
 
 # A batch whose rows share at least this many leading tokens prefills them once (:func:`prefill_rows`).
@@ -184,27 +191,17 @@ def prefill_rows(model, rows: Sequence[Sequence[int]], pad_id: int, share_prefix
     shared = shared_prefix_length(rows) if share_prefix and len(rows) > 1 else 0
     if shared < MIN_SHARED_PREFIX:
         return prefill(model, *left_padded(rows, pad_id))
-    device = next(model.parameters()).device
     head = torch.tensor([list(rows[0][:shared])], dtype=torch.long)
-    out = model(input_ids=head.to(device), logits_to_keep=1, use_cache=True)
-    cache_key = "cache" if "cache" in out else "past_key_values"
-    cache = out[cache_key]
+    _, cache, cache_key = _cached_forward(model, head, torch.ones_like(head), torch.arange(shared)[None])
     if not _plain_layers(cache):
         return prefill(model, *left_padded(rows, pad_id))
     cache.batch_repeat_interleave(len(rows))
     tail_ids, tail_mask, _ = left_padded([r[shared:] for r in rows], pad_id)
     attention = torch.cat([torch.ones((len(rows), shared), dtype=torch.long), tail_mask], dim=-1)
     positions = shared + (tail_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(
-        input_ids=tail_ids.to(device),
-        attention_mask=attention.to(device),
-        position_ids=positions.to(device),
-        logits_to_keep=1,
-        use_cache=True,
-        **{cache_key: cache},
-    )
+    last = _cached_forward(model, tail_ids, attention, positions, **{cache_key: cache})
     input_ids = torch.cat([head.expand(len(rows), -1), tail_ids], dim=-1)
-    return Prefilled(input_ids, attention, out.logits[:, -1], out[cache_key], cache_key)
+    return Prefilled(input_ids, attention, *last)
 
 
 def _next_tokens(
