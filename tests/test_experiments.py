@@ -259,7 +259,15 @@ def test_report_sets_single_domain_runs_beside_the_multi_domain_ones(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "grid", ["cpu_en", "cpu_zh", "cpu_en_evidence", "cpu_en_forgetting", "cpu_en_heldout"]
+    "grid",
+    [
+        "cpu_en",
+        "cpu_zh",
+        "cpu_en_evidence",
+        "cpu_en_forgetting",
+        "cpu_en_forgetting_strategies",
+        "cpu_en_heldout",
+    ],
 )
 def test_committed_cpu_results_regenerate_from_their_runs(grid, tmp_path, shared_data):
     """docs/results/<grid> holds a CPU-scale grid's run records; the report command rebuilds its table from them
