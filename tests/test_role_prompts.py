@@ -69,8 +69,8 @@ def run(sources, output, model, **kwargs):
 def test_writes_one_prompt_per_domain_with_its_seeded_provenance(sources, writer_model, tmp_path, caplog):
     with caplog.at_level("INFO", logger="rega"):
         data = run(sources, tmp_path / "p.yaml", writer_model)
-    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prompts: ")]
-    assert [m.split(" (")[1].split(" in ")[0] for m in progress] == ["1/2 domains", "2/2 domains"]
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("role prompts: ")]
+    assert [m.split(": ")[1].split(" ")[0] for m in progress] == ["1/2", "2/2"]  # a line per domain
     assert "left" in progress[0] and "left" not in progress[1]
     written = yaml.safe_load((tmp_path / "p.yaml").read_text(encoding="utf-8"))
     assert written == data and set(written["roles"]) == {"medical", "tax"}

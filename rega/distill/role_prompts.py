@@ -34,7 +34,6 @@ import hashlib
 import logging
 import random
 import re
-import time
 from pathlib import Path
 
 import yaml
@@ -46,7 +45,7 @@ from rega.data.loaders import load_many
 from rega.data.prompts import RolePromptWriting
 from rega.data.records import GENERAL, Record
 from rega.errors import ConfigError, EmptyDataError, UserError
-from rega.eval.progress import format_duration
+from rega.eval.progress import Progress
 from rega.io import atomic_write, stable_hash, waiting_lock
 from rega.model_source import load_tokenizer
 from rega.modules.generation import generate
@@ -280,20 +279,15 @@ def write_role_prompts(corpus: CorpusConfig, writing: RolePromptWriting) -> dict
     data = read_output(path)
     settings = settings_of(writing)
     writer = Writer(writing.model)
-    pending, start = pending_domains(corpus, data, settings), time.monotonic()
-    for done, (domain, records) in enumerate(pending.items(), 1):
-        data["roles"][domain], data["provenance"][domain] = write_domain(writer, domain, records, settings)
-        write_output(path, data)  # after every domain: a killed run keeps what it finished
-        elapsed, left = time.monotonic() - start, len(pending) - done
-        ahead = f", ~{format_duration(elapsed / done * left)} left" if left else ""
-        log.info(
-            "prompts: %s written (%d/%d domains in %s%s)",
-            domain,
-            done,
-            len(pending),
-            format_duration(elapsed),
-            ahead,
-        )
+    pending = pending_domains(corpus, data, settings)
+    # a line per domain (each takes minutes): done / total, rate, time left
+    with Progress(len(pending), "role prompts", unit="domain", every_s=0) as progress:
+        for domain, records in pending.items():
+            data["roles"][domain], data["provenance"][domain] = write_domain(
+                writer, domain, records, settings
+            )
+            write_output(path, data)  # after every domain: a killed run keeps what it finished
+            progress.update()
     return data
 
 
