@@ -267,6 +267,7 @@ def test_report_sets_single_domain_runs_beside_the_multi_domain_ones(tmp_path):
         "cpu_en_forgetting",
         "cpu_en_forgetting_strategies",
         "cpu_en_heldout",
+        "cpu_zh_heldout",
     ],
 )
 def test_committed_cpu_results_regenerate_from_their_runs(grid, tmp_path, shared_data):
