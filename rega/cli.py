@@ -30,6 +30,7 @@ COMMANDS = {
     "predict": "rega.use.predict:predict_command",
     "grid": "rega.experiments.grid:grid_command",
     "report": "rega.experiments.report:report_command",
+    "records": "rega.experiments.records:records_command",
     "plan": "rega.plan.command:plan_command",
 }
 LIGHTNING_COMMANDS = ("fit", "validate")
@@ -52,6 +53,7 @@ SUMMARIES = {
     "predict": "answer a JSONL/CSV of records with the base model or an adapter (restartable)",
     "grid": "run a grid of strategies: fit, then evaluate, each in its own process",
     "report": "compare the finished runs of a grid: tables and plots",
+    "records": "copy a grid's finished runs into a results folder as the project commits them",
     "plan": "memory per GPU, FLOPs and time of a fit from its configs (meta device: no GPU, no weights)",
 }
 

@@ -297,10 +297,11 @@ def csv_text(rows: list[dict], columns: list[str]) -> str:
     return buffer.getvalue()
 
 
-def write_report(runs_dir: str | Path, output: str | Path) -> dict:
-    runs = load_runs(Path(runs_dir))
+def write_report(runs_dir: str | Path, output: str | Path, seeds: list[int] | None = None) -> dict:
+    runs = load_runs(Path(runs_dir), seeds)
     if not runs:
-        raise FileNotFoundError(f"no finished runs (done.json + eval/eval.json) under {runs_dir}")
+        of = f" of seeds {seeds}" if seeds is not None else ""
+        raise FileNotFoundError(f"no finished runs{of} (done.json + eval/eval.json) under {runs_dir}")
     check_drift_references([(run["_eval_path"], run["eval"]) for run in runs])
     runs, held = split_heldout(runs)  # evaluated on their unseen domains alone: a section of their own
     rows = table_rows(runs)
@@ -345,7 +346,7 @@ def check_report(output: str | Path) -> list[str]:
     ]
 
 
-def report_command(runs: str, output: str = "docs/results") -> None:
+def report_command(runs: str, output: str = "docs/results", seeds: list[int] | None = None) -> None:
     """Compare the finished runs of a grid: results.md, results.csv and PNG plots, with trivial baselines and,
     where the runs kept per-item results, confidence intervals and paired tests against FT and zero-shot.
 
@@ -354,7 +355,9 @@ def report_command(runs: str, output: str = "docs/results") -> None:
             eval/eval.json).
         output: folder for results.md, results.csv and the plots (mix_ratio.png, prompt_matrix.png,
             general_vs_zero_shot.png).
+        seeds: report these seeds' runs only (and the runs without seeds, such as zero-shot), e.g. one seed's
+            table while a grid is between sittings; default every seed.
     """
-    report = write_report(runs, output)
+    report = write_report(runs, output, seeds)
     print(to_markdown(report["rows"], report["columns"], render=cell))
     print(f"wrote {Path(output) / 'results.md'}, results.csv and plots {report['plots']}")

@@ -10,14 +10,20 @@ from rega.eval.domain.scoring import FIXED_ROLE
 from rega.eval.general.generative import compare_with_base_answers
 
 
-def fit_summary(run_dir: Path) -> dict:
-    """The summary.json of a run's finished fit (its last ``fit/version_<n>``, or ``fit/`` as results store it);
-    empty when there is none (a merge, a zero-shot run)."""
+def latest_fit_dir(run_dir: Path) -> Path | None:
+    """The folder of a run's finished fit: its last ``fit/version_<n>`` with a summary.json, or ``fit/`` as
+    records store it; None when there is none (a merge, a zero-shot run)."""
     versions = sorted(
         run_dir.glob("fit/version_*/summary.json"), key=lambda p: int(p.parent.name.split("_")[1])
     )
     found = [p for p in (run_dir / "fit" / "summary.json", *versions) if p.exists()]
-    return json.loads(found[-1].read_text(encoding="utf-8")) if found else {}
+    return found[-1].parent if found else None
+
+
+def fit_summary(run_dir: Path) -> dict:
+    """The summary.json of a run's finished fit (:func:`latest_fit_dir`); empty when there is none."""
+    fit = latest_fit_dir(run_dir)
+    return json.loads((fit / "summary.json").read_text(encoding="utf-8")) if fit else {}
 
 
 def _read_run(done: Path) -> dict | None:
@@ -48,11 +54,14 @@ def split_matrix(result: dict) -> dict | None:
     return {"rules": matrix} if matrix else None
 
 
-def load_runs(runs_dir: Path) -> list[dict]:
-    """Every evaluated run: ``<name>/done.json`` and, for grids with seeds, ``<name>/seed_<s>/done.json``; general
-    answers evaluated without the base model's are compared with a zero-shot run's (its answers are the base's)."""
+def load_runs(runs_dir: Path, seeds: list[int] | None = None) -> list[dict]:
+    """Every evaluated run: ``<name>/done.json`` and, for grids with seeds, ``<name>/seed_<s>/done.json`` (of
+    ``seeds`` only, where given; a run without seeds, such as greedy zero-shot, always); general answers evaluated
+    without the base model's are compared with a zero-shot run's (its answers are the base's)."""
     dones = sorted([*runs_dir.glob("*/done.json"), *runs_dir.glob("*/seed_*/done.json")])
     runs = [run for done in dones if (run := _read_run(done))]
+    if seeds is not None:
+        runs = [run for run in runs if run.get("seed") is None or run["seed"] in seeds]
     base = next((answers for run in runs if run.get("strategy") == "zero_shot"
                  and (answers := run["eval"].get("general_gen_answers"))), None)  # fmt: skip
     for run in runs if base else []:
