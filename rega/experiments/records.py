@@ -87,9 +87,11 @@ def archive_runs(runs_dir: str | Path, output: str | Path, only: list[str] | Non
 
 
 def records_command(runs: str, output: str, only: list[str] | None = None) -> None:
-    """Copy a grid's finished runs into a results folder as the project commits them: done.json, the evaluations
-    without their samples, the finished fit's summary and config; no adapters, checkpoints or logs. Each job's
-    record replaces its folder whole; records of jobs not under ``runs`` are kept.
+    """Copy a grid's finished runs into a results folder as the project commits them.
+
+    A record is done.json, the evaluations without their samples, the finished fit's summary and config; no
+    adapters, checkpoints or logs. Each job's record replaces its folder whole; records of jobs not under ``runs``
+    are kept.
 
     Args:
         runs: the grid's output folder (``grid.output``).
