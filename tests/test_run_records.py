@@ -1,4 +1,5 @@
-"""``rega records``: a grid's finished runs copied as the project commits them, and ``rega report --seeds``."""
+"""``rega records``: a grid's finished runs copied as the project commits them; ``rega report --seeds`` and
+``--versus``."""
 
 from __future__ import annotations
 
@@ -110,3 +111,20 @@ def test_report_of_some_seeds(tmp_path):
     assert [r["eval"]["rules"]["central"]["overall"] for r in load_runs(runs, seeds=[1])] == [0.5, 0.4]
     with pytest.raises(FileNotFoundError, match=r"no finished runs of seeds \[9\]"):
         write_report(tmp_path / "empty_dir_that_is_missing", tmp_path / "out", seeds=[9])
+
+
+def test_report_pairs_rows_with_another_strategy_on_request(tmp_path):
+    """``--versus '[ftsd]'``: every row also paired with FTSD on the same items (REGA − FTSD), in results.md and
+    results.csv; a strategy without a plain run is refused."""
+    committed = RESULTS / "cpu_en_forgetting_strategies" / "runs"
+    report = write_report(committed, tmp_path, seeds=[1234], versus=("ftsd",))
+    rega, ftsd = (
+        next(r for r in report["rows"] if r["label"] == label) for label in ("REGA_c (r=0.1)", "FTSD")
+    )
+    column = "gen_f1_vs_base:general_en"
+    assert rega["_vs"]["FTSD"][column]["diff"] == pytest.approx(rega[column] - ftsd[column])
+    assert "FTSD" not in ftsd["_vs"]  # not paired with itself
+    assert "Paired difference to FTSD on the same items" in (tmp_path / "results.md").read_text()
+    assert f"{column} vs FTSD diff" in (tmp_path / "results.csv").read_text().splitlines()[0]
+    with pytest.raises(ConfigError, match="--versus sdft: no plain sdft run"):
+        write_report(committed, tmp_path, seeds=[1234], versus=("sdft",))

@@ -32,6 +32,7 @@ import json
 import logging
 from pathlib import Path
 
+from rega.errors import ConfigError
 from rega.experiments.report_baselines import (
     baseline_markdown,
     mark_below_majority,
@@ -188,9 +189,14 @@ def prompt_matrix(group: dict) -> tuple[list[str], list[str], list[list[float | 
     return prompts, domains, [[score(p, d) for d in domains] for p in prompts]
 
 
-def add_statistics(rows: list[dict]) -> bool:
-    """Intervals and paired differences into each row (``_ci``, ``_vs``); True when any row had per-item results."""
+def add_statistics(rows: list[dict], versus: tuple[str, ...] = ()) -> bool:
+    """Intervals and paired differences into each row (``_ci``, ``_vs``: to FT, zero-shot and the plain run of each
+    strategy in ``versus``); True when any row had per-item results."""
     reference = {"FT": _reference(rows, "ft"), "zero-shot": _reference(rows, "zero_shot")}
+    for strategy in versus:
+        reference[NAMES.get(strategy, strategy)] = _reference(rows, strategy)
+        if reference[NAMES.get(strategy, strategy)] is None:
+            raise ConfigError(f"--versus {strategy}: no plain {strategy} run among the reported runs")
     any_items = False
     for row in rows:
         row["_units"] = row_units(row["_group"]["evals"], row["rule"])
@@ -260,7 +266,7 @@ def markdown_report(groups: list[dict], rows: list[dict], columns: list[str], ba
     markdown += ["", to_markdown(rows, columns, render=cell)]
     markdown += skipped_markdown(groups)
     markdown += baseline_markdown(rows, baselines)
-    for name in ("FT", "zero-shot"):
+    for name in dict.fromkeys(name for row in rows for name in row.get("_vs", {})):  # FT, zero-shot, --versus
         markdown += paired_markdown(rows, name)
     for group in groups:
         if m := prompt_matrix(group):
@@ -297,7 +303,9 @@ def csv_text(rows: list[dict], columns: list[str]) -> str:
     return buffer.getvalue()
 
 
-def write_report(runs_dir: str | Path, output: str | Path, seeds: list[int] | None = None) -> dict:
+def write_report(
+    runs_dir: str | Path, output: str | Path, seeds: list[int] | None = None, versus: tuple[str, ...] = ()
+) -> dict:
     runs = load_runs(Path(runs_dir), seeds)
     if not runs:
         of = f" of seeds {seeds}" if seeds is not None else ""
@@ -307,7 +315,7 @@ def write_report(runs_dir: str | Path, output: str | Path, seeds: list[int] | No
     rows = table_rows(runs)
     groups = list({id(row["_group"]): row["_group"] for row in rows}.values())
     columns = score_columns(rows)
-    stats = add_statistics(rows)
+    stats = add_statistics(rows, tuple(versus))
     baselines = report_baselines(groups)
     mark_below_majority(rows, baselines)
     held_md, held_json = heldout_report(held, runs)
@@ -346,7 +354,9 @@ def check_report(output: str | Path) -> list[str]:
     ]
 
 
-def report_command(runs: str, output: str = "docs/results", seeds: list[int] | None = None) -> None:
+def report_command(
+    runs: str, output: str = "docs/results", seeds: list[int] | None = None, versus: list[str] | None = None
+) -> None:
     """Compare the finished runs of a grid: results.md, results.csv and PNG plots, with trivial baselines and,
     where the runs kept per-item results, confidence intervals and paired tests against FT and zero-shot.
 
@@ -357,7 +367,9 @@ def report_command(runs: str, output: str = "docs/results", seeds: list[int] | N
             general_vs_zero_shot.png).
         seeds: report these seeds' runs only (and the runs without seeds, such as zero-shot), e.g. one seed's
             table while a grid is between sittings; default every seed.
+        versus: strategies whose plain run every row is also paired with, beside FT and zero-shot (e.g. [ftsd]
+            for REGA − FTSD on the same items).
     """
-    report = write_report(runs, output, seeds)
+    report = write_report(runs, output, seeds, tuple(versus or ()))
     print(to_markdown(report["rows"], report["columns"], render=cell))
     print(f"wrote {Path(output) / 'results.md'}, results.csv and plots {report['plots']}")
