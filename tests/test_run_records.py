@@ -67,9 +67,8 @@ def test_records_add_new_seeds_and_replace_a_jobs_folder_whole(tmp_path):
     runs, out = tmp_path / "grid", tmp_path / "records"
     grid_job(runs / "ft" / "seed_2", "ft", 2, 0.7)
     grid_job(runs / "rega" / "seed_2", "rega", 2, 0.8)
-    write_json(
-        out / "ft" / "seed_1" / "done.json", {"name": "ft", "seed": 1}
-    )  # committed in an earlier sitting
+    # committed in an earlier sitting
+    write_json(out / "ft" / "seed_1" / "done.json", {"name": "ft", "seed": 1})
     write_json(out / "ft" / "seed_2" / "stale.json", {})
 
     archive_runs(runs, out, only=["ft"])

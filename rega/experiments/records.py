@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from rega.errors import ConfigError
-from rega.experiments.report_runs import latest_fit_dir
+from rega.experiments.report_runs import finished_dones, latest_fit_dir
 from rega.io import atomic_dir, write_json
 
 FIT_FILES = ("summary.json", "config.yaml")
@@ -27,8 +27,7 @@ REWRITE_SUMMARIES = ("rewrite/summary.json", "rewrite_summary.json")
 
 def finished_jobs(runs_dir: Path, only: list[str] | None = None) -> list[Path]:
     """Each finished job's folder (``<run>/`` or ``<run>/seed_<s>/`` with a ``done.json``), in name order."""
-    dones = sorted([*runs_dir.glob("*/done.json"), *runs_dir.glob("*/seed_*/done.json")])
-    jobs = [done.parent for done in dones]
+    jobs = [done.parent for done in finished_dones(runs_dir)]
     if only is not None:
         unknown = sorted(set(only) - {_run_name(runs_dir, job) for job in jobs})
         if unknown:

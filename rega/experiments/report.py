@@ -194,8 +194,8 @@ def add_statistics(rows: list[dict], versus: tuple[str, ...] = ()) -> bool:
     strategy in ``versus``); True when any row had per-item results."""
     reference = {"FT": _reference(rows, "ft"), "zero-shot": _reference(rows, "zero_shot")}
     for strategy in versus:
-        reference[NAMES.get(strategy, strategy)] = _reference(rows, strategy)
-        if reference[NAMES.get(strategy, strategy)] is None:
+        reference[NAMES.get(strategy, strategy)] = plain = _reference(rows, strategy)
+        if plain is None:
             raise ConfigError(f"--versus {strategy}: no plain {strategy} run among the reported runs")
     any_items = False
     for row in rows:
@@ -315,7 +315,7 @@ def write_report(
     rows = table_rows(runs)
     groups = list({id(row["_group"]): row["_group"] for row in rows}.values())
     columns = score_columns(rows)
-    stats = add_statistics(rows, tuple(versus))
+    stats = add_statistics(rows, versus)
     baselines = report_baselines(groups)
     mark_below_majority(rows, baselines)
     held_md, held_json = heldout_report(held, runs)

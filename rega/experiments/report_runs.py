@@ -54,12 +54,17 @@ def split_matrix(result: dict) -> dict | None:
     return {"rules": matrix} if matrix else None
 
 
+def finished_dones(runs_dir: Path) -> list[Path]:
+    """Each finished job's ``done.json``: ``<name>/done.json`` and, for grids with seeds,
+    ``<name>/seed_<s>/done.json``, in path order."""
+    return sorted([*runs_dir.glob("*/done.json"), *runs_dir.glob("*/seed_*/done.json")])
+
+
 def load_runs(runs_dir: Path, seeds: list[int] | None = None) -> list[dict]:
-    """Every evaluated run: ``<name>/done.json`` and, for grids with seeds, ``<name>/seed_<s>/done.json`` (of
-    ``seeds`` only, where given; a run without seeds, such as greedy zero-shot, always); general answers evaluated
-    without the base model's are compared with a zero-shot run's (its answers are the base's)."""
-    dones = sorted([*runs_dir.glob("*/done.json"), *runs_dir.glob("*/seed_*/done.json")])
-    runs = [run for done in dones if (run := _read_run(done))]
+    """Every evaluated run (:func:`finished_dones`; of ``seeds`` only, where given, and a run without seeds, such
+    as greedy zero-shot, always); general answers evaluated without the base model's are compared with a zero-shot
+    run's (its answers are the base's)."""
+    runs = [run for done in finished_dones(runs_dir) if (run := _read_run(done))]
     if seeds is not None:
         runs = [run for run in runs if run.get("seed") is None or run["seed"] in seeds]
     base = next((answers for run in runs if run.get("strategy") == "zero_shot"
